@@ -1,0 +1,32 @@
+//! Numerically stable kernels shared by the objectives.
+
+use candle::{Result, Tensor};
+
+/// `softplus(z) = max(z, 0) + log1p(exp(-|z|))`, stable for large |z|.
+pub fn softplus(z: &Tensor) -> Result<Tensor> {
+    let relu = z.relu()?;
+    let tail = (z.abs()?.neg()?.exp()? + 1.0)?.log()?;
+    relu + tail
+}
+
+/// `log(sigmoid(z)) = -softplus(-z)`; never computed as `log(sigmoid(z))`.
+pub fn log_sigmoid(z: &Tensor) -> Result<Tensor> {
+    softplus(&z.neg()?)?.neg()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle::Device;
+
+    #[test]
+    fn log_sigmoid_is_stable_and_exact() {
+        let z = Tensor::new(&[0f32, 2.0, -2.0, 100.0, -100.0], &Device::Cpu).unwrap();
+        let v: Vec<f32> = log_sigmoid(&z).unwrap().to_vec1().unwrap();
+        // ln 0.5; ln σ(2) = -0.126928; ln σ(-2) = -2.126928; ≈0; -100
+        let expect = [-std::f32::consts::LN_2, -0.126_928, -2.126_928, 0.0, -100.0];
+        for (a, b) in v.iter().zip(expect) {
+            assert!((a - b).abs() < 1e-5, "{a} vs {b}");
+        }
+    }
+}

@@ -1,0 +1,180 @@
+//! Command-line definitions (clap derive). `commands/` implements each subcommand.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::data::TruncationMode;
+
+/// Align causal language models with human preferences.
+#[derive(Debug, Parser)]
+#[command(name = "candor", version, about, propagate_version = true)]
+pub struct Cli {
+    /// The subcommand to run.
+    #[command(subcommand)]
+    pub command: Command,
+    /// Options every subcommand takes.
+    #[command(flatten)]
+    pub global: GlobalArgs,
+}
+
+/// Options every subcommand takes.
+#[derive(Debug, Args)]
+pub struct GlobalArgs {
+    /// Device to run on: cpu, cuda, cuda:N, metal or auto.
+    #[arg(long, global = true, default_value = "cpu", env = "CANDOR_DEVICE", help_heading = "Global options")]
+    pub device: String,
+    /// Floating-point type of the weights and activations: f32, bf16 or f16.
+    #[arg(long, global = true, default_value = "f32", env = "CANDOR_DTYPE", help_heading = "Global options")]
+    pub dtype: String,
+    /// Log more (repeat for more detail); `RUST_LOG` overrides.
+    #[arg(short, long, global = true, action = clap::ArgAction::Count, help_heading = "Global options")]
+    pub verbose: u8,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Put a known model into candor's cache and print its path.
+    #[command(after_help = "Examples:\n  candor fetch\n  candor fetch smollm2-135m-instruct")]
+    Fetch(FetchArgs),
+    /// Generate completions for one prompt or a JSONL file of prompts.
+    #[command(after_help = "Examples:\n  candor generate --model default --chat --prompt \"What is the capital of France?\" --temperature 0\n  candor generate --model ./my-model --prompts prompts.jsonl --output out.jsonl --temperature 0.7 --top-p 0.9 --seed 1\n  candor generate --model HuggingFaceTB/SmolLM2-135M-Instruct --prompt \"Once upon a time\"")]
+    Generate(GenerateArgs),
+    /// Summed completion log-probs of every row of a dataset (TRL's convention).
+    #[command(after_help = "Examples:\n  candor logprobs --model default --data pairs.jsonl\n  candor logprobs --model ./my-model --data pairs.jsonl --output logps.jsonl --batch-size 4")]
+    Logprobs(LogprobsArgs),
+    /// Measure load time and generation throughput.
+    #[command(subcommand)]
+    Bench(BenchCommand),
+}
+
+/// `candor fetch`.
+#[derive(Debug, Args)]
+pub struct FetchArgs {
+    /// Which model (a preset name).
+    #[arg(default_value = "smollm2-135m-instruct")]
+    pub name: String,
+}
+
+/// Where the model comes from (shared by every command that loads one).
+#[derive(Debug, Args)]
+pub struct ModelArgs {
+    /// A model directory, a `.gguf` file, a hub id `org/name[@revision]`, or `default`.
+    #[arg(long, short = 'm', default_value = "default")]
+    pub model: String,
+}
+
+/// `candor generate`.
+#[derive(Debug, Args)]
+pub struct GenerateArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// One prompt; the answer streams to the terminal.
+    #[arg(long, conflicts_with = "prompts", required_unless_present = "prompts")]
+    pub prompt: Option<String>,
+    /// A JSONL file of `{"prompt": ...}` rows (string or list of messages; other fields are
+    /// carried to the output).
+    #[arg(long)]
+    pub prompts: Option<PathBuf>,
+    /// Wrap string prompts as a user message and apply the model's chat template.
+    #[arg(long)]
+    pub chat: bool,
+    /// Most new tokens per prompt.
+    #[arg(long, default_value_t = 256)]
+    pub max_new_tokens: usize,
+    /// Sampling temperature; 0 is greedy.
+    #[arg(long, default_value_t = 0.0)]
+    pub temperature: f64,
+    /// Nucleus sampling threshold (1 disables it).
+    #[arg(long, default_value_t = 1.0)]
+    pub top_p: f64,
+    /// Sample only among the K most likely tokens (0 disables it).
+    #[arg(long, default_value_t = 0)]
+    pub top_k: usize,
+    /// Random seed for sampling.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Prompts generated together in one batch.
+    #[arg(long, default_value_t = 8)]
+    pub batch_size: usize,
+    /// Write one JSON line per prompt here instead of stdout.
+    #[arg(long, short = 'o')]
+    pub output: Option<PathBuf>,
+    /// Skip malformed rows of `--prompts` (reporting how many) instead of failing.
+    #[arg(long)]
+    pub skip_bad_rows: bool,
+}
+
+/// Tokenization limits (TRL's `max_length`, `max_prompt_length`, `truncation_mode`).
+#[derive(Debug, Args)]
+pub struct TruncationArgs {
+    /// Longest prompt + completion in tokens.
+    #[arg(long)]
+    pub max_length: Option<usize>,
+    /// Longest prompt in tokens (longer prompts keep their end).
+    #[arg(long)]
+    pub max_prompt_length: Option<usize>,
+    /// Which end of a sequence longer than `--max-length` is kept.
+    #[arg(long, value_enum, default_value = "keep-start")]
+    pub truncation_mode: TruncationMode,
+}
+
+/// `candor logprobs`.
+#[derive(Debug, Args)]
+pub struct LogprobsArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// JSONL rows: preference (`prompt`/`chosen`/`rejected`), prompt-completion, `messages` or `text`.
+    #[arg(long)]
+    pub data: PathBuf,
+    /// Write the JSON lines here instead of stdout.
+    #[arg(long, short = 'o')]
+    pub output: Option<PathBuf>,
+    /// Sequences per forward pass.
+    #[arg(long, default_value_t = 8)]
+    pub batch_size: usize,
+    #[command(flatten)]
+    pub truncation: TruncationArgs,
+    /// Skip malformed rows (reporting them) instead of failing.
+    #[arg(long)]
+    pub skip_bad_rows: bool,
+}
+
+/// `candor bench ...`.
+#[derive(Debug, Subcommand)]
+pub enum BenchCommand {
+    /// Time loading the model (for GGUF: read + dequantize + build).
+    Load(BenchLoadArgs),
+    /// Greedy generation throughput at batch 1 and at `--batch-size`.
+    Generate(BenchGenerateArgs),
+}
+
+/// `candor bench load`.
+#[derive(Debug, Args)]
+pub struct BenchLoadArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Timed repetitions (the best is reported).
+    #[arg(long, default_value_t = 3)]
+    pub repeats: usize,
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `candor bench generate`.
+#[derive(Debug, Args)]
+pub struct BenchGenerateArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Batch size of the batched measurement (batch 1 is always measured).
+    #[arg(long, default_value_t = 8)]
+    pub batch_size: usize,
+    /// Tokens generated per prompt (generation never stops early in the benchmark).
+    #[arg(long, default_value_t = 64)]
+    pub max_new_tokens: usize,
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    pub json: bool,
+}

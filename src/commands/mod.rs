@@ -1,0 +1,87 @@
+//! One module per subcommand: parse arguments into library calls, print results.
+
+pub mod bench;
+pub mod fetch;
+pub mod generate;
+pub mod logprobs;
+
+use std::io::Write;
+use std::path::Path;
+
+use anyhow::{Context, Result};
+use candle::{DType, Device};
+
+use crate::cli::{Cli, Command, GlobalArgs};
+use crate::load::{self, LoadedModel};
+
+/// Run the parsed command line.
+pub fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Fetch(args) => fetch::run(&args),
+        Command::Generate(args) => generate::run(&args, &cli.global),
+        Command::Logprobs(args) => logprobs::run(&args, &cli.global),
+        Command::Bench(cmd) => bench::run(&cmd, &cli.global),
+    }
+}
+
+/// Device and dtype from the global flags.
+pub fn device_and_dtype(global: &GlobalArgs) -> Result<(Device, DType)> {
+    Ok((load::parse_device(&global.device)?, load::parse_dtype(&global.dtype)?))
+}
+
+/// Load `--model` with the global device and dtype.
+pub fn load_model(spec: &str, global: &GlobalArgs) -> Result<LoadedModel> {
+    let (device, dtype) = device_and_dtype(global)?;
+    load::load_model(spec, dtype, &device).with_context(|| format!("failed to load model `{spec}`"))
+}
+
+/// Where JSON lines go: a file (written whole, then renamed into place) or stdout.
+pub struct JsonLines {
+    out: Box<dyn Write>,
+    finish: Option<(std::path::PathBuf, std::path::PathBuf)>,
+}
+
+impl JsonLines {
+    /// Open `path`, or stdout when `None`.
+    pub fn create(path: Option<&Path>) -> Result<Self> {
+        Ok(match path {
+            Some(p) => {
+                let partial = p.with_extension("jsonl.partial");
+                let f = std::fs::File::create(&partial).with_context(|| format!("cannot create `{}`", partial.display()))?;
+                Self { out: Box::new(std::io::BufWriter::new(f)), finish: Some((partial, p.to_path_buf())) }
+            }
+            None => Self { out: Box::new(std::io::stdout().lock()), finish: None },
+        })
+    }
+
+    /// Write one JSON value as a line.
+    pub fn write(&mut self, value: &serde_json::Value) -> Result<()> {
+        serde_json::to_writer(&mut self.out, value)?;
+        self.out.write_all(b"\n")?;
+        Ok(())
+    }
+
+    /// Flush, and move a file output into place.
+    pub fn finish(mut self) -> Result<()> {
+        self.out.flush()?;
+        drop(self.out);
+        if let Some((partial, dest)) = self.finish.take() {
+            std::fs::rename(&partial, &dest).with_context(|| format!("cannot write `{}`", dest.display()))?;
+        }
+        Ok(())
+    }
+}
+
+/// Report skipped rows on stderr.
+pub fn report_skipped(skipped: &[crate::data::DataError]) {
+    if skipped.is_empty() {
+        return;
+    }
+    eprintln!("candor: skipped {} bad row(s):", skipped.len());
+    for e in skipped.iter().take(10) {
+        eprintln!("  {e}");
+    }
+    if skipped.len() > 10 {
+        eprintln!("  ... and {} more", skipped.len() - 10);
+    }
+}

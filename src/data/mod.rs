@@ -1,0 +1,9 @@
+//! Datasets: TRL's JSONL formats, tokenization and batching.
+
+pub mod collate;
+pub mod formats;
+pub mod tokenize;
+
+pub use collate::{collate, Batch};
+pub use formats::{read_jsonl, DataError, Dataset, Example, Row, Text};
+pub use tokenize::{SequenceTokenizer, TokenizedSequence, Truncation, TruncationMode};

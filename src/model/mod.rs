@@ -1,0 +1,10 @@
+//! The differentiable causal LM: configuration, ops with a backward, transformer, KV cache.
+
+pub mod config;
+pub mod kv_cache;
+pub mod ops;
+pub mod transformer;
+
+pub use config::{Architecture, ModelConfig};
+pub use kv_cache::KvCache;
+pub use transformer::{CausalLm, ForwardOptions, Linear, WeightSource};

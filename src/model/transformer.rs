@@ -1,0 +1,337 @@
+//! The decoder-only transformer (Llama, Mistral, Qwen2 as switches of one config), built only
+//! from the differentiable ops in [`super::ops`].
+//!
+//! Weights are plain `Tensor`s named as in transformers' checkpoints. A model is frozen until
+//! [`CausalLm::make_trainable`] turns its weights into `Var`s; a frozen forward builds no graph.
+//!
+//! Shapes: B = batch, T = new positions, S = cached + new positions, V = vocabulary.
+
+use candle::{DType, Device, Result, Tensor, Var, D};
+
+use super::config::ModelConfig;
+use super::kv_cache::KvCache;
+use super::ops;
+
+/// Anything that can hand out weights by their transformers name.
+pub trait WeightSource {
+    /// The tensor called `name`, or an error naming it.
+    fn get(&mut self, name: &str) -> Result<Tensor>;
+    /// Whether a tensor called `name` exists.
+    fn contains(&self, name: &str) -> bool;
+}
+
+/// Reads weights from a source, converting each to one dtype and device.
+struct Loader<'a> {
+    source: &'a mut dyn WeightSource,
+    dtype: DType,
+    device: &'a Device,
+}
+
+impl Loader<'_> {
+    fn tensor(&mut self, name: &str) -> Result<Tensor> {
+        self.source.get(name)?.to_device(self.device)?.to_dtype(self.dtype)
+    }
+
+    fn linear(&mut self, prefix: &str, bias: bool) -> Result<Linear> {
+        Ok(Linear {
+            weight: self.tensor(&format!("{prefix}.weight"))?,
+            bias: if bias { Some(self.tensor(&format!("{prefix}.bias"))?) } else { None },
+        })
+    }
+}
+
+/// A linear projection `y = x W^T + b` with HF's `[out, in]` weight layout.
+#[derive(Debug, Clone)]
+pub struct Linear {
+    /// `[out, in]`.
+    pub weight: Tensor,
+    /// `[out]`, if the layer has a bias.
+    pub bias: Option<Tensor>,
+}
+
+impl Linear {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        ops::linear(x, &self.weight, self.bias.as_ref())
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Attention {
+    q_proj: Linear,
+    k_proj: Linear,
+    v_proj: Linear,
+    o_proj: Linear,
+}
+
+#[derive(Debug, Clone)]
+struct Mlp {
+    gate_proj: Linear,
+    up_proj: Linear,
+    down_proj: Linear,
+}
+
+#[derive(Debug, Clone)]
+struct Block {
+    input_layernorm: Tensor,
+    self_attn: Attention,
+    post_attention_layernorm: Tensor,
+    mlp: Mlp,
+}
+
+/// What a forward pass needs besides the token ids.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ForwardOptions<'a> {
+    /// `[B, S]`: 1 for real tokens, 0 for padding, over every cached and new position;
+    /// `None` = no padding anywhere.
+    pub attention_mask: Option<&'a Tensor>,
+    /// `[B, T]` position ids (u32); `None` = `past..past+T` in every row.
+    pub positions: Option<&'a Tensor>,
+}
+
+/// A causal language model, optionally with a sequence-classification head.
+#[derive(Debug, Clone)]
+pub struct CausalLm {
+    config: ModelConfig,
+    embed_tokens: Tensor,
+    layers: Vec<Block>,
+    norm: Tensor,
+    /// `None` when tied to `embed_tokens`.
+    lm_head: Option<Tensor>,
+    /// `[num_labels, hidden]` of a `*ForSequenceClassification` model.
+    score: Option<Tensor>,
+    inv_freq: Vec<f32>,
+}
+
+impl CausalLm {
+    /// Build the model from named weights, converting them to `dtype` on `device`.
+    pub fn new(config: ModelConfig, source: &mut dyn WeightSource, dtype: DType, device: &Device) -> Result<Self> {
+        let has_lm_head = !config.tie_word_embeddings && source.contains("lm_head.weight");
+        let mut w = Loader { source, dtype, device };
+        let mut layers = Vec::with_capacity(config.num_hidden_layers);
+        for i in 0..config.num_hidden_layers {
+            let p = format!("model.layers.{i}");
+            layers.push(Block {
+                input_layernorm: w.tensor(&format!("{p}.input_layernorm.weight"))?,
+                self_attn: Attention {
+                    q_proj: w.linear(&format!("{p}.self_attn.q_proj"), config.qkv_bias)?,
+                    k_proj: w.linear(&format!("{p}.self_attn.k_proj"), config.qkv_bias)?,
+                    v_proj: w.linear(&format!("{p}.self_attn.v_proj"), config.qkv_bias)?,
+                    o_proj: w.linear(&format!("{p}.self_attn.o_proj"), config.o_bias)?,
+                },
+                post_attention_layernorm: w.tensor(&format!("{p}.post_attention_layernorm.weight"))?,
+                mlp: Mlp {
+                    gate_proj: w.linear(&format!("{p}.mlp.gate_proj"), config.mlp_bias)?,
+                    up_proj: w.linear(&format!("{p}.mlp.up_proj"), config.mlp_bias)?,
+                    down_proj: w.linear(&format!("{p}.mlp.down_proj"), config.mlp_bias)?,
+                },
+            });
+        }
+        let embed_tokens = w.tensor("model.embed_tokens.weight")?;
+        let norm = w.tensor("model.norm.weight")?;
+        let lm_head = if config.num_labels.is_none() && has_lm_head {
+            Some(w.tensor("lm_head.weight")?)
+        } else {
+            None
+        };
+        let score = if config.num_labels.is_some() { Some(w.tensor("score.weight")?) } else { None };
+        let inv_freq = ops::rope_inv_freq(config.head_dim, config.rope_theta, config.rope_scaling.as_ref());
+        Ok(Self { config, embed_tokens, layers, norm, lm_head, score, inv_freq })
+    }
+
+    /// The resolved configuration.
+    pub fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    /// Device of the weights.
+    pub fn device(&self) -> &Device {
+        self.embed_tokens.device()
+    }
+
+    /// Dtype of the weights.
+    pub fn dtype(&self) -> DType {
+        self.embed_tokens.dtype()
+    }
+
+    /// Visit every weight with its transformers name, mutably (conversion, LoRA, trainability).
+    /// A tied output projection is visited once, as `model.embed_tokens.weight`.
+    pub fn visit_weights_mut(&mut self, f: &mut dyn FnMut(&str, &mut Tensor) -> Result<()>) -> Result<()> {
+        f("model.embed_tokens.weight", &mut self.embed_tokens)?;
+        for (i, layer) in self.layers.iter_mut().enumerate() {
+            let p = format!("model.layers.{i}");
+            f(&format!("{p}.input_layernorm.weight"), &mut layer.input_layernorm)?;
+            let a = &mut layer.self_attn;
+            let m = &mut layer.mlp;
+            for (name, lin) in [
+                ("self_attn.q_proj", &mut a.q_proj),
+                ("self_attn.k_proj", &mut a.k_proj),
+                ("self_attn.v_proj", &mut a.v_proj),
+                ("self_attn.o_proj", &mut a.o_proj),
+                ("mlp.gate_proj", &mut m.gate_proj),
+                ("mlp.up_proj", &mut m.up_proj),
+                ("mlp.down_proj", &mut m.down_proj),
+            ] {
+                f(&format!("{p}.{name}.weight"), &mut lin.weight)?;
+                if let Some(b) = lin.bias.as_mut() {
+                    f(&format!("{p}.{name}.bias"), b)?;
+                }
+            }
+            f(&format!("{p}.post_attention_layernorm.weight"), &mut layer.post_attention_layernorm)?;
+        }
+        f("model.norm.weight", &mut self.norm)?;
+        if let Some(w) = self.lm_head.as_mut() {
+            f("lm_head.weight", w)?;
+        }
+        if let Some(w) = self.score.as_mut() {
+            f("score.weight", w)?;
+        }
+        Ok(())
+    }
+
+    /// Every weight with its transformers name, in checkpoint order.
+    pub fn named_weights(&self) -> Vec<(String, Tensor)> {
+        let mut out = Vec::new();
+        let mut copy = self.clone();
+        copy.visit_weights_mut(&mut |name, t| {
+            out.push((name.to_string(), t.clone()));
+            Ok(())
+        })
+        .expect("collecting weights cannot fail");
+        out
+    }
+
+    /// Turn every weight into a trainable `Var` and return them by name. Gradients flow to
+    /// these after a forward pass and `loss.backward()`.
+    pub fn make_trainable(&mut self) -> Result<Vec<(String, Var)>> {
+        let mut vars = Vec::new();
+        self.visit_weights_mut(&mut |name, t| {
+            let var = Var::from_tensor(t)?;
+            *t = var.as_tensor().clone();
+            vars.push((name.to_string(), var));
+            Ok(())
+        })?;
+        Ok(vars)
+    }
+
+    /// Hidden states after the final norm, `[B, T, hidden]`, for token ids `[B, T]` (u32).
+    /// With a cache, the new positions are appended after the cached ones.
+    pub fn forward_hidden(&self, ids: &Tensor, opts: ForwardOptions, mut cache: Option<&mut KvCache>) -> Result<Tensor> {
+        let (b, t) = ids.dims2()?;
+        let cfg = &self.config;
+        let past = cache.as_ref().map_or(0, |c| c.len());
+        let device = ids.device();
+        let default_positions;
+        let positions = match opts.positions {
+            Some(p) => p,
+            None => {
+                default_positions = Tensor::arange(past as u32, (past + t) as u32, device)?
+                    .unsqueeze(0)?
+                    .broadcast_as((b, t))?
+                    .contiguous()?;
+                &default_positions
+            }
+        };
+        let dtype = self.dtype();
+        let (cos, sin) = ops::rope_tables(&self.inv_freq, positions, dtype)?;
+        let full_mask = ops::attention_mask(opts.attention_mask, b, t, past, None, device)?;
+        let sliding_mask = match cfg.sliding_window {
+            Some(w) => Some(ops::attention_mask(opts.attention_mask, b, t, past, Some(w), device)?),
+            None => None,
+        };
+        let mut x = self.embed_tokens.embedding_rows(ids)?;
+        let (h, kv, hd) = (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim);
+        for (i, layer) in self.layers.iter().enumerate() {
+            let residual = &x;
+            let normed = ops::rms_norm(&x, &layer.input_layernorm, cfg.rms_norm_eps)?;
+            let a = &layer.self_attn;
+            // [B, T, heads * D] -> [B, heads, T, D]
+            let split = |y: Tensor, heads: usize| y.reshape((b, t, heads, hd))?.transpose(1, 2);
+            let q = ops::apply_rope(&split(a.q_proj.forward(&normed)?, h)?, &cos, &sin)?;
+            let k = ops::apply_rope(&split(a.k_proj.forward(&normed)?, kv)?, &cos, &sin)?;
+            let v = split(a.v_proj.forward(&normed)?, kv)?;
+            let (k, v) = match cache.as_deref_mut() {
+                Some(c) => c.append(i, &k, &v)?,
+                None => (k, v),
+            };
+            let k = ops::repeat_kv(&k, cfg.kv_groups())?;
+            let v = ops::repeat_kv(&v, cfg.kv_groups())?;
+            let mask = match &sliding_mask {
+                Some(m) if i >= cfg.first_sliding_layer => m,
+                _ => &full_mask,
+            };
+            let attn = ops::attention(&q, &k, &v, mask)?; // [B, H, T, D]
+            let attn = attn.transpose(1, 2)?.reshape((b, t, h * hd))?;
+            x = (residual + a.o_proj.forward(&attn)?)?;
+            let normed = ops::rms_norm(&x, &layer.post_attention_layernorm, cfg.rms_norm_eps)?;
+            let m = &layer.mlp;
+            let gated = (m.gate_proj.forward(&normed)?.silu()? * m.up_proj.forward(&normed)?)?;
+            x = (&x + m.down_proj.forward(&gated)?)?;
+        }
+        if let Some(c) = cache {
+            c.advance(t);
+        }
+        ops::rms_norm(&x, &self.norm, cfg.rms_norm_eps)
+    }
+
+    /// Next-token logits `[B, T, V]` at every position.
+    pub fn forward(&self, ids: &Tensor, opts: ForwardOptions, cache: Option<&mut KvCache>) -> Result<Tensor> {
+        let hidden = self.forward_hidden(ids, opts, cache)?;
+        self.lm_logits(&hidden)
+    }
+
+    /// Project hidden states `[B, T, hidden]` to vocabulary logits `[B, T, V]`.
+    pub fn lm_logits(&self, hidden: &Tensor) -> Result<Tensor> {
+        ops::linear(hidden, self.lm_head.as_ref().unwrap_or(&self.embed_tokens), None)
+    }
+
+    /// Log-probability of every next token: `out[b, t] = log p(ids[b, t+1] | ids[b, ..=t])`,
+    /// shape `[B, T-1]`, f32. Padding positions hold meaningless values: mask them.
+    pub fn token_logps(&self, ids: &Tensor, attention_mask: Option<&Tensor>) -> Result<Tensor> {
+        let t = ids.dim(1)?;
+        let opts = ForwardOptions { attention_mask, positions: None };
+        let logits = self.forward(ids, opts, None)?.narrow(1, 0, t - 1)?;
+        ops::gather_token_logps(&logits, &ids.narrow(1, 1, t - 1)?.contiguous()?)
+    }
+
+    /// Sequence-classification scores `[B, num_labels]`, pooled at the last non-pad token of
+    /// each row (transformers' rule: the rightmost position whose id is not `pad_token_id`,
+    /// or the last position when the model has no pad token).
+    pub fn sequence_scores(&self, ids: &Tensor, attention_mask: Option<&Tensor>) -> Result<Tensor> {
+        let score = self.score.as_ref().ok_or_else(|| {
+            candle::Error::Msg("this model has no sequence-classification head (`score.weight`)".into())
+        })?;
+        let (b, t) = ids.dims2()?;
+        let hidden = self.forward_hidden(ids, ForwardOptions { attention_mask, positions: None }, None)?;
+        let rows: Vec<Vec<u32>> = ids.to_vec2()?;
+        let last: Vec<u32> = rows
+            .iter()
+            .map(|r| match self.config.pad_token_id {
+                Some(pad) => r.iter().rposition(|&id| id != pad).unwrap_or(0) as u32,
+                None => (t - 1) as u32,
+            })
+            .collect();
+        let idx = Tensor::from_vec(last, (b, 1, 1), ids.device())?
+            .broadcast_as((b, 1, hidden.dim(2)?))?
+            .contiguous()?;
+        let pooled = hidden.gather(&idx, 1)?.squeeze(1)?; // [B, hidden]
+        ops::linear(&pooled, score, None)?.to_dtype(DType::F32)
+    }
+
+    /// A fresh, empty KV cache for this model.
+    pub fn new_cache(&self) -> KvCache {
+        KvCache::new(self.config.num_hidden_layers)
+    }
+}
+
+/// Row lookup that keeps a gradient path to the table (candle's `index_select` has a backward).
+trait EmbeddingRows {
+    fn embedding_rows(&self, ids: &Tensor) -> Result<Tensor>;
+}
+
+impl EmbeddingRows for Tensor {
+    fn embedding_rows(&self, ids: &Tensor) -> Result<Tensor> {
+        let (b, t) = ids.dims2()?;
+        let hidden = self.dim(D::Minus1)?;
+        self.index_select(&ids.flatten_all()?, 0)?.reshape((b, t, hidden))
+    }
+}

@@ -1,0 +1,49 @@
+//! Helpers shared by the integration tests: fixture paths, JSON access, tolerances.
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+
+use candle::{DType, Device};
+use candor::load::{load_hf_dir, LoadedModel};
+use serde_json::Value;
+
+/// `tests/fixtures/<rel>`.
+pub fn fixture(rel: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(rel)
+}
+
+/// Parse a JSON fixture.
+pub fn json(rel: &str) -> Value {
+    serde_json::from_str(&std::fs::read_to_string(fixture(rel)).unwrap()).unwrap()
+}
+
+/// A JSON array of numbers as f64.
+pub fn f64s(v: &Value) -> Vec<f64> {
+    v.as_array().unwrap_or_else(|| panic!("not an array: {v}")).iter().map(|x| x.as_f64().unwrap()).collect()
+}
+
+/// A JSON array of integers as u32.
+pub fn u32s(v: &Value) -> Vec<u32> {
+    v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
+}
+
+/// Load a fixture model directory in f32 on the CPU.
+pub fn load(rel: &str) -> LoadedModel {
+    load_hf_dir(&fixture(rel), DType::F32, &Device::Cpu).unwrap()
+}
+
+/// Assert `|a - b| <= tol` elementwise, naming what differs.
+pub fn assert_close(what: &str, got: &[f64], want: &[f64], tol: f64) {
+    assert_eq!(got.len(), want.len(), "{what}: length");
+    for (i, (g, w)) in got.iter().zip(want).enumerate() {
+        assert!((g - w).abs() <= tol, "{what}[{i}]: got {g}, want {w} (tolerance {tol})");
+    }
+}
+
+/// Assert `|a - b| <= tol * max(|b|, 1e-12)` elementwise.
+pub fn assert_rel(what: &str, got: &[f64], want: &[f64], tol: f64) {
+    assert_eq!(got.len(), want.len(), "{what}: length");
+    for (i, (g, w)) in got.iter().zip(want).enumerate() {
+        assert!((g - w).abs() <= tol * w.abs().max(1e-12), "{what}[{i}]: got {g}, want {w} (relative tolerance {tol})");
+    }
+}

@@ -1,0 +1,226 @@
+//! The tiny Llama against PyTorch + transformers + TRL (`tests/fixtures/llama-tiny`): logits,
+//! log-probs, DPO losses, the gradient of the DPO loss, and the reward model.
+
+mod common;
+
+use candle::{Device, Tensor, D};
+use candor::data::{collate, SequenceTokenizer, Text, TokenizedSequence, Truncation};
+use candor::scoring::completion_logps;
+use candor_alignment::objectives::dpo::{self, DpoConfig, DpoLossType};
+use candor_alignment::PairLogps;
+use common::*;
+use serde_json::Value;
+
+fn expected() -> Value {
+    json("llama-tiny/expected.json")
+}
+
+/// The fixture's 2B-row preference batch, tokenized by candor from the raw examples.
+fn batch_sequences(model: &candor::load::LoadedModel, exp: &Value) -> Vec<TokenizedSequence> {
+    let tok = SequenceTokenizer { tokenizer: &model.tokenizer, chat_template: None, truncation: Truncation::default() };
+    let examples = exp["examples"].as_array().unwrap();
+    let mut rows = Vec::new();
+    for key in ["chosen", "rejected"] {
+        for ex in examples {
+            let prompt = Text::Plain(ex["prompt"].as_str().unwrap().into());
+            let completion = Text::Plain(ex[key].as_str().unwrap().into());
+            rows.push(tok.prompt_completion(&prompt, &completion).unwrap());
+        }
+    }
+    rows
+}
+
+#[test]
+fn tokenization_and_batch_match_trl() {
+    let exp = expected();
+    let policy = load("llama-tiny/policy");
+    let seqs = batch_sequences(&policy, &exp);
+    let batch_ids = exp["batch"]["input_ids"].as_array().unwrap();
+    let completion_masks = exp["batch"]["completion_mask"].as_array().unwrap();
+    for (row, seq) in seqs.iter().enumerate() {
+        let want = u32s(&batch_ids[row]);
+        let mask = u32s(&completion_masks[row]);
+        assert_eq!(seq.ids, want[..seq.ids.len()], "row {row} ids");
+        let got_mask: Vec<u32> = seq.completion_mask.iter().map(|&m| m as u32).collect();
+        assert_eq!(got_mask, mask[..seq.ids.len()], "row {row} completion mask");
+    }
+    let refs: Vec<&TokenizedSequence> = seqs.iter().collect();
+    let batch = collate(&refs, 0, &Device::Cpu).unwrap();
+    let label_mask: Vec<Vec<f32>> = batch.loss_mask.to_vec2().unwrap();
+    for (row, want) in exp["batch"]["label_mask"].as_array().unwrap().iter().enumerate() {
+        let want: Vec<f32> = u32s(want).iter().map(|&m| m as f32).collect();
+        assert_eq!(label_mask[row], want[..label_mask[row].len()], "row {row} label mask");
+    }
+}
+
+fn fixture_batch(exp: &Value) -> (Tensor, Tensor, Tensor) {
+    let rows = |k: &str| -> Vec<Vec<u32>> { exp["batch"][k].as_array().unwrap().iter().map(u32s).collect() };
+    let ids = Tensor::new(rows("input_ids"), &Device::Cpu).unwrap();
+    let attn = Tensor::new(rows("attention_mask"), &Device::Cpu).unwrap();
+    let label_mask: Vec<Vec<f32>> = rows("label_mask").iter().map(|r| r.iter().map(|&v| v as f32).collect()).collect();
+    // label_mask is already shifted: [B, T-1], like candor's loss mask.
+    (ids, attn, Tensor::new(label_mask, &Device::Cpu).unwrap())
+}
+
+#[test]
+fn logits_match_transformers() {
+    let exp = expected();
+    let policy = load("llama-tiny/policy");
+    let (ids, attn, _) = fixture_batch(&exp);
+    let opts = candor::model::ForwardOptions { attention_mask: Some(&attn), positions: None };
+    let logits = policy.model.forward(&ids, opts, None).unwrap();
+    let len = exp["logits_example0"]["length"].as_u64().unwrap() as usize;
+    let row0: Vec<Vec<f32>> = logits.get(0).unwrap().narrow(0, 0, len).unwrap().to_vec2().unwrap();
+    for (t, want) in exp["logits_example0"]["values"].as_array().unwrap().iter().enumerate() {
+        let got: Vec<f64> = row0[t].iter().map(|&v| v as f64).collect();
+        assert_close(&format!("logits[0, {t}]"), &got, &f64s(want), 1e-4);
+    }
+    // Every row: first 20 logits per valid position, and the per-row sum.
+    let attn_rows: Vec<Vec<u32>> = attn.to_vec2().unwrap();
+    let all: Vec<Vec<Vec<f32>>> = logits.to_vec3().unwrap();
+    let sums = f64s(&exp["logits_checksums_all_rows"]["sum"]);
+    for (b, per_pos) in exp["logits_checksums_all_rows"]["first20_per_position"].as_array().unwrap().iter().enumerate() {
+        for (t, want) in per_pos.as_array().unwrap().iter().enumerate() {
+            let got: Vec<f64> = all[b][t][..20].iter().map(|&v| v as f64).collect();
+            assert_close(&format!("logits[{b}, {t}, :20]"), &got, &f64s(want), 1e-4);
+        }
+        let sum: f64 = (0..all[b].len()).filter(|&t| attn_rows[b][t] == 1).flat_map(|t| all[b][t].iter()).map(|&v| v as f64).sum();
+        assert!((sum - sums[b]).abs() < 1e-3, "row {b} logit sum {sum} vs {}", sums[b]);
+    }
+    let reference = load("llama-tiny/reference");
+    let ref_logits: Vec<Vec<Vec<f32>>> = reference.model.forward(&ids, opts, None).unwrap().to_vec3().unwrap();
+    for (b, want) in f64s(&exp["logits_checksums_all_rows"]["reference_sum"]).iter().enumerate() {
+        let sum: f64 =
+            (0..ref_logits[b].len()).filter(|&t| attn_rows[b][t] == 1).flat_map(|t| ref_logits[b][t].iter()).map(|&v| v as f64).sum();
+        // ~13k logits summed: allow 1e-3 absolute for accumulated rounding.
+        assert!((sum - want).abs() < 1e-3, "reference row {b}: {sum} vs {want}");
+    }
+}
+
+#[test]
+fn log_probs_match_transformers() {
+    let exp = expected();
+    for (dir, key) in [("llama-tiny/policy", "policy_logps"), ("llama-tiny/reference", "reference_logps")] {
+        let m = load(dir);
+        let seqs = batch_sequences(&m, &exp);
+        let refs: Vec<&TokenizedSequence> = seqs.iter().collect();
+        let batch = collate(&refs, 0, &Device::Cpu).unwrap();
+        let (sums, per_token) = completion_logps(&m.model, &batch).unwrap();
+        let sums: Vec<f64> = sums.to_vec1::<f32>().unwrap().iter().map(|&v| v as f64).collect();
+        let want: Vec<f64> = [f64s(&exp[key]["chosen_sum"]), f64s(&exp[key]["rejected_sum"])].concat();
+        assert_rel(&format!("{key} sums"), &sums, &want, 1e-5);
+        let per_token: Vec<Vec<f32>> = per_token.to_vec2().unwrap();
+        for (b, want) in exp[key]["per_token"].as_array().unwrap().iter().enumerate() {
+            let want = f64s(want);
+            let got: Vec<f64> = per_token[b].iter().map(|&v| v as f64).collect();
+            assert_close(&format!("{key} per-token row {b}"), &got, &want[..got.len()], 1e-4);
+        }
+        let counts: Vec<usize> = seqs.iter().map(|s| s.completion_tokens()).collect();
+        let want_counts: Vec<usize> = ["chosen", "rejected"]
+            .iter()
+            .flat_map(|k| u32s(&exp["num_completion_tokens"][*k]))
+            .map(|c| c as usize)
+            .collect();
+        assert_eq!(counts, want_counts);
+    }
+}
+
+fn pair_logps(exp: &Value) -> PairLogps {
+    let t = |v: Vec<f64>| Tensor::new(v.iter().map(|&x| x as f32).collect::<Vec<_>>(), &Device::Cpu).unwrap();
+    let n = |k: &str| t(u32s(&exp["num_completion_tokens"][k]).iter().map(|&c| c as f64).collect());
+    PairLogps {
+        policy_chosen: t(f64s(&exp["policy_logps"]["chosen_sum"])),
+        policy_rejected: t(f64s(&exp["policy_logps"]["rejected_sum"])),
+        reference_chosen: t(f64s(&exp["reference_logps"]["chosen_sum"])),
+        reference_rejected: t(f64s(&exp["reference_logps"]["rejected_sum"])),
+        chosen_tokens: n("chosen"),
+        rejected_tokens: n("rejected"),
+    }
+}
+
+#[test]
+fn dpo_losses_match_trl() {
+    let exp = expected();
+    let x = pair_logps(&exp);
+    let cases = [
+        ("sigmoid", DpoConfig::default()),
+        ("ipo", DpoConfig { loss_type: DpoLossType::Ipo, ..Default::default() }),
+        ("hinge", DpoConfig { loss_type: DpoLossType::Hinge, ..Default::default() }),
+        ("cdpo_sigmoid_ls0.1", DpoConfig { label_smoothing: 0.1, ..Default::default() }),
+    ];
+    for (name, cfg) in cases {
+        let want = &exp["dpo_losses"][name];
+        let out = dpo::loss(&x, &cfg).unwrap();
+        let per: Vec<f64> = out.per_example.to_vec1::<f32>().unwrap().iter().map(|&v| v as f64).collect();
+        assert_close(&format!("{name} per pair"), &per, &f64s(&want["per_pair"]), 1e-5);
+        let mean = per.iter().sum::<f64>() / per.len() as f64;
+        assert!((mean - want["loss"].as_f64().unwrap()).abs() < 1e-5, "{name} loss {mean}");
+        let rc: Vec<f64> = out.chosen_rewards.to_vec1::<f32>().unwrap().iter().map(|&v| v as f64).collect();
+        assert_close(&format!("{name} chosen rewards"), &rc, &f64s(&want["chosen_rewards"]), 1e-5);
+    }
+}
+
+#[test]
+fn dpo_gradients_match_pytorch_including_tied_embeddings() {
+    let exp = expected();
+    let mut policy = load("llama-tiny/policy");
+    let reference = load("llama-tiny/reference");
+    let vars = policy.model.make_trainable().unwrap();
+    let (ids, attn, label_mask) = fixture_batch(&exp);
+    let batch = candor::data::Batch { input_ids: ids, attention_mask: attn, loss_mask: label_mask };
+    let (pi, _) = completion_logps(&policy.model, &batch).unwrap();
+    let (rf, _) = completion_logps(&reference.model, &batch).unwrap();
+    let b = 3;
+    let ones = Tensor::ones(b, candle::DType::F32, &Device::Cpu).unwrap();
+    let x = PairLogps {
+        policy_chosen: pi.narrow(0, 0, b).unwrap(),
+        policy_rejected: pi.narrow(0, b, b).unwrap(),
+        reference_chosen: rf.narrow(0, 0, b).unwrap().detach(),
+        reference_rejected: rf.narrow(0, b, b).unwrap().detach(),
+        chosen_tokens: ones.clone(),
+        rejected_tokens: ones,
+    };
+    let loss = dpo::loss(&x, &DpoConfig::default()).unwrap().per_example.mean(D::Minus1).unwrap();
+    let want_loss = exp["gradients_dpo_sigmoid"]["loss"].as_f64().unwrap();
+    assert!((loss.to_scalar::<f32>().unwrap() as f64 - want_loss).abs() < 1e-5);
+    let grads = loss.backward().unwrap();
+    let norms = exp["gradients_dpo_sigmoid"]["l2_norm_per_parameter"].as_object().unwrap();
+    assert_eq!(norms.len(), vars.len(), "every parameter of the fixture has a gradient norm");
+    for (name, var) in &vars {
+        let g = grads.get(var.as_tensor()).unwrap_or_else(|| panic!("no gradient reached `{name}`"));
+        let got = g.sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap().sqrt() as f64;
+        let want = norms[name].as_f64().unwrap();
+        assert!((got - want).abs() <= 1e-3 * want, "`{name}` gradient L2 {got} vs {want}");
+    }
+    let grad_of = |name: &str| {
+        let var = &vars.iter().find(|(n, _)| n == name).unwrap().1;
+        grads.get(var.as_tensor()).unwrap().clone()
+    };
+    let first8 = &exp["gradients_dpo_sigmoid"]["first8"];
+    let row = |t: Tensor, r: usize| -> Vec<f64> {
+        t.get(r).unwrap().narrow(0, 0, 8).unwrap().to_vec1::<f32>().unwrap().iter().map(|&v| v as f64).collect()
+    };
+    let check = |what: &str, got: Vec<f64>| {
+        let want = f64s(&first8[what]);
+        let scale = want.iter().fold(0f64, |m, v| m.max(v.abs()));
+        assert_close(what, &got, &want, 1e-3 * scale);
+    };
+    check("model.layers.0.self_attn.q_proj.weight[:8] (row 0)", row(grad_of("model.layers.0.self_attn.q_proj.weight"), 0));
+    check("model.embed_tokens.weight[0,:8] (pad row)", row(grad_of("model.embed_tokens.weight"), 0));
+    check("model.embed_tokens.weight[296,:8] (first completion token of row 0)", row(grad_of("model.embed_tokens.weight"), 296));
+    let norm_grad: Vec<f64> =
+        grad_of("model.norm.weight").narrow(0, 0, 8).unwrap().to_vec1::<f32>().unwrap().iter().map(|&v| v as f64).collect();
+    check("model.norm.weight[:8]", norm_grad);
+}
+
+#[test]
+fn reward_model_scores_match_transformers() {
+    let exp = expected();
+    let rm = load("llama-tiny/reward");
+    let (ids, attn, _) = fixture_batch(&exp);
+    let scores = rm.model.sequence_scores(&ids, Some(&attn)).unwrap();
+    let scores: Vec<f64> = scores.squeeze(1).unwrap().to_vec1::<f32>().unwrap().iter().map(|&v| v as f64).collect();
+    let want = &exp["reward_model"];
+    assert_close("chosen scores", &scores[..3], &f64s(&want["chosen_scores"]), 1e-5);
+    assert_close("rejected scores", &scores[3..], &f64s(&want["rejected_scores"]), 1e-5);
+}
