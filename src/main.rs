@@ -5,6 +5,12 @@ use std::process::ExitCode;
 use clap::Parser;
 
 fn main() -> ExitCode {
+    // candle asks for the thread count before every matmul and, unless this is set, reads
+    // /proc/cpuinfo each time; fix it once (still overridable by the user).
+    if std::env::var_os("RAYON_NUM_THREADS").is_none() {
+        let n = std::thread::available_parallelism().map_or(1, |n| n.get());
+        std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+    }
     let cli = candor::cli::Cli::parse();
     let default_level = match cli.global.verbose {
         0 => "warn",

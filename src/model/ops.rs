@@ -8,11 +8,23 @@ use candle::{DType, Device, Result, Tensor, D};
 
 use super::config::Llama3RopeScaling;
 
+/// At most this many rows take the matrix-vector path of [`linear`] (decoding).
+const FEW_ROWS: usize = 16;
+
 /// `x @ w^T (+ b)` for `x` of shape `[..., in]` and `w` of shape `[out, in]`.
+///
+/// A few rows without gradient (token-by-token decoding) go through [`matvec_rows`], which
+/// streams `w` once; a general GEMM would repack all of `w` on every call.
 pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
     let dims = x.dims();
     let (rows, inner) = (x.elem_count() / dims[dims.len() - 1], dims[dims.len() - 1]);
-    let y = x.reshape((rows, inner))?.matmul(&w.t()?)?;
+    let x2 = x.reshape((rows, inner))?;
+    let no_grad = !x.track_op() && !w.track_op();
+    let y = if no_grad && rows <= FEW_ROWS && x.dtype() == DType::F32 && w.dtype() == DType::F32 && x.device().is_cpu() {
+        matvec_rows(&x2, w)?
+    } else {
+        x2.matmul(&w.t()?)?
+    };
     let y = match b {
         Some(b) => y.broadcast_add(b)?,
         None => y,
@@ -20,6 +32,90 @@ pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
     let mut out_dims = dims.to_vec();
     *out_dims.last_mut().expect("non-scalar input") = w.dim(0)?;
     y.reshape(out_dims)
+}
+
+/// `x [R, in] @ w[out, in]^T` on the CPU for small R: each thread takes a block of `w`'s rows
+/// and computes their dot products with every row of `x`, so `w` is read once.
+fn matvec_rows(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    use rayon::prelude::*;
+    let (rows, inner) = x.dims2()?;
+    let out = w.dim(0)?;
+    let x = x.contiguous()?;
+    let w = w.contiguous()?;
+    let xs = x.flatten_all()?.to_vec1::<f32>()?;
+    let (w_storage, w_layout) = w.storage_and_layout();
+    let candle::Storage::Cpu(w_cpu) = &*w_storage else { candle::bail!("matvec_rows: weights must be on the CPU") };
+    let ws = &w_cpu.as_slice::<f32>()?[w_layout.start_offset()..w_layout.start_offset() + out * inner];
+    let mut y = vec![0f32; rows * out];
+    // Output-major blocks of y (y_t[o * rows + r]); each task streams BLOCK rows of w.
+    const BLOCK: usize = 64;
+    y.par_chunks_mut(BLOCK * rows).enumerate().for_each(|(blk, chunk)| {
+        let first = blk * BLOCK;
+        let n = chunk.len() / rows;
+        dot_block(&ws[first * inner..(first + n) * inner], inner, &xs, rows, chunk);
+    });
+    Tensor::from_vec(y, (out, rows), x.device())?.t()?.contiguous()
+}
+
+/// `out[o * rows + r] = w[o] · x[r]` for the `out.len() / rows` rows of `w` given.
+fn dot_block(w: &[f32], inner: usize, x: &[f32], rows: usize, out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+            // SAFETY: the CPU supports AVX2 and FMA, checked just above.
+            return unsafe { dot_block_avx2(w, inner, x, rows, out) };
+        }
+    }
+    for (o, ys) in out.chunks_mut(rows).enumerate() {
+        let wrow = &w[o * inner..(o + 1) * inner];
+        for (r, y) in ys.iter_mut().enumerate() {
+            *y = wrow.iter().zip(&x[r * inner..(r + 1) * inner]).map(|(a, b)| a * b).sum();
+        }
+    }
+}
+
+/// AVX2 kernel of [`dot_block`]: four rows of `w` at a time against each row of `x`, so every
+/// load of `x` serves four FMAs and `w` streams through once.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn dot_block_avx2(w: &[f32], inner: usize, x: &[f32], rows: usize, out: &mut [f32]) {
+    use std::arch::x86_64::*;
+    #[inline(always)]
+    unsafe fn hsum(v: __m256) -> f32 {
+        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+        _mm_cvtss_f32(s)
+    }
+    let n_out = out.len() / rows;
+    let row = |o: usize| &w[o.min(n_out - 1) * inner..(o.min(n_out - 1) + 1) * inner];
+    for o in (0..n_out).step_by(4) {
+        let (w0, w1, w2, w3) = (row(o), row(o + 1), row(o + 2), row(o + 3));
+        for r in 0..rows {
+            let xr = &x[r * inner..(r + 1) * inner];
+            let (mut a0, mut a1, mut a2, mut a3) =
+                (_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps());
+            let chunks = xr
+                .chunks_exact(8)
+                .zip(w0.chunks_exact(8))
+                .zip(w1.chunks_exact(8))
+                .zip(w2.chunks_exact(8))
+                .zip(w3.chunks_exact(8));
+            for ((((xc, c0), c1), c2), c3) in chunks {
+                let xv = _mm256_loadu_ps(xc.as_ptr());
+                a0 = _mm256_fmadd_ps(_mm256_loadu_ps(c0.as_ptr()), xv, a0);
+                a1 = _mm256_fmadd_ps(_mm256_loadu_ps(c1.as_ptr()), xv, a1);
+                a2 = _mm256_fmadd_ps(_mm256_loadu_ps(c2.as_ptr()), xv, a2);
+                a3 = _mm256_fmadd_ps(_mm256_loadu_ps(c3.as_ptr()), xv, a3);
+            }
+            let tail = inner / 8 * 8;
+            let rest = |wr: &[f32]| -> f32 { wr[tail..].iter().zip(&xr[tail..]).map(|(a, b)| a * b).sum() };
+            let sums = [hsum(a0) + rest(w0), hsum(a1) + rest(w1), hsum(a2) + rest(w2), hsum(a3) + rest(w3)];
+            for (j, &v) in sums.iter().enumerate().take(n_out - o) {
+                out[(o + j) * rows + r] = v;
+            }
+        }
+    }
 }
 
 /// RMSNorm as transformers computes it: normalise in f32, cast back, then scale.
@@ -165,6 +261,16 @@ mod tests {
 
     fn vec2(t: &Tensor) -> Vec<Vec<f32>> {
         t.to_vec2().unwrap()
+    }
+
+    #[test]
+    fn matvec_path_equals_matmul() {
+        let x = Tensor::randn(0f32, 1., (3, 37), &Device::Cpu).unwrap();
+        let w = Tensor::randn(0f32, 1., (130, 37), &Device::Cpu).unwrap();
+        let fast = matvec_rows(&x, &w).unwrap();
+        let slow = x.matmul(&w.t().unwrap()).unwrap();
+        let diff = (fast - slow).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        assert!(diff < 1e-4, "{diff}");
     }
 
     #[test]
