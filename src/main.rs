@@ -11,6 +11,7 @@ fn main() -> ExitCode {
         let n = std::thread::available_parallelism().map_or(1, |n| n.get());
         std::env::set_var("RAYON_NUM_THREADS", n.to_string());
     }
+    tune_allocator();
     let cli = candor::cli::Cli::parse();
     let default_level = match cli.global.verbose {
         0 => "warn",
@@ -32,5 +33,17 @@ fn main() -> ExitCode {
             }
             ExitCode::from(2)
         }
+    }
+}
+
+/// Keep freed memory in the process instead of returning it to the kernel: tensors of the
+/// same sizes are allocated every step, and with glibc's defaults each one larger than 128 KiB
+/// is a fresh `mmap` whose pages the kernel zeroes again (a tenth of decoding time).
+fn tune_allocator() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only changes allocator parameters; called before any other thread starts.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 30);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
     }
 }

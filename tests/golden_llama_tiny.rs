@@ -224,3 +224,22 @@ fn reward_model_scores_match_transformers() {
     assert_close("chosen scores", &scores[..3], &f64s(&want["chosen_scores"]), 1e-5);
     assert_close("rejected scores", &scores[3..], &f64s(&want["rejected_scores"]), 1e-5);
 }
+
+#[test]
+fn bf16_forward_and_backward_stay_close_to_f32() {
+    let exp = expected();
+    let (ids, attn, label_mask) = fixture_batch(&exp);
+    let path = fixture("llama-tiny/policy");
+    let mut m = candor::load::load_hf_dir(&path, candle::DType::BF16, &Device::Cpu).unwrap();
+    let vars = m.model.make_trainable().unwrap();
+    let batch = candor::data::Batch { input_ids: ids, attention_mask: attn, loss_mask: label_mask };
+    let (sums, _) = completion_logps(&m.model, &batch).unwrap();
+    let got: Vec<f64> = sums.to_vec1::<f32>().unwrap().iter().map(|&v| v as f64).collect();
+    let want: Vec<f64> = [f64s(&exp["policy_logps"]["chosen_sum"]), f64s(&exp["policy_logps"]["rejected_sum"])].concat();
+    // bf16 keeps 8 bits of mantissa: sequence log-probs within 2%.
+    assert_rel("bf16 summed logps", &got, &want, 2e-2);
+    let grads = sums.sum_all().unwrap().backward().unwrap();
+    for (name, var) in &vars {
+        assert!(grads.get(var.as_tensor()).is_some(), "bf16: no gradient reached `{name}`");
+    }
+}

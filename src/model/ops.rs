@@ -12,49 +12,99 @@ use super::config::Llama3RopeScaling;
 const FEW_ROWS: usize = 16;
 
 /// `x @ w^T (+ b)` for `x` of shape `[..., in]` and `w` of shape `[out, in]`.
-///
-/// A few rows without gradient (token-by-token decoding) go through [`matvec_rows`], which
-/// streams `w` once; a general GEMM would repack all of `w` on every call.
 pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+    Ok(linear_group(x, &[(w, b)])?.pop().expect("one projection in, one out"))
+}
+
+/// Several projections of the same input (q/k/v, gate/up), each `x @ w^T (+ b)`.
+///
+/// A few rows without gradient (token-by-token decoding) go through [`matvec_group`], which
+/// streams every `w` once in a single parallel pass; a general GEMM would repack all of `w`
+/// on every call, and one pass per matrix would pay the thread hand-off once per matrix.
+pub fn linear_group(x: &Tensor, projections: &[(&Tensor, Option<&Tensor>)]) -> Result<Vec<Tensor>> {
     let dims = x.dims();
     let (rows, inner) = (x.elem_count() / dims[dims.len() - 1], dims[dims.len() - 1]);
     let x2 = x.reshape((rows, inner))?;
-    let no_grad = !x.track_op() && !w.track_op();
-    let y = if no_grad && rows <= FEW_ROWS && x.dtype() == DType::F32 && w.dtype() == DType::F32 && x.device().is_cpu() {
-        matvec_rows(&x2, w)?
+    let fast = rows <= FEW_ROWS && plain_cpu_f32(x) && projections.iter().all(|(w, _)| plain_cpu_f32(w));
+    let ys = if fast {
+        let ws: Vec<&Tensor> = projections.iter().map(|(w, _)| *w).collect();
+        matvec_group(&x2, &ws)?
     } else {
-        x2.matmul(&w.t()?)?
+        projections.iter().map(|(w, _)| matmul(&x2, &w.t()?)).collect::<Result<Vec<_>>>()?
     };
-    let y = match b {
-        Some(b) => y.broadcast_add(b)?,
-        None => y,
-    };
-    let mut out_dims = dims.to_vec();
-    *out_dims.last_mut().expect("non-scalar input") = w.dim(0)?;
-    y.reshape(out_dims)
+    ys.into_iter()
+        .zip(projections)
+        .map(|(y, (w, b))| {
+            let y = match b {
+                Some(b) => y.broadcast_add(b)?,
+                None => y,
+            };
+            let mut out_dims = dims.to_vec();
+            *out_dims.last_mut().expect("non-scalar input") = w.dim(0)?;
+            y.reshape(out_dims)
+        })
+        .collect()
 }
 
-/// `x [R, in] @ w[out, in]^T` on the CPU for small R: each thread takes a block of `w`'s rows
-/// and computes their dot products with every row of `x`, so `w` is read once.
-fn matvec_rows(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+/// Whether `t` can take a CPU fast path: f32, on the CPU, and outside any autograd graph.
+fn plain_cpu_f32(t: &Tensor) -> bool {
+    !t.track_op() && t.dtype() == DType::F32 && t.device().is_cpu()
+}
+
+/// Run `f` over the f32 values of several tensors (each made contiguous) without copying.
+fn with_f32_slices<R>(ts: &[Tensor], f: impl FnOnce(&[&[f32]]) -> R) -> Result<R> {
+    let ts: Vec<Tensor> = ts.iter().map(|t| t.contiguous()).collect::<Result<_>>()?;
+    let guards: Vec<_> = ts.iter().map(|t| t.storage_and_layout()).collect();
+    let mut slices = Vec::with_capacity(ts.len());
+    for (t, (storage, layout)) in ts.iter().zip(&guards) {
+        let candle::Storage::Cpu(cpu) = &**storage else { candle::bail!("CPU fast path called with a non-CPU tensor") };
+        let start = layout.start_offset();
+        slices.push(&cpu.as_slice::<f32>()?[start..start + t.elem_count()]);
+    }
+    Ok(f(&slices))
+}
+
+/// `x [R, in] @ w_i[out_i, in]^T` for every `w_i`, on the CPU, for small R. The rows of all
+/// the matrices are split into one contiguous range per thread; each thread computes their
+/// dot products with every row of `x`, so each weight is read once.
+fn matvec_group(x: &Tensor, ws: &[&Tensor]) -> Result<Vec<Tensor>> {
     use rayon::prelude::*;
     let (rows, inner) = x.dims2()?;
-    let out = w.dim(0)?;
-    let x = x.contiguous()?;
-    let w = w.contiguous()?;
     let xs = x.flatten_all()?.to_vec1::<f32>()?;
-    let (w_storage, w_layout) = w.storage_and_layout();
-    let candle::Storage::Cpu(w_cpu) = &*w_storage else { candle::bail!("matvec_rows: weights must be on the CPU") };
-    let ws = &w_cpu.as_slice::<f32>()?[w_layout.start_offset()..w_layout.start_offset() + out * inner];
-    let mut y = vec![0f32; rows * out];
-    // Output-major blocks of y (y_t[o * rows + r]); each task streams BLOCK rows of w.
-    const BLOCK: usize = 64;
-    y.par_chunks_mut(BLOCK * rows).enumerate().for_each(|(blk, chunk)| {
-        let first = blk * BLOCK;
-        let n = chunk.len() / rows;
-        dot_block(&ws[first * inner..(first + n) * inner], inner, &xs, rows, chunk);
-    });
-    Tensor::from_vec(y, (out, rows), x.device())?.t()?.contiguous()
+    let outs: Vec<usize> = ws.iter().map(|w| w.dim(0)).collect::<Result<_>>()?;
+    let total: usize = outs.iter().sum();
+    let threads = rayon::current_num_threads().max(1);
+    // Rounded to the kernel's 4 rows; few large tasks keep the hand-off cost small.
+    let block = total.div_ceil(threads).div_ceil(4) * 4;
+    let owned: Vec<Tensor> = ws.iter().map(|w| (*w).clone()).collect();
+    let y = with_f32_slices(&owned, |slices| {
+        let mut y = vec![0f32; rows * total];
+        y.par_chunks_mut(block * rows).enumerate().for_each(|(blk, chunk)| {
+            let (first, last) = (blk * block, blk * block + chunk.len() / rows);
+            let mut base = 0;
+            let mut written = 0;
+            for (m, &n) in outs.iter().enumerate() {
+                let (lo, hi) = (first.max(base), last.min(base + n));
+                if lo < hi {
+                    let out = &mut chunk[written..written + (hi - lo) * rows];
+                    dot_block(&slices[m][(lo - base) * inner..(hi - base) * inner], inner, &xs, rows, out);
+                    written += (hi - lo) * rows;
+                }
+                base += n;
+            }
+        });
+        y
+    })?;
+    // y is output-major (y[o * rows + r]); transpose to [rows, total] and split.
+    let y = Tensor::from_vec(y, (total, rows), x.device())?.t()?;
+    let mut offset = 0;
+    outs.iter()
+        .map(|&n| {
+            let part = y.narrow(1, offset, n)?.contiguous();
+            offset += n;
+            part
+        })
+        .collect()
 }
 
 /// `out[o * rows + r] = w[o] · x[r]` for the `out.len() / rows` rows of `w` given.
@@ -120,11 +170,38 @@ unsafe fn dot_block_avx2(w: &[f32], inner: usize, x: &[f32], rows: usize, out: &
 
 /// RMSNorm as transformers computes it: normalise in f32, cast back, then scale.
 pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
+    if plain_cpu_f32(x) && plain_cpu_f32(weight) {
+        let h = weight.dim(0)?;
+        let out = with_f32_slices(&[x.clone(), weight.clone()], |s| {
+            let (xs, ws) = (s[0], s[1]);
+            let mut out = vec![0f32; xs.len()];
+            for (row, o) in xs.chunks_exact(h).zip(out.chunks_exact_mut(h)) {
+                let mean_sq = row.iter().map(|v| v * v).sum::<f32>() / h as f32;
+                let inv = 1.0 / (mean_sq + eps as f32).sqrt();
+                for ((o, &v), &w) in o.iter_mut().zip(row).zip(ws) {
+                    *o = v * inv * w;
+                }
+            }
+            out
+        })?;
+        return Tensor::from_vec(out, x.shape(), x.device());
+    }
     let dtype = x.dtype();
     let x32 = x.to_dtype(DType::F32)?;
     let mean_sq = x32.sqr()?.mean_keepdim(D::Minus1)?;
     let normed = x32.broadcast_div(&(mean_sq + eps)?.sqrt()?)?;
     normed.to_dtype(dtype)?.broadcast_mul(weight)
+}
+
+/// SwiGLU's `silu(gate) * up`.
+pub fn silu_mul(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    if plain_cpu_f32(gate) && plain_cpu_f32(up) {
+        let out = with_f32_slices(&[gate.clone(), up.clone()], |s| {
+            s[0].iter().zip(s[1]).map(|(&g, &u)| g / (1.0 + (-g).exp()) * u).collect::<Vec<f32>>()
+        })?;
+        return Tensor::from_vec(out, gate.shape(), gate.device());
+    }
+    gate.silu()? * up
 }
 
 /// Softmax over the last dimension; the max is detached (softmax is shift-invariant, so this
@@ -190,6 +267,25 @@ pub fn rope_tables(inv_freq: &[f32], positions: &Tensor, dtype: DType) -> Result
 /// Apply rotary embeddings to `x` `[B, H, T, D]`: `x * cos + rotate_half(x) * sin`.
 pub fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     let d = x.dim(D::Minus1)?;
+    if plain_cpu_f32(x) && plain_cpu_f32(cos) && plain_cpu_f32(sin) {
+        let (b, h, t, _) = x.dims4()?;
+        let out = with_f32_slices(&[x.clone(), cos.clone(), sin.clone()], |s| {
+            let (xs, cs, ss) = (s[0], s[1], s[2]);
+            let half = d / 2;
+            let mut out = vec![0f32; xs.len()];
+            for (row, (xr, o)) in xs.chunks_exact(d).zip(out.chunks_exact_mut(d)).enumerate() {
+                // row = ((bi * h) + hi) * t + ti; the tables are [B, 1, T, D].
+                let (bi, ti) = (row / (h * t), row % t);
+                let (c, sn) = (&cs[(bi * t + ti) * d..][..d], &ss[(bi * t + ti) * d..][..d]);
+                for i in 0..half {
+                    o[i] = xr[i] * c[i] - xr[i + half] * sn[i];
+                    o[i + half] = xr[i + half] * c[i + half] + xr[i] * sn[i + half];
+                }
+            }
+            out
+        })?;
+        return Tensor::from_vec(out, (b, h, t, d), x.device());
+    }
     let x1 = x.narrow(D::Minus1, 0, d / 2)?;
     let x2 = x.narrow(D::Minus1, d / 2, d / 2)?;
     let rotated = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
@@ -237,15 +333,121 @@ pub fn repeat_kv(x: &Tensor, groups: usize) -> Result<Tensor> {
     x.unsqueeze(2)?.broadcast_as((b, kv, groups, s, d))?.reshape((b, kv * groups, s, d))
 }
 
-/// Scaled dot-product attention with an additive mask; scores and softmax in f32 as
-/// transformers' eager attention does. q `[B, H, T, D]`, k/v `[B, H, S, D]` → `[B, H, T, D]`.
-pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor) -> Result<Tensor> {
+/// Scaled dot-product attention with an additive mask and grouped-query heads; scores and
+/// softmax in f32 as transformers' eager attention does.
+/// q `[B, H, T, D]`, k/v `[B, H / groups, S, D]`, mask `[B, 1, T, S]` → `[B, H, T, D]`.
+pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor, groups: usize) -> Result<Tensor> {
+    if q.dim(2)? <= FEW_ROWS && [q, k, v].iter().all(|t| plain_cpu_f32(t)) {
+        return attention_few_queries(q, k, v, mask, groups);
+    }
+    attention_matmul(q, &repeat_kv(k, groups)?, &repeat_kv(v, groups)?, mask)
+}
+
+/// The general (differentiable) path of [`attention`], with as many k/v heads as q heads.
+fn attention_matmul(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor) -> Result<Tensor> {
     let dtype = q.dtype();
     let scale = 1.0 / (q.dim(D::Minus1)? as f64).sqrt();
-    let scores = (q.contiguous()?.matmul(&k.t()?.contiguous()?)? * scale)?;
+    let scores = (matmul(&q.contiguous()?, &k.t()?.contiguous()?)? * scale)?;
     let scores = scores.to_dtype(DType::F32)?.broadcast_add(mask)?;
     let probs = softmax_last_dim(&scores)?.to_dtype(dtype)?;
-    probs.matmul(&v.contiguous()?)
+    matmul(&probs, &v.contiguous()?)
+}
+
+/// `a @ b`. candle's CPU backend has no bf16 matmul, so bf16 on the CPU multiplies in f32 and
+/// rounds the product back to bf16 (differentiable through the casts).
+pub fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    if a.dtype() == DType::BF16 && a.device().is_cpu() {
+        return a.to_dtype(DType::F32)?.matmul(&b.to_dtype(DType::F32)?)?.to_dtype(DType::BF16);
+    }
+    a.matmul(b)
+}
+
+/// [`attention`] for a few queries outside autograd (decoding): plain loops over each
+/// (batch, head, query) with the key/value head found by index, no copies of k and v.
+fn attention_few_queries(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor, groups: usize) -> Result<Tensor> {
+    use rayon::prelude::*;
+    let (b, h, t, d) = q.dims4()?;
+    let s = k.dim(2)?;
+    let scale = 1.0 / (d as f32).sqrt();
+    let mask = mask.broadcast_as((b, 1, t, s))?.contiguous()?;
+    let q = q.contiguous()?;
+    // k and v may be views into a larger KV-cache buffer: rows of one (batch, head) are
+    // contiguous, heads are `head_stride` apart.
+    let (k, v) = (rows_contiguous(k)?, rows_contiguous(v)?);
+    let (k_batch, k_head) = (k.stride()[0], k.stride()[1]);
+    let (v_batch, v_head) = (v.stride()[0], v.stride()[1]);
+    let out = with_f32_slices(&[q.clone(), mask.clone()], |qm| {
+        with_storage_f32(&k, |ks| {
+            with_storage_f32(&v, |vs| {
+                let (qs, ms) = (qm[0], qm[1]);
+                let mut out = vec![0f32; b * h * t * d];
+                let work = |(idx, o): (usize, &mut [f32])| {
+                    let (bi, hi) = (idx / h, idx % h);
+                    let kb = bi * k_batch + (hi / groups) * k_head;
+                    let vb = bi * v_batch + (hi / groups) * v_head;
+                    let qrows = &qs[(bi * h + hi) * t * d..][..t * d];
+                    // scores[si * t + ti] = k[si] · q[ti]
+                    let mut scores = vec![0f32; s * t];
+                    dot_block(&ks[kb..kb + s * d], d, qrows, t, &mut scores);
+                    for ti in 0..t {
+                        let mrow = &ms[(bi * t + ti) * s..][..s];
+                        let mut p: Vec<f32> = (0..s).map(|si| scores[si * t + ti] * scale + mrow[si]).collect();
+                        let max = p.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                        let mut total = 0f32;
+                        for ps in p.iter_mut() {
+                            *ps = (*ps - max).exp();
+                            total += *ps;
+                        }
+                        let orow = &mut o[ti * d..(ti + 1) * d];
+                        for (si, &ps) in p.iter().enumerate() {
+                            let w = ps / total;
+                            for (acc, &x) in orow.iter_mut().zip(&vs[vb + si * d..][..d]) {
+                                *acc += w * x;
+                            }
+                        }
+                    }
+                };
+                // Threads pay off only once there is enough work to split.
+                if b * h * t * s * d >= 1 << 18 {
+                    out.par_chunks_mut(t * d).enumerate().for_each(work);
+                } else {
+                    out.chunks_mut(t * d).enumerate().for_each(work);
+                }
+                out
+            })
+        })
+    })???;
+    Tensor::from_vec(out, (b, h, t, d), q.device())
+}
+
+/// `t` `[B, H, S, D]` as a layout whose last two dims are packed (`[S, D]` contiguous per
+/// head), copying only when they are not; returns the tensor and its storage offset strides.
+fn rows_contiguous(t: &Tensor) -> Result<StridedF32> {
+    let (_, _, s, d) = t.dims4()?;
+    let st = t.stride();
+    let t = if st[3] == 1 && (st[2] == d || s == 1) { t.clone() } else { t.contiguous()? };
+    let st = t.stride();
+    Ok(StridedF32 { offset: t.layout().start_offset(), strides: [st[0], st[1]], tensor: t })
+}
+
+/// A CPU f32 tensor read through its storage with a start offset and batch/head strides.
+struct StridedF32 {
+    tensor: Tensor,
+    offset: usize,
+    strides: [usize; 2],
+}
+
+impl StridedF32 {
+    fn stride(&self) -> [usize; 2] {
+        self.strides
+    }
+}
+
+/// Run `f` over the storage of a strided tensor, starting at its offset.
+fn with_storage_f32<R>(t: &StridedF32, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
+    let (storage, _) = t.tensor.storage_and_layout();
+    let candle::Storage::Cpu(cpu) = &*storage else { candle::bail!("CPU fast path called with a non-CPU tensor") };
+    Ok(f(&cpu.as_slice::<f32>()?[t.offset..]))
 }
 
 /// Log-probability of each next token: `out[b, t] = log_softmax(logits[b, t])[targets[b, t]]`.
@@ -264,13 +466,50 @@ mod tests {
     }
 
     #[test]
+    fn few_query_attention_equals_matmul_attention_with_gqa_and_mask() {
+        let dev = Device::Cpu;
+        let q = Tensor::randn(0f32, 1., (2, 4, 3, 8), &dev).unwrap();
+        let k = Tensor::randn(0f32, 1., (2, 2, 5, 8), &dev).unwrap();
+        let v = Tensor::randn(0f32, 1., (2, 2, 5, 8), &dev).unwrap();
+        let pad = Tensor::new(&[[0u32, 1, 1, 1, 1], [1, 1, 1, 1, 1]], &dev).unwrap();
+        let mask = attention_mask(Some(&pad), 2, 3, 2, Some(3), &dev).unwrap();
+        let fast = attention_few_queries(&q, &k, &v, &mask, 2).unwrap();
+        let slow = attention_matmul(&q, &repeat_kv(&k, 2).unwrap(), &repeat_kv(&v, 2).unwrap(), &mask).unwrap();
+        let diff = (fast - slow).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        assert!(diff < 1e-5, "{diff}");
+    }
+
+    #[test]
+    fn fused_cpu_paths_equal_the_differentiable_ones() {
+        let dev = Device::Cpu;
+        let close = |a: &Tensor, b: &Tensor| {
+            let d = (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+            assert!(d < 1e-5, "{d}");
+        };
+        // A Var input takes the composed (autograd) path; a plain tensor the fused one.
+        let x = Tensor::randn(0f32, 1., (2, 3, 4, 8), &dev).unwrap();
+        let xv = candle::Var::from_tensor(&x).unwrap();
+        let w = Tensor::randn(1f32, 0.1, 8, &dev).unwrap();
+        close(&rms_norm(&x, &w, 1e-5).unwrap(), &rms_norm(xv.as_tensor(), &w, 1e-5).unwrap());
+        let pos = Tensor::new(&[[3u32, 4, 5], [0, 1, 2]], &dev).unwrap();
+        let (cos, sin) = rope_tables(&rope_inv_freq(8, 10000.0, None), &pos, DType::F32).unwrap();
+        let xt = x.transpose(1, 2).unwrap(); // non-contiguous, as after the head split
+        let xvt = xv.as_tensor().transpose(1, 2).unwrap();
+        close(&apply_rope(&xt, &cos, &sin).unwrap(), &apply_rope(&xvt, &cos, &sin).unwrap());
+        close(&silu_mul(&x, &w.broadcast_as(x.shape()).unwrap()).unwrap(), &silu_mul(xv.as_tensor(), &w.broadcast_as(x.shape()).unwrap()).unwrap());
+    }
+
+    #[test]
     fn matvec_path_equals_matmul() {
         let x = Tensor::randn(0f32, 1., (3, 37), &Device::Cpu).unwrap();
         let w = Tensor::randn(0f32, 1., (130, 37), &Device::Cpu).unwrap();
-        let fast = matvec_rows(&x, &w).unwrap();
-        let slow = x.matmul(&w.t().unwrap()).unwrap();
-        let diff = (fast - slow).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
-        assert!(diff < 1e-4, "{diff}");
+        let w2 = Tensor::randn(0f32, 1., (7, 37), &Device::Cpu).unwrap();
+        let fast = matvec_group(&x, &[&w, &w2]).unwrap();
+        for (got, w) in fast.iter().zip([&w, &w2]) {
+            let slow = x.matmul(&w.t().unwrap()).unwrap();
+            let diff = (got - slow).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+            assert!(diff < 1e-4, "{diff}");
+        }
     }
 
     #[test]

@@ -53,6 +53,13 @@ impl Linear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         ops::linear(x, &self.weight, self.bias.as_ref())
     }
+
+    /// Apply several projections to the same input in one pass.
+    fn forward_group<const N: usize>(x: &Tensor, layers: [&Linear; N]) -> Result<[Tensor; N]> {
+        let projections: Vec<(&Tensor, Option<&Tensor>)> = layers.iter().map(|l| (&l.weight, l.bias.as_ref())).collect();
+        let ys = ops::linear_group(x, &projections)?;
+        Ok(ys.try_into().expect("one output per projection"))
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -246,25 +253,25 @@ impl CausalLm {
             let a = &layer.self_attn;
             // [B, T, heads * D] -> [B, heads, T, D]
             let split = |y: Tensor, heads: usize| y.reshape((b, t, heads, hd))?.transpose(1, 2);
-            let q = ops::apply_rope(&split(a.q_proj.forward(&normed)?, h)?, &cos, &sin)?;
-            let k = ops::apply_rope(&split(a.k_proj.forward(&normed)?, kv)?, &cos, &sin)?;
-            let v = split(a.v_proj.forward(&normed)?, kv)?;
+            let [q, k, v] = Linear::forward_group(&normed, [&a.q_proj, &a.k_proj, &a.v_proj])?;
+            let q = ops::apply_rope(&split(q, h)?, &cos, &sin)?;
+            let k = ops::apply_rope(&split(k, kv)?, &cos, &sin)?;
+            let v = split(v, kv)?;
             let (k, v) = match cache.as_deref_mut() {
                 Some(c) => c.append(i, &k, &v)?,
                 None => (k, v),
             };
-            let k = ops::repeat_kv(&k, cfg.kv_groups())?;
-            let v = ops::repeat_kv(&v, cfg.kv_groups())?;
             let mask = match &sliding_mask {
                 Some(m) if i >= cfg.first_sliding_layer => m,
                 _ => &full_mask,
             };
-            let attn = ops::attention(&q, &k, &v, mask)?; // [B, H, T, D]
+            let attn = ops::attention(&q, &k, &v, mask, cfg.kv_groups())?; // [B, H, T, D]
             let attn = attn.transpose(1, 2)?.reshape((b, t, h * hd))?;
             x = (residual + a.o_proj.forward(&attn)?)?;
             let normed = ops::rms_norm(&x, &layer.post_attention_layernorm, cfg.rms_norm_eps)?;
             let m = &layer.mlp;
-            let gated = (m.gate_proj.forward(&normed)?.silu()? * m.up_proj.forward(&normed)?)?;
+            let [gate, up] = Linear::forward_group(&normed, [&m.gate_proj, &m.up_proj])?;
+            let gated = ops::silu_mul(&gate, &up)?;
             x = (&x + m.down_proj.forward(&gated)?)?;
         }
         if let Some(c) = cache {
