@@ -3,6 +3,7 @@
 pub mod config;
 pub mod kv_cache;
 pub mod ops;
+mod spin_pool;
 pub mod transformer;
 
 pub use config::{Architecture, ModelConfig};

@@ -68,19 +68,21 @@ fn with_f32_slices<R>(ts: &[Tensor], f: impl FnOnce(&[&[f32]]) -> R) -> Result<R
 /// the matrices are split into one contiguous range per thread; each thread computes their
 /// dot products with every row of `x`, so each weight is read once.
 fn matvec_group(x: &Tensor, ws: &[&Tensor]) -> Result<Vec<Tensor>> {
-    use rayon::prelude::*;
     let (rows, inner) = x.dims2()?;
     let xs = x.flatten_all()?.to_vec1::<f32>()?;
     let outs: Vec<usize> = ws.iter().map(|w| w.dim(0)).collect::<Result<_>>()?;
     let total: usize = outs.iter().sum();
-    let threads = rayon::current_num_threads().max(1);
-    // Rounded to the kernel's 4 rows; few large tasks keep the hand-off cost small.
-    let block = total.div_ceil(threads).div_ceil(4) * 4;
+    let parts = super::spin_pool::parts();
+    // One contiguous range of rows per thread, rounded to the kernel's 4 rows.
+    let block = total.div_ceil(parts).div_ceil(4) * 4;
     let owned: Vec<Tensor> = ws.iter().map(|w| (*w).clone()).collect();
     let y = with_f32_slices(&owned, |slices| {
         let mut y = vec![0f32; rows * total];
-        y.par_chunks_mut(block * rows).enumerate().for_each(|(blk, chunk)| {
-            let (first, last) = (blk * block, blk * block + chunk.len() / rows);
+        let chunks: Vec<std::sync::Mutex<&mut [f32]>> = y.chunks_mut(block * rows).map(std::sync::Mutex::new).collect();
+        super::spin_pool::run(&|part| {
+            let Some(chunk) = chunks.get(part) else { return };
+            let mut chunk = chunk.lock().expect("each part locks its own chunk once");
+            let (first, last) = (part * block, part * block + chunk.len() / rows);
             let mut base = 0;
             let mut written = 0;
             for (m, &n) in outs.iter().enumerate() {
@@ -93,6 +95,7 @@ fn matvec_group(x: &Tensor, ws: &[&Tensor]) -> Result<Vec<Tensor>> {
                 base += n;
             }
         });
+        drop(chunks);
         y
     })?;
     // y is output-major (y[o * rows + r]); transpose to [rows, total] and split.
