@@ -166,3 +166,16 @@ fn hub_ids_fail_offline_with_a_way_forward() {
     let err = stderr(&o);
     assert!(err.contains("HuggingFaceTB/SmolLM2-135M-Instruct") && err.contains("--model /path/to/model-dir"), "{err}");
 }
+
+#[test]
+fn bench_prints_one_json_object() {
+    let o = candor(&["bench", "load", "--repeats", "1", "--json"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_str(stdout(&o).trim()).unwrap();
+    assert_eq!(v["parameters"], 134_515_008);
+    assert!(v["load_seconds"].as_f64().unwrap() > 0.0);
+    let o = candor(&["bench", "generate", "--batch-size", "2", "--max-new-tokens", "4", "--json"]);
+    let v: serde_json::Value = serde_json::from_str(stdout(&o).trim()).unwrap();
+    let results = v["results"].as_array().unwrap();
+    assert_eq!(results.iter().map(|r| r["new_tokens"].as_u64().unwrap()).collect::<Vec<_>>(), [4, 8]);
+}

@@ -40,6 +40,12 @@ impl ChatTemplate {
             Err(Error::new(ErrorKind::InvalidOperation, msg))
         });
         env.add_filter("tojson", python_tojson);
+        env.add_function("strftime_now", |format: String| -> Result<Value, Error> {
+            let secs = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs() as i64);
+            Ok(Value::from(strftime_utc(&format, secs)))
+        });
         env.add_template_owned("chat", source.to_string()).map_err(|e| anyhow!("invalid chat template: {e}"))?;
         Ok(Self {
             env,
@@ -114,6 +120,55 @@ fn write_python_json(v: &serde_json::Value, indent: Option<usize>, depth: usize,
     }
 }
 
+/// Python's `strftime` for the directives chat templates use (Llama 3's date line), in UTC.
+fn strftime_utc(format: &str, unix_secs: i64) -> String {
+    const MONTHS: [&str; 12] =
+        ["January", "February", "March", "April", "May", "June", "July", "August", "September", "October", "November", "December"];
+    const DAYS: [&str; 7] = ["Thursday", "Friday", "Saturday", "Sunday", "Monday", "Tuesday", "Wednesday"];
+    let days = unix_secs.div_euclid(86_400);
+    let secs = unix_secs.rem_euclid(86_400);
+    // Howard Hinnant's civil_from_days.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    let weekday = DAYS[days.rem_euclid(7) as usize];
+    let month_name = MONTHS[(month - 1) as usize];
+    let mut out = String::new();
+    let mut chars = format.chars();
+    while let Some(c) = chars.next() {
+        if c != '%' {
+            out.push(c);
+            continue;
+        }
+        match chars.next() {
+            Some('d') => out.push_str(&format!("{day:02}")),
+            Some('m') => out.push_str(&format!("{month:02}")),
+            Some('Y') => out.push_str(&year.to_string()),
+            Some('y') => out.push_str(&format!("{:02}", year % 100)),
+            Some('B') => out.push_str(month_name),
+            Some('b') => out.push_str(&month_name[..3]),
+            Some('A') => out.push_str(weekday),
+            Some('a') => out.push_str(&weekday[..3]),
+            Some('H') => out.push_str(&format!("{:02}", secs / 3600)),
+            Some('M') => out.push_str(&format!("{:02}", secs / 60 % 60)),
+            Some('S') => out.push_str(&format!("{:02}", secs % 60)),
+            Some('%') => out.push('%'),
+            Some(other) => {
+                out.push('%');
+                out.push(other);
+            }
+            None => out.push('%'),
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -151,6 +206,15 @@ mod tests {
         let t = ChatTemplate::new(src, None, None).unwrap();
         let err = t.render(&msgs(), false).unwrap_err().to_string();
         assert!(err.contains("Conversation must start with user"), "{err}");
+    }
+
+    #[test]
+    fn strftime_formats_dates_like_python() {
+        // 2024-02-29 13:05:09 UTC was a Thursday.
+        assert_eq!(strftime_utc("%d %b %Y, %A %H:%M:%S %%", 1_709_211_909), "29 Feb 2024, Thursday 13:05:09 %");
+        assert_eq!(strftime_utc("%Y-%m-%d", 0), "1970-01-01");
+        let t = ChatTemplate::new("{{ strftime_now('%Y') }}", None, None).unwrap();
+        assert!(t.render(&[], false).unwrap().starts_with("20"));
     }
 
     #[test]
