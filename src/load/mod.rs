@@ -103,14 +103,7 @@ pub fn load_gguf_model(path: &Path, dtype: DType, device: &Device) -> Result<Loa
     let mut g = gguf::load_gguf(path)?;
     let model = CausalLm::new(g.config.clone(), &mut g.weights, dtype, device)
         .with_context(|| format!("failed to build the model from `{}`", path.display()))?;
-    let chat_template = match &g.chat_template {
-        Some(src) => Some(ChatTemplate::new(
-            src,
-            g.tokenizer.bos.as_ref().map(|b| b.0.as_str()),
-            g.tokenizer.eos.as_ref().map(|e| e.0.as_str()),
-        )?),
-        None => None,
-    };
+    let chat_template = g.chat_template.as_deref().map(|src| compile_template(src, &g.tokenizer)).transpose()?;
     let eos_token_ids = merge_eos(&g.config, None, &g.tokenizer);
     Ok(LoadedModel { model, tokenizer: g.tokenizer, chat_template, eos_token_ids, origin: path.display().to_string() })
 }
@@ -127,17 +120,16 @@ pub fn load_hf_dir(dir: &Path, dtype: DType, device: &Device) -> Result<LoadedMo
     let tok_config = dir.join("tokenizer_config.json");
     let tok_config = tok_config.exists().then_some(tok_config);
     let tokenizer = TextTokenizer::from_hf_files(&dir.join("tokenizer.json"), tok_config.as_deref())?;
-    let chat_template = match read_chat_template(dir, tok_config.as_deref())? {
-        Some(src) => Some(ChatTemplate::new(
-            &src,
-            tokenizer.bos.as_ref().map(|b| b.0.as_str()),
-            tokenizer.eos.as_ref().map(|e| e.0.as_str()),
-        )?),
-        None => None,
-    };
+    let chat_template =
+        read_chat_template(dir, tok_config.as_deref())?.map(|src| compile_template(&src, &tokenizer)).transpose()?;
     let gen_eos = read_generation_eos(dir)?;
     let eos_token_ids = merge_eos(&config, gen_eos, &tokenizer);
     Ok(LoadedModel { model, tokenizer, chat_template, eos_token_ids, origin: dir.display().to_string() })
+}
+
+/// Compile a chat template with the tokenizer's BOS and EOS texts.
+fn compile_template(src: &str, tok: &TextTokenizer) -> Result<ChatTemplate> {
+    ChatTemplate::new(src, tok.bos.as_ref().map(|b| b.0.as_str()), tok.eos.as_ref().map(|e| e.0.as_str()))
 }
 
 /// `chat_template.jinja`, else `chat_template` in `tokenizer_config.json` (a string, or a list
