@@ -3,11 +3,12 @@
 
 mod common;
 
-use candle::{Device, Tensor, D};
+use candle::{Device, Tensor};
 use candor::data::{collate, SequenceTokenizer, Text, TokenizedSequence, Truncation};
 use candor::scoring::completion_logps;
 use candor_alignment::objectives::dpo::{self, DpoConfig, DpoLossType};
-use candor_alignment::PairLogps;
+use candor_alignment::objectives::{rdpo, rpo};
+use candor_alignment::{PairLogps, StepScale};
 use common::*;
 use serde_json::Value;
 
@@ -150,14 +151,39 @@ fn dpo_losses_match_trl() {
     ];
     for (name, cfg) in cases {
         let want = &exp["dpo_losses"][name];
-        let out = dpo::loss(&x, &cfg).unwrap();
-        let per: Vec<f64> = out.per_example.to_vec1::<f32>().unwrap().iter().map(|&v| v as f64).collect();
+        let out = dpo::per_pair(&x, &cfg).unwrap();
+        let per: Vec<f64> = out.per_pair.to_vec1::<f32>().unwrap().iter().map(|&v| v as f64).collect();
         assert_close(&format!("{name} per pair"), &per, &f64s(&want["per_pair"]), 1e-5);
         let mean = per.iter().sum::<f64>() / per.len() as f64;
         assert!((mean - want["loss"].as_f64().unwrap()).abs() < 1e-5, "{name} loss {mean}");
         let rc: Vec<f64> = out.chosen_rewards.to_vec1::<f32>().unwrap().iter().map(|&v| v as f64).collect();
         assert_close(&format!("{name} chosen rewards"), &rc, &f64s(&want["chosen_rewards"]), 1e-5);
+        let full = dpo::loss(&x, &cfg, &StepScale::single(3, 0.0)).unwrap().loss.to_scalar::<f32>().unwrap() as f64;
+        assert!((full - want["loss"].as_f64().unwrap()).abs() < 1e-5, "{name} reduced loss {full}");
     }
+}
+
+#[test]
+fn rdpo_and_rpo_match_trl() {
+    let exp = expected();
+    let x = pair_logps(&exp);
+    let want = &exp["dpo_losses"]["robust_ls0.1"];
+    let out = rdpo::per_pair(&x, &rdpo::RdpoConfig { beta: 0.1, epsilon: 0.1 }).unwrap();
+    let per: Vec<f64> = out.per_pair.to_vec1::<f32>().unwrap().iter().map(|&v| v as f64).collect();
+    assert_close("rdpo per pair", &per, &f64s(&want["per_pair"]), 1e-5);
+    let scale = StepScale::single(3, 0.0);
+    let loss = rdpo::loss(&x, &rdpo::RdpoConfig { beta: 0.1, epsilon: 0.1 }, &scale).unwrap().loss.to_scalar::<f32>().unwrap();
+    assert!((loss as f64 - want["loss"].as_f64().unwrap()).abs() < 1e-5);
+
+    let want = &exp["dpo_losses"]["rpo_alpha1.0"];
+    let chosen_tokens: f64 = u32s(&exp["num_completion_tokens"]["chosen"]).iter().map(|&c| c as f64).sum();
+    let out = rpo::loss(&x, &rpo::RpoConfig { beta: 0.1, alpha: 1.0 }, &StepScale::single(3, chosen_tokens)).unwrap();
+    assert!((out.loss.to_scalar::<f32>().unwrap() as f64 - want["loss"].as_f64().unwrap()).abs() < 1e-5);
+    let nll = out.metrics.iter().find(|(k, _)| k == "nll_loss").unwrap().1;
+    assert!((nll - want["nll_chosen_token_mean"].as_f64().unwrap()).abs() < 1e-5);
+    let m: std::collections::HashMap<_, _> = out.metrics.into_iter().collect();
+    let rc = f64s(&want.get("chosen_rewards").unwrap_or(&exp["dpo_losses"]["sigmoid"]["chosen_rewards"]));
+    assert!((m["rewards/chosen"] - rc.iter().sum::<f64>() / 3.0).abs() < 1e-5);
 }
 
 #[test]
@@ -180,7 +206,7 @@ fn dpo_gradients_match_pytorch_including_tied_embeddings() {
         chosen_tokens: ones.clone(),
         rejected_tokens: ones,
     };
-    let loss = dpo::loss(&x, &DpoConfig::default()).unwrap().per_example.mean(D::Minus1).unwrap();
+    let loss = dpo::loss(&x, &DpoConfig::default(), &StepScale::single(3, 0.0)).unwrap().loss;
     let want_loss = exp["gradients_dpo_sigmoid"]["loss"].as_f64().unwrap();
     assert!((loss.to_scalar::<f32>().unwrap() as f64 - want_loss).abs() < 1e-5);
     let grads = loss.backward().unwrap();

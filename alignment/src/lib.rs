@@ -3,7 +3,9 @@
 
 pub mod error;
 pub mod objectives;
+pub mod registry;
 pub mod tensor_ops;
 
 pub use error::{AlignError, Result};
-pub use objectives::{ObjectiveOutput, PairLogps};
+pub use objectives::{ObjectiveOutput, PairLogps, SequenceLogps, StepScale};
+pub use registry::{DataNeed, Objective, ObjectiveInput};

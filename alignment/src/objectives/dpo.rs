@@ -15,7 +15,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::{ObjectiveOutput, PairLogps};
+use super::{reduce_pairs, ObjectiveOutput, PairLogps, PairLosses, StepScale};
 use crate::tensor_ops::log_sigmoid;
 use crate::{AlignError, Result};
 
@@ -77,8 +77,13 @@ impl DpoConfig {
     }
 }
 
+/// The DPO loss of a micro-batch with TRL's metrics.
+pub fn loss(x: &PairLogps, cfg: &DpoConfig, scale: &StepScale) -> Result<ObjectiveOutput> {
+    reduce_pairs(x, &per_pair(x, cfg)?, scale)
+}
+
 /// Per-pair DPO loss and implicit rewards.
-pub fn loss(x: &PairLogps, cfg: &DpoConfig) -> Result<ObjectiveOutput> {
+pub fn per_pair(x: &PairLogps, cfg: &DpoConfig) -> Result<PairLosses> {
     cfg.validate()?;
     let (mut rho_w, mut rho_l) = if cfg.reference_free {
         (x.policy_chosen.clone(), x.policy_rejected.clone())
@@ -104,8 +109,8 @@ pub fn loss(x: &PairLogps, cfg: &DpoConfig) -> Result<ObjectiveOutput> {
         DpoLossType::Hinge => (beta_h.neg()? + 1.0)?.relu()?,
         DpoLossType::Ipo => (h - 1.0 / (2.0 * cfg.beta))?.sqr()?,
     };
-    Ok(ObjectiveOutput {
-        per_example,
+    Ok(PairLosses {
+        per_pair: per_example,
         chosen_rewards: (rho_w * cfg.beta)?.detach(),
         rejected_rewards: (rho_l * cfg.beta)?.detach(),
     })
@@ -129,7 +134,7 @@ mod tests {
     }
 
     fn first(cfg: DpoConfig, x: &PairLogps) -> f32 {
-        loss(x, &cfg).unwrap().per_example.to_vec1::<f32>().unwrap()[0]
+        per_pair(x, &cfg).unwrap().per_pair.to_vec1::<f32>().unwrap()[0]
     }
 
     #[test]
@@ -143,7 +148,7 @@ mod tests {
         close(first(DpoConfig { loss_type: DpoLossType::Ipo, ..Default::default() }, &x), 20.7025);
         // cDPO ε = 0.1: 0.9·0.598139 + 0.1·0.798139
         close(first(DpoConfig { label_smoothing: 0.1, ..Default::default() }, &x), 0.618_139);
-        let out = loss(&x, &DpoConfig::default()).unwrap();
+        let out = per_pair(&x, &DpoConfig::default()).unwrap();
         close(out.chosen_rewards.to_vec1::<f32>().unwrap()[0], 0.1);
         close(out.rejected_rewards.to_vec1::<f32>().unwrap()[0], -0.1);
     }
@@ -155,6 +160,28 @@ mod tests {
         // Policy == reference: h = 0 and the loss is ln 2.
         let same = pair(-3.0, -4.0, -3.0, -4.0, 1.0, 1.0);
         assert!((first(DpoConfig::default(), &same) - std::f32::consts::LN_2).abs() < 1e-6);
+    }
+
+    #[test]
+    fn loss_is_divided_by_the_step_and_metrics_use_trl_names() {
+        // Two pairs in a step of four: the contribution is half the mean.
+        let t = |v: [f32; 2]| Tensor::new(&v, &Device::Cpu).unwrap();
+        let x = PairLogps {
+            policy_chosen: t([-10.0, -15.0]),
+            policy_rejected: t([-12.0, -14.0]),
+            reference_chosen: t([-11.0, -14.5]),
+            reference_rejected: t([-11.0, -14.2]),
+            chosen_tokens: t([1.0, 1.0]),
+            rejected_tokens: t([1.0, 1.0]),
+        };
+        let out = loss(&x, &DpoConfig::default(), &StepScale { examples: 4.0, tokens: 2.0 }).unwrap();
+        let l = out.loss.to_scalar::<f32>().unwrap();
+        assert!((l - (0.598_139 + 0.728_760) / 4.0).abs() < 1e-5, "{l}");
+        let m: std::collections::HashMap<_, _> = out.metrics.into_iter().collect();
+        // margins: 0.2 and -0.07; one of two pairs is ranked right.
+        assert!((m["rewards/margins"] - (0.2 - 0.07) / 4.0).abs() < 1e-6);
+        assert!((m["rewards/accuracies"] - 0.25).abs() < 1e-12);
+        assert!((m["logps/chosen"] - (-25.0 / 4.0)).abs() < 1e-6);
     }
 
     #[test]

@@ -1,8 +1,18 @@
 //! One file per objective; the shared input and output types live here.
+//!
+//! Every loss is returned already divided by the size of the whole optimizer step
+//! ([`StepScale`]), and every metric likewise, so the training loop only *adds* the
+//! contributions of its micro-batches: gradient accumulation then gives exactly the loss of
+//! the full batch (TRL's `num_items_in_batch` for token means).
 
 pub mod dpo;
+pub mod rdpo;
+pub mod rpo;
+pub mod sft;
 
-use candle::Tensor;
+use candle::{Tensor, D};
+
+use crate::Result;
 
 /// Per-sequence summed completion log-probs of a batch of preference pairs, all `[B]`.
 #[derive(Debug, Clone)]
@@ -21,13 +31,65 @@ pub struct PairLogps {
     pub rejected_tokens: Tensor,
 }
 
-/// What an objective returns: per-example losses (the caller reduces) and implicit rewards.
+/// Per-sequence summed completion log-probs of single sequences (SFT), `[B]`.
+#[derive(Debug, Clone)]
+pub struct SequenceLogps {
+    /// log π(y | x) of the policy (carries the gradient).
+    pub policy: Tensor,
+    /// Completion tokens of each sequence (f32).
+    pub tokens: Tensor,
+}
+
+/// Totals over the whole optimizer step (all micro-batches), by which losses and metrics are
+/// divided.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct StepScale {
+    /// Examples (pairs or sequences) in the step.
+    pub examples: f64,
+    /// Completion tokens in the step (chosen completions only, for pairs).
+    pub tokens: f64,
+}
+
+impl StepScale {
+    /// The scale of a step made of exactly one micro-batch.
+    pub fn single(examples: usize, tokens: f64) -> Self {
+        Self { examples: examples as f64, tokens }
+    }
+}
+
+/// What an objective returns for one micro-batch.
 #[derive(Debug, Clone)]
 pub struct ObjectiveOutput {
-    /// `[B]` loss of each example.
-    pub per_example: Tensor,
+    /// Scalar loss contribution (already divided by the step's size).
+    pub loss: Tensor,
+    /// Named metric contributions (TRL's names), each already divided by the step's size.
+    pub metrics: Vec<(String, f64)>,
+}
+
+/// Per-pair losses and implicit rewards of the DPO family, before reduction.
+#[derive(Debug, Clone)]
+pub struct PairLosses {
+    /// `[B]` loss of each pair.
+    pub per_pair: Tensor,
     /// `[B]` implicit reward of each chosen completion (detached).
     pub chosen_rewards: Tensor,
     /// `[B]` implicit reward of each rejected completion (detached).
     pub rejected_rewards: Tensor,
+}
+
+/// Reduce per-pair losses over the step and add TRL's preference metrics.
+pub(crate) fn reduce_pairs(x: &PairLogps, pairs: &PairLosses, scale: &StepScale) -> Result<ObjectiveOutput> {
+    let n = scale.examples;
+    let sum = |t: &Tensor| -> Result<f64> { Ok(t.to_dtype(candle::DType::F64)?.sum_all()?.to_scalar::<f64>()?) };
+    let margins = (&pairs.chosen_rewards - &pairs.rejected_rewards)?;
+    let accuracy = margins.gt(0.0)?.to_dtype(candle::DType::F64)?;
+    let metrics = vec![
+        ("rewards/chosen".to_string(), sum(&pairs.chosen_rewards)? / n),
+        ("rewards/rejected".to_string(), sum(&pairs.rejected_rewards)? / n),
+        ("rewards/margins".to_string(), sum(&margins)? / n),
+        ("rewards/accuracies".to_string(), sum(&accuracy)? / n),
+        ("logps/chosen".to_string(), sum(&x.policy_chosen.detach())? / n),
+        ("logps/rejected".to_string(), sum(&x.policy_rejected.detach())? / n),
+    ];
+    Ok(ObjectiveOutput { loss: (pairs.per_pair.sum(D::Minus1)? / n)?, metrics })
 }

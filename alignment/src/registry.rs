@@ -1,0 +1,151 @@
+//! The one list of objectives: the names users type, their configurations, what each needs,
+//! and dispatch. Adding an objective adds one variant here.
+
+use serde::{Deserialize, Serialize};
+
+use crate::objectives::{dpo, rdpo, rpo, sft, ObjectiveOutput, PairLogps, SequenceLogps, StepScale};
+use crate::{AlignError, Result};
+
+/// A training objective and its hyper-parameters (TOML: `[objective] name = "dpo"`, ...).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "name", rename_all = "snake_case")]
+pub enum Objective {
+    /// Supervised fine-tuning: NLL of completion tokens.
+    Sft(sft::SftConfig),
+    /// Direct Preference Optimization (sigmoid / IPO / hinge; label smoothing = cDPO).
+    Dpo(dpo::DpoConfig),
+    /// Provably robust DPO under label flips.
+    Rdpo(rdpo::RdpoConfig),
+    /// DPO plus NLL on the chosen completions.
+    Rpo(rpo::RpoConfig),
+}
+
+/// What a batch must hold for an objective.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DataNeed {
+    /// Single completions (`prompt`/`completion`, `messages`, `text`).
+    Sequences,
+    /// Preference pairs (`prompt`/`chosen`/`rejected`).
+    Pairs,
+}
+
+/// The inputs of one micro-batch.
+#[derive(Debug, Clone)]
+pub enum ObjectiveInput {
+    /// For [`DataNeed::Sequences`].
+    Sequences(SequenceLogps),
+    /// For [`DataNeed::Pairs`].
+    Pairs(PairLogps),
+}
+
+impl Objective {
+    /// Every objective name, in registry order, with a one-line description.
+    pub const NAMES: &'static [(&'static str, &'static str)] = &[
+        ("sft", "supervised fine-tuning: NLL of the completion tokens"),
+        ("dpo", "Direct Preference Optimization (sigmoid / ipo / hinge; label smoothing = cDPO)"),
+        ("rdpo", "provably robust DPO under preference-label flips (--epsilon)"),
+        ("rpo", "DPO + alpha x NLL on the chosen completions (TRL's rpo_alpha)"),
+    ];
+
+    /// The registry name.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Objective::Sft(_) => "sft",
+            Objective::Dpo(_) => "dpo",
+            Objective::Rdpo(_) => "rdpo",
+            Objective::Rpo(_) => "rpo",
+        }
+    }
+
+    /// The objective with its paper defaults, by name.
+    pub fn default_for(name: &str) -> Result<Self> {
+        Ok(match name {
+            "sft" => Objective::Sft(Default::default()),
+            "dpo" => Objective::Dpo(Default::default()),
+            "rdpo" => Objective::Rdpo(Default::default()),
+            "rpo" => Objective::Rpo(Default::default()),
+            other => {
+                let names: Vec<&str> = Self::NAMES.iter().map(|n| n.0).collect();
+                return Err(AlignError::InvalidConfig {
+                    objective: "registry",
+                    field: "name",
+                    reason: format!("unknown objective `{other}` (known: {})", names.join(", ")),
+                });
+            }
+        })
+    }
+
+    /// Which data a batch must hold.
+    pub fn data_need(&self) -> DataNeed {
+        match self {
+            Objective::Sft(_) => DataNeed::Sequences,
+            Objective::Dpo(_) | Objective::Rdpo(_) | Objective::Rpo(_) => DataNeed::Pairs,
+        }
+    }
+
+    /// Whether a frozen reference model's log-probs are needed.
+    pub fn needs_reference(&self) -> bool {
+        match self {
+            Objective::Sft(_) => false,
+            Objective::Dpo(c) => !c.reference_free,
+            Objective::Rdpo(_) | Objective::Rpo(_) => true,
+        }
+    }
+
+    /// Check the hyper-parameters.
+    pub fn validate(&self) -> Result<()> {
+        match self {
+            Objective::Sft(c) => c.validate(),
+            Objective::Dpo(c) => c.validate(),
+            Objective::Rdpo(c) => c.validate(),
+            Objective::Rpo(c) => c.validate(),
+        }
+    }
+
+    /// Loss and metrics of one micro-batch.
+    pub fn compute(&self, input: &ObjectiveInput, scale: &StepScale) -> Result<ObjectiveOutput> {
+        let wrong = |need: &str| AlignError::InvalidConfig {
+            objective: self.name(),
+            field: "data",
+            reason: format!("needs {need}"),
+        };
+        match (self, input) {
+            (Objective::Sft(c), ObjectiveInput::Sequences(x)) => sft::loss(x, c, scale),
+            (Objective::Dpo(c), ObjectiveInput::Pairs(x)) => dpo::loss(x, c, scale),
+            (Objective::Rdpo(c), ObjectiveInput::Pairs(x)) => rdpo::loss(x, c, scale),
+            (Objective::Rpo(c), ObjectiveInput::Pairs(x)) => rpo::loss(x, c, scale),
+            (_, ObjectiveInput::Sequences(_)) => Err(wrong("preference pairs")),
+            (_, ObjectiveInput::Pairs(_)) => Err(wrong("single sequences")),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn toml_names_the_objective_and_rejects_unknown_keys() {
+        let o: Objective = toml_like(r#"{"name": "dpo", "beta": 0.2, "loss_type": "ipo"}"#);
+        assert_eq!(o.name(), "dpo");
+        assert!(o.needs_reference());
+        let err = serde_json::from_str::<Objective>(r#"{"name": "dpo", "betta": 0.2}"#).unwrap_err().to_string();
+        assert!(err.contains("betta"), "{err}");
+        let err = serde_json::from_str::<Objective>(r#"{"name": "dpoo"}"#).unwrap_err().to_string();
+        assert!(err.contains("dpoo") && err.contains("rdpo"), "{err}");
+    }
+
+    #[test]
+    fn every_name_has_defaults_and_round_trips() {
+        for (name, _) in Objective::NAMES {
+            let o = Objective::default_for(name).unwrap();
+            assert_eq!(o.name(), *name);
+            o.validate().unwrap();
+        }
+        assert!(Objective::default_for("nope").unwrap_err().to_string().contains("known: sft, dpo"));
+    }
+
+    fn toml_like(json: &str) -> Objective {
+        serde_json::from_str(json).unwrap()
+    }
+}
