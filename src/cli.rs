@@ -44,6 +44,9 @@ pub enum Command {
     /// Summed completion log-probs of every row of a dataset (TRL's convention).
     #[command(after_help = "Examples:\n  candor logprobs --model default --data pairs.jsonl\n  candor logprobs --model ./my-model --data pairs.jsonl --output logps.jsonl --batch-size 4")]
     Logprobs(LogprobsArgs),
+    /// Fine-tune a model with an objective from the registry (sft, dpo, rdpo, rpo).
+    #[command(after_help = "Examples:\n  candor train --config configs/dpo.toml\n  candor train --objective sft --model default --data data/sft/train.jsonl --output runs/sft --max-steps 50\n  candor train --config configs/dpo.toml --set objective.beta=0.2 --lr 1e-6\n  candor train --resume runs/dpo")]
+    Train(Box<TrainArgs>),
     /// Measure load time and generation throughput.
     #[command(subcommand)]
     Bench(BenchCommand),
@@ -177,4 +180,106 @@ pub struct BenchGenerateArgs {
     /// Print one JSON object instead of text.
     #[arg(long)]
     pub json: bool,
+}
+
+/// `candor train`. Every flag overrides the recipe (`--config`); `--set key.path=value` sets
+/// any configuration key.
+#[derive(Debug, Args)]
+pub struct TrainArgs {
+    /// A TOML recipe (see `configs/`).
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Set any configuration key, e.g. `--set objective.beta=0.2` (repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub set: Vec<String>,
+    /// Continue the run in this directory from its newest checkpoint (uses its `config.toml`).
+    #[arg(long, value_name = "RUN_DIR")]
+    pub resume: Option<PathBuf>,
+    /// Print the resolved configuration and exit.
+    #[arg(long)]
+    pub print_config: bool,
+    /// No progress bar.
+    #[arg(long, short = 'q')]
+    pub quiet: bool,
+    /// The objective (`candor-alignment`'s registry): sft, dpo, rdpo, rpo.
+    #[arg(long)]
+    pub objective: Option<String>,
+    /// The policy to train: directory, `.gguf`, hub id or `default`.
+    #[arg(long, short = 'm')]
+    pub model: Option<String>,
+    /// The frozen reference model (default: a frozen copy of the starting policy).
+    #[arg(long)]
+    pub ref_model: Option<String>,
+    /// Training data (JSONL).
+    #[arg(long)]
+    pub data: Option<PathBuf>,
+    /// Held-out data evaluated every `--eval-every` steps and at the end.
+    #[arg(long)]
+    pub eval_data: Option<PathBuf>,
+    /// The run directory.
+    #[arg(long, short = 'o')]
+    pub output: Option<PathBuf>,
+    /// Peak learning rate.
+    #[arg(long)]
+    pub lr: Option<f64>,
+    /// Rows per micro-batch (a preference row is one pair).
+    #[arg(long)]
+    pub batch_size: Option<usize>,
+    /// Micro-batches per optimizer step.
+    #[arg(long)]
+    pub grad_accum: Option<usize>,
+    /// Optimizer steps (overrides `--epochs`).
+    #[arg(long)]
+    pub max_steps: Option<u64>,
+    /// Passes over the data.
+    #[arg(long)]
+    pub epochs: Option<usize>,
+    /// Linear warm-up steps.
+    #[arg(long)]
+    pub warmup_steps: Option<u64>,
+    /// Schedule after warm-up.
+    #[arg(long, value_enum)]
+    pub scheduler: Option<crate::train::optim::Scheduler>,
+    /// Decoupled weight decay (matrices only).
+    #[arg(long)]
+    pub weight_decay: Option<f64>,
+    /// Global gradient-norm clip (0 turns it off).
+    #[arg(long)]
+    pub max_grad_norm: Option<f64>,
+    /// Seed of the data order.
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Longest prompt + completion in tokens.
+    #[arg(long)]
+    pub max_length: Option<usize>,
+    /// Longest prompt in tokens.
+    #[arg(long)]
+    pub max_prompt_length: Option<usize>,
+    /// Checkpoint every N steps.
+    #[arg(long)]
+    pub save_every: Option<u64>,
+    /// Keep only the newest K checkpoints.
+    #[arg(long)]
+    pub keep_last: Option<usize>,
+    /// Evaluate every N steps.
+    #[arg(long)]
+    pub eval_every: Option<u64>,
+    /// DPO family: inverse temperature β.
+    #[arg(long)]
+    pub beta: Option<f64>,
+    /// DPO: sigmoid, ipo or hinge.
+    #[arg(long)]
+    pub loss_type: Option<String>,
+    /// DPO: label smoothing (conservative DPO).
+    #[arg(long)]
+    pub label_smoothing: Option<f64>,
+    /// DPO: no reference model (uniform reference).
+    #[arg(long)]
+    pub reference_free: bool,
+    /// rDPO: assumed label-flip rate.
+    #[arg(long)]
+    pub epsilon: Option<f64>,
+    /// RPO: weight of the NLL term.
+    #[arg(long)]
+    pub alpha: Option<f64>,
 }

@@ -10,5 +10,7 @@ pub mod load;
 pub mod data;
 pub mod generate;
 pub mod scoring;
+pub mod export;
+pub mod train;
 pub mod cli;
 pub mod commands;

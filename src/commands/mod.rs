@@ -4,6 +4,7 @@ pub mod bench;
 pub mod fetch;
 pub mod generate;
 pub mod logprobs;
+pub mod train;
 
 use std::io::Write;
 use std::path::Path;
@@ -20,6 +21,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Fetch(args) => fetch::run(&args),
         Command::Generate(args) => generate::run(&args, &cli.global),
         Command::Logprobs(args) => logprobs::run(&args, &cli.global),
+        Command::Train(args) => train::run(&args, &cli.global),
         Command::Bench(cmd) => bench::run(&cmd, &cli.global),
     }
 }

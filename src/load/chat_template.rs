@@ -17,8 +17,10 @@ pub struct Message {
 }
 
 /// A compiled chat template with the special tokens it may refer to.
+#[derive(Clone)]
 pub struct ChatTemplate {
     env: Environment<'static>,
+    source: String,
     bos_token: String,
     eos_token: String,
 }
@@ -49,9 +51,15 @@ impl ChatTemplate {
         env.add_template_owned("chat", source.to_string()).map_err(|e| anyhow!("invalid chat template: {e}"))?;
         Ok(Self {
             env,
+            source: source.to_string(),
             bos_token: bos_token.unwrap_or_default().to_string(),
             eos_token: eos_token.unwrap_or_default().to_string(),
         })
+    }
+
+    /// The Jinja source, as given.
+    pub fn source(&self) -> &str {
+        &self.source
     }
 
     /// Render `messages` to text; `add_generation_prompt` appends the assistant header.

@@ -59,7 +59,9 @@ impl ModelSource {
     }
 }
 
-/// A model ready to use: weights, tokenizer, chat template and stop tokens.
+/// A model ready to use: weights, tokenizer, chat template and stop tokens. Cloning shares
+/// the weights' storage.
+#[derive(Clone)]
 pub struct LoadedModel {
     /// The network.
     pub model: CausalLm,

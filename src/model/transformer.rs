@@ -220,6 +220,18 @@ impl CausalLm {
         Ok(vars)
     }
 
+    /// A copy that shares the weights' storage but is outside autograd: it sees every
+    /// optimizer update, and its forward passes build no graph (evaluation, sampling).
+    pub fn frozen_view(&self) -> Self {
+        let mut view = self.clone();
+        view.visit_weights_mut(&mut |_, t| {
+            *t = t.detach();
+            Ok(())
+        })
+        .expect("detaching cannot fail");
+        view
+    }
+
     /// Hidden states after the final norm, `[B, T, hidden]`, for token ids `[B, T]` (u32).
     /// With a cache, the new positions are appended after the cached ones.
     pub fn forward_hidden(&self, ids: &Tensor, opts: ForwardOptions, mut cache: Option<&mut KvCache>) -> Result<Tensor> {

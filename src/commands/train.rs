@@ -1,0 +1,106 @@
+//! `candor train`: resolve the configuration (recipe < `--set` < flags), then run the loop.
+
+use anyhow::{Context, Result};
+
+use crate::cli::{GlobalArgs, TrainArgs};
+use crate::train::config::parse_set;
+use crate::train::{train, RunOptions, TrainConfig};
+
+/// Run `candor train`.
+pub fn run(args: &TrainArgs, global: &GlobalArgs) -> Result<()> {
+    let cfg = resolve(args, global)?;
+    if args.print_config {
+        print!("{}", cfg.to_toml()?);
+        return Ok(());
+    }
+    let summary = train(&cfg, &RunOptions { quiet: args.quiet, resume: args.resume.is_some() })?;
+    println!("trained {} steps; final model: {}", summary.steps, summary.final_dir.display());
+    Ok(())
+}
+
+/// The configuration a command line asks for.
+pub fn resolve(args: &TrainArgs, global: &GlobalArgs) -> Result<TrainConfig> {
+    let recipe = match &args.resume {
+        Some(run) => Some(run.join("config.toml")),
+        None => args.config.clone(),
+    };
+    let mut overrides: Vec<(String, toml::Value)> = Vec::new();
+    let mut put = |key: &str, value: toml::Value| overrides.push((key.to_string(), value));
+    let s = |v: &str| toml::Value::String(v.to_string());
+    let path = |p: &std::path::Path| toml::Value::String(p.display().to_string());
+    let int = |v: u64| toml::Value::Integer(v as i64);
+    let float = toml::Value::Float;
+    if args.resume.is_none() {
+        // Global device/dtype apply unless a recipe says otherwise (a resumed run keeps its own).
+        if args.config.is_none() || global.device != "cpu" {
+            put("model.device", s(&global.device));
+        }
+        if args.config.is_none() || global.dtype != "f32" {
+            put("model.dtype", s(&global.dtype));
+        }
+    }
+    if let Some(v) = &args.objective {
+        put("objective.name", s(v));
+    }
+    if let Some(v) = &args.model {
+        put("model.model", s(v));
+    }
+    if let Some(v) = &args.ref_model {
+        put("model.ref_model", s(v));
+    }
+    if let Some(v) = &args.data {
+        put("data.train", path(v));
+    }
+    if let Some(v) = &args.eval_data {
+        put("data.eval", path(v));
+    }
+    if let Some(v) = args.max_length {
+        put("data.max_length", int(v as u64));
+    }
+    if let Some(v) = args.max_prompt_length {
+        put("data.max_prompt_length", int(v as u64));
+    }
+    if let Some(v) = &args.output {
+        put("run.output", path(v));
+    }
+    if let Some(v) = args.lr {
+        put("optim.lr", float(v));
+    }
+    if let Some(v) = args.weight_decay {
+        put("optim.weight_decay", float(v));
+    }
+    if let Some(v) = args.max_grad_norm {
+        put("optim.max_grad_norm", float(v));
+    }
+    if let Some(v) = args.warmup_steps {
+        put("optim.warmup_steps", int(v));
+    }
+    if let Some(v) = args.scheduler {
+        put("optim.scheduler", toml::Value::try_from(v)?);
+    }
+    for (key, v) in [("run.batch_size", args.batch_size), ("run.grad_accum", args.grad_accum), ("run.epochs", args.epochs), ("run.keep_last", args.keep_last)] {
+        if let Some(v) = v {
+            put(key, int(v as u64));
+        }
+    }
+    for (key, v) in [("run.max_steps", args.max_steps), ("run.seed", args.seed), ("run.save_every", args.save_every), ("run.eval_every", args.eval_every)] {
+        if let Some(v) = v {
+            put(key, int(v));
+        }
+    }
+    for (key, v) in [("objective.beta", args.beta), ("objective.label_smoothing", args.label_smoothing), ("objective.epsilon", args.epsilon), ("objective.alpha", args.alpha)] {
+        if let Some(v) = v {
+            put(key, float(v));
+        }
+    }
+    if let Some(v) = &args.loss_type {
+        put("objective.loss_type", s(v));
+    }
+    if args.reference_free {
+        put("objective.reference_free", toml::Value::Boolean(true));
+    }
+    for arg in &args.set {
+        overrides.push(parse_set(arg)?);
+    }
+    TrainConfig::resolve(recipe.as_deref(), &overrides).context("cannot build the training configuration")
+}

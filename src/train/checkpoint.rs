@@ -1,0 +1,129 @@
+//! Checkpoints: a transformers directory of the policy plus optimizer state and trainer state,
+//! written atomically (temporary directory, fsync, rename), so an interrupted run never
+//! leaves a half-written checkpoint under a real name.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use candle::Tensor;
+use serde::{Deserialize, Serialize};
+
+/// Where a run stands at a checkpoint.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TrainerState {
+    /// Optimizer steps completed.
+    pub step: u64,
+    /// AdamW's step counter (bias correction).
+    pub optimizer_steps: u64,
+}
+
+/// `checkpoints/step-N` of a run directory.
+pub fn checkpoint_dir(run: &Path, step: u64) -> PathBuf {
+    run.join("checkpoints").join(format!("step-{step}"))
+}
+
+/// Write a checkpoint: `fill` writes the model files into a temporary directory, which then
+/// receives the optimizer and trainer state, is synced, and is renamed into place.
+pub fn save(
+    run: &Path,
+    state: &TrainerState,
+    optimizer: &HashMap<String, Tensor>,
+    fill: impl FnOnce(&Path) -> Result<()>,
+) -> Result<PathBuf> {
+    let dest = checkpoint_dir(run, state.step);
+    let parent = dest.parent().expect("checkpoint has a parent");
+    std::fs::create_dir_all(parent)?;
+    let tmp = parent.join(format!(".tmp-step-{}", state.step));
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp)?;
+    }
+    std::fs::create_dir_all(&tmp)?;
+    fill(&tmp)?;
+    candle::safetensors::save(optimizer, tmp.join("optimizer.safetensors"))?;
+    std::fs::write(tmp.join("trainer_state.json"), serde_json::to_string_pretty(state)?)?;
+    for entry in std::fs::read_dir(&tmp)? {
+        std::fs::File::open(entry?.path())?.sync_all()?;
+    }
+    if dest.exists() {
+        std::fs::remove_dir_all(&dest)?;
+    }
+    std::fs::rename(&tmp, &dest).with_context(|| format!("cannot move checkpoint into `{}`", dest.display()))?;
+    std::fs::File::open(parent)?.sync_all()?;
+    Ok(dest)
+}
+
+/// The newest complete checkpoint of a run, if any.
+pub fn latest(run: &Path) -> Result<Option<(u64, PathBuf)>> {
+    let dir = run.join("checkpoints");
+    if !dir.exists() {
+        return Ok(None);
+    }
+    let mut best: Option<(u64, PathBuf)> = None;
+    for entry in std::fs::read_dir(&dir)? {
+        let path = entry?.path();
+        let step = path.file_name().and_then(|n| n.to_str()).and_then(|n| n.strip_prefix("step-")).and_then(|n| n.parse().ok());
+        if let Some(step) = step {
+            if best.as_ref().is_none_or(|(b, _)| step > *b) {
+                best = Some((step, path));
+            }
+        }
+    }
+    Ok(best)
+}
+
+/// Read a checkpoint's trainer and optimizer state.
+pub fn load_state(dir: &Path) -> Result<(TrainerState, HashMap<String, Tensor>)> {
+    let state_path = dir.join("trainer_state.json");
+    let text = std::fs::read_to_string(&state_path).with_context(|| format!("cannot read `{}`", state_path.display()))?;
+    let state: TrainerState = serde_json::from_str(&text).with_context(|| format!("invalid `{}`", state_path.display()))?;
+    let opt = candle::safetensors::load(dir.join("optimizer.safetensors"), &candle::Device::Cpu)
+        .with_context(|| format!("cannot read optimizer state in `{}`", dir.display()))?;
+    Ok((state, opt))
+}
+
+/// Delete all but the newest `keep` checkpoints (`keep == 0` keeps all).
+pub fn prune(run: &Path, keep: usize) -> Result<()> {
+    if keep == 0 {
+        return Ok(());
+    }
+    let dir = run.join("checkpoints");
+    let mut steps: Vec<(u64, PathBuf)> = std::fs::read_dir(&dir)?
+        .filter_map(|e| {
+            let path = e.ok()?.path();
+            let step = path.file_name()?.to_str()?.strip_prefix("step-")?.parse().ok()?;
+            Some((step, path))
+        })
+        .collect();
+    steps.sort();
+    let excess = steps.len().saturating_sub(keep);
+    for (_, path) in steps.into_iter().take(excess) {
+        std::fs::remove_dir_all(&path)?;
+    }
+    Ok(())
+}
+
+/// Cut `metrics.jsonl` back to the lines of steps `<= step` (a resumed run rewrites the rest).
+pub fn truncate_metrics(path: &Path, step: u64) -> Result<()> {
+    if !path.exists() {
+        return Ok(());
+    }
+    let text = std::fs::read_to_string(path)?;
+    let mut kept = String::new();
+    for line in text.lines() {
+        let v: serde_json::Value = match serde_json::from_str(line) {
+            Ok(v) => v,
+            Err(_) => continue, // a line cut off by the kill
+        };
+        match v.get("step").and_then(|s| s.as_u64()) {
+            Some(s) if s <= step => {
+                kept.push_str(line);
+                kept.push('\n');
+            }
+            Some(_) => {}
+            None => bail!("`{}`: a line without `step`", path.display()),
+        }
+    }
+    std::fs::write(path, kept)?;
+    Ok(())
+}

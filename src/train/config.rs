@@ -1,0 +1,288 @@
+//! A training run's configuration: typed, strict (unknown keys are errors), resolved in one
+//! place with the precedence command line > `--set` > recipe file > defaults.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{anyhow, bail, Context, Result};
+use candor_alignment::Objective;
+use serde::{Deserialize, Serialize};
+
+use super::optim::Scheduler;
+use crate::data::TruncationMode;
+
+/// Everything a run needs; written to the run directory as `config.toml`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainConfig {
+    /// Which models take part.
+    pub model: ModelSection,
+    /// The data.
+    pub data: DataSection,
+    /// The loss and its hyper-parameters.
+    pub objective: Objective,
+    /// Optimizer and schedule.
+    #[serde(default)]
+    pub optim: OptimSection,
+    /// Batching, length of the run, logging and checkpoints.
+    pub run: RunSection,
+}
+
+/// `[model]`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelSection {
+    /// The policy to train: directory, `.gguf`, hub id or `default`.
+    #[serde(default = "default_model")]
+    pub model: String,
+    /// The frozen reference; default: a frozen copy of the starting policy.
+    #[serde(default)]
+    pub ref_model: Option<String>,
+    /// `f32`, `bf16` or `f16`.
+    #[serde(default = "default_dtype")]
+    pub dtype: String,
+    /// `cpu`, `cuda`, `cuda:N`, `metal` or `auto`.
+    #[serde(default = "default_device")]
+    pub device: String,
+}
+
+/// `[data]`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DataSection {
+    /// Training JSONL.
+    pub train: PathBuf,
+    /// Held-out JSONL evaluated every `run.eval_every` steps and at the end.
+    #[serde(default)]
+    pub eval: Option<PathBuf>,
+    /// Longest prompt + completion in tokens.
+    #[serde(default = "default_max_length")]
+    pub max_length: Option<usize>,
+    /// Longest prompt in tokens (keeps the end).
+    #[serde(default)]
+    pub max_prompt_length: Option<usize>,
+    /// Which end `max_length` keeps.
+    #[serde(default)]
+    pub truncation_mode: TruncationMode,
+    /// Skip malformed rows instead of failing.
+    #[serde(default)]
+    pub skip_bad_rows: bool,
+}
+
+/// `[optim]`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OptimSection {
+    /// Peak learning rate.
+    #[serde(default = "default_lr")]
+    pub lr: f64,
+    /// Decoupled weight decay (matrices only).
+    #[serde(default)]
+    pub weight_decay: f64,
+    /// Global gradient-norm clip; 0 disables.
+    #[serde(default = "default_max_grad_norm")]
+    pub max_grad_norm: f64,
+    /// Schedule after warm-up.
+    #[serde(default)]
+    pub scheduler: Scheduler,
+    /// Linear warm-up steps.
+    #[serde(default)]
+    pub warmup_steps: u64,
+    /// AdamW β₁.
+    #[serde(default = "default_beta1")]
+    pub adam_beta1: f64,
+    /// AdamW β₂.
+    #[serde(default = "default_beta2")]
+    pub adam_beta2: f64,
+    /// AdamW ε.
+    #[serde(default = "default_eps")]
+    pub adam_epsilon: f64,
+}
+
+impl Default for OptimSection {
+    fn default() -> Self {
+        toml::from_str("").expect("every optim field has a default")
+    }
+}
+
+/// `[run]`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RunSection {
+    /// The run directory.
+    pub output: PathBuf,
+    /// Rows per micro-batch (a preference row is one pair).
+    #[serde(default = "default_batch_size")]
+    pub batch_size: usize,
+    /// Micro-batches per optimizer step.
+    #[serde(default = "default_one")]
+    pub grad_accum: usize,
+    /// Passes over the data (ignored when `max_steps` is set).
+    #[serde(default = "default_one")]
+    pub epochs: usize,
+    /// Optimizer steps to take; overrides `epochs`.
+    #[serde(default)]
+    pub max_steps: Option<u64>,
+    /// Seed of the data order.
+    #[serde(default = "default_seed")]
+    pub seed: u64,
+    /// Write a checkpoint every N steps (0 = only at the end).
+    #[serde(default)]
+    pub save_every: u64,
+    /// Keep only the last K checkpoints (0 = keep all).
+    #[serde(default)]
+    pub keep_last: usize,
+    /// Evaluate on `data.eval` every N steps (0 = only at the end).
+    #[serde(default)]
+    pub eval_every: u64,
+}
+
+fn default_model() -> String {
+    "default".into()
+}
+fn default_dtype() -> String {
+    "f32".into()
+}
+fn default_device() -> String {
+    "cpu".into()
+}
+fn default_max_length() -> Option<usize> {
+    Some(1024)
+}
+fn default_lr() -> f64 {
+    1e-5
+}
+fn default_max_grad_norm() -> f64 {
+    1.0
+}
+fn default_beta1() -> f64 {
+    0.9
+}
+fn default_beta2() -> f64 {
+    0.999
+}
+fn default_eps() -> f64 {
+    1e-8
+}
+fn default_batch_size() -> usize {
+    4
+}
+fn default_one() -> usize {
+    1
+}
+fn default_seed() -> u64 {
+    42
+}
+
+impl TrainConfig {
+    /// Build the configuration: the recipe file (if any), then `overrides` (`key.path`, TOML
+    /// value) in order. Unknown keys and wrong types are errors naming the key.
+    pub fn resolve(recipe: Option<&Path>, overrides: &[(String, toml::Value)]) -> Result<Self> {
+        let mut doc = match recipe {
+            Some(p) => {
+                let text = std::fs::read_to_string(p).with_context(|| format!("cannot read recipe `{}`", p.display()))?;
+                text.parse::<toml::Table>().with_context(|| format!("invalid TOML in `{}`", p.display()))?
+            }
+            None => toml::Table::new(),
+        };
+        // Switching objective by name starts from that objective's own defaults.
+        if let Some((_, toml::Value::String(name))) = overrides.iter().rev().find(|(k, _)| k == "objective.name") {
+            let current = doc.get("objective").and_then(|o| o.get("name")).and_then(|n| n.as_str());
+            if current != Some(name.as_str()) {
+                doc.insert("objective".into(), toml::Value::Table(toml::Table::new()));
+            }
+        }
+        for (key, value) in overrides {
+            set_path(&mut doc, key, value.clone())?;
+        }
+        let text = toml::to_string(&doc)?;
+        let cfg: TrainConfig = toml::from_str(&text).map_err(|e| {
+            let origin = recipe.map(|p| format!(" (recipe `{}` plus command-line settings)", p.display())).unwrap_or_default();
+            anyhow!("invalid training configuration{origin}: {}", e.message())
+        })?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Check every rule before anything is loaded.
+    pub fn validate(&self) -> Result<()> {
+        self.objective.validate()?;
+        let r = &self.run;
+        if r.batch_size == 0 || r.grad_accum == 0 {
+            bail!("`run.batch_size` and `run.grad_accum` must be at least 1");
+        }
+        if r.max_steps == Some(0) || (r.max_steps.is_none() && r.epochs == 0) {
+            bail!("nothing to train: set `run.max_steps` or `run.epochs` above 0");
+        }
+        if !(self.optim.lr > 0.0 && self.optim.lr.is_finite()) {
+            bail!("`optim.lr` must be a positive number, got {}", self.optim.lr);
+        }
+        if self.optim.max_grad_norm < 0.0 || self.optim.weight_decay < 0.0 {
+            bail!("`optim.max_grad_norm` and `optim.weight_decay` must be ≥ 0");
+        }
+        Ok(())
+    }
+
+    /// The configuration as TOML text (what `config.toml` holds).
+    pub fn to_toml(&self) -> Result<String> {
+        Ok(toml::to_string_pretty(self)?)
+    }
+}
+
+/// Parse `--set key.path=value`: the value as TOML if it parses, else as a string.
+pub fn parse_set(arg: &str) -> Result<(String, toml::Value)> {
+    let (key, raw) = arg.split_once('=').ok_or_else(|| anyhow!("`--set {arg}`: expected KEY=VALUE"))?;
+    let value = format!("v = {raw}")
+        .parse::<toml::Table>()
+        .ok()
+        .and_then(|mut t| t.remove("v"))
+        .unwrap_or_else(|| toml::Value::String(raw.to_string()));
+    Ok((key.trim().to_string(), value))
+}
+
+fn set_path(doc: &mut toml::Table, key: &str, value: toml::Value) -> Result<()> {
+    let mut parts: Vec<&str> = key.split('.').collect();
+    let last = parts.pop().filter(|l| !l.is_empty()).ok_or_else(|| anyhow!("empty setting name `{key}`"))?;
+    let mut table = doc;
+    for part in parts {
+        let entry = table.entry(part.to_string()).or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        table = entry.as_table_mut().ok_or_else(|| anyhow!("cannot set `{key}`: `{part}` is not a table"))?;
+    }
+    table.insert(last.to_string(), value);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn set(k: &str, v: &str) -> (String, toml::Value) {
+        parse_set(&format!("{k}={v}")).unwrap()
+    }
+
+    #[test]
+    fn overrides_win_and_objective_defaults_apply() {
+        let cfg = TrainConfig::resolve(
+            None,
+            &[set("data.train", "t.jsonl"), set("run.output", "out"), set("objective.name", "dpo"), set("objective.beta", "0.5")],
+        )
+        .unwrap();
+        let Objective::Dpo(d) = &cfg.objective else { panic!() };
+        assert_eq!(d.beta, 0.5);
+        assert_eq!(cfg.optim.max_grad_norm, 1.0);
+        assert_eq!(cfg.run.batch_size, 4);
+        let again: TrainConfig = toml::from_str(&cfg.to_toml().unwrap()).unwrap();
+        assert_eq!(again.to_toml().unwrap(), cfg.to_toml().unwrap());
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_are_named() {
+        let base = [set("data.train", "t.jsonl"), set("run.output", "o"), set("objective.name", "sft")];
+        let err = TrainConfig::resolve(None, &[&base[..], &[set("optim.learning_rate", "1")]].concat()).unwrap_err();
+        assert!(err.to_string().contains("learning_rate"), "{err}");
+        let err = TrainConfig::resolve(None, &[&base[..], &[set("run.batch_size", "0")]].concat()).unwrap_err();
+        assert!(err.to_string().contains("batch_size"), "{err}");
+        let err = TrainConfig::resolve(None, &[&base[..], &[set("objective.name", "rdpo"), set("objective.epsilon", "0.7")]].concat())
+            .unwrap_err();
+        assert!(format!("{err:#}").contains("epsilon"), "{err:#}");
+    }
+}

@@ -1,0 +1,414 @@
+//! The offline training loop (SFT, the DPO family): read top to bottom.
+//!
+//! setup (config → data → models → optimizer) → for each step: micro-batches → policy (and
+//! reference) log-probs → objective → backward → accumulate → clip → AdamW → log → maybe
+//! evaluate / checkpoint → final export.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use candle::{DType, Tensor};
+use candor_alignment::{DataNeed, ObjectiveInput, PairLogps, SequenceLogps, StepScale};
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+use serde_json::{Map, Value};
+
+use super::checkpoint::{self, TrainerState};
+use super::config::TrainConfig;
+use super::optim::{clip_grad_norm, lr_at, AdamW, AdamWConfig};
+use crate::data::{collate, read_jsonl, Example, SequenceTokenizer, TokenizedSequence, Truncation};
+use crate::load::{self, LoadedModel};
+use crate::model::CausalLm;
+use crate::scoring::{completion_logps, row_sequences};
+
+/// One training example after tokenization.
+#[derive(Debug, Clone)]
+pub enum Item {
+    /// A single sequence (SFT).
+    Sequence(TokenizedSequence),
+    /// A preference pair.
+    Pair {
+        /// Prompt + chosen completion.
+        chosen: TokenizedSequence,
+        /// Prompt + rejected completion.
+        rejected: TokenizedSequence,
+    },
+}
+
+impl Item {
+    /// Completion tokens that count for token-mean losses (chosen only, for pairs).
+    fn loss_tokens(&self) -> usize {
+        match self {
+            Item::Sequence(s) => s.completion_tokens(),
+            Item::Pair { chosen, .. } => chosen.completion_tokens(),
+        }
+    }
+
+    /// All tokens the policy reads.
+    fn tokens(&self) -> usize {
+        match self {
+            Item::Sequence(s) => s.ids.len(),
+            Item::Pair { chosen, rejected } => chosen.ids.len() + rejected.ids.len(),
+        }
+    }
+}
+
+/// Options that do not change the result.
+#[derive(Debug, Clone, Default)]
+pub struct RunOptions {
+    /// No progress bar.
+    pub quiet: bool,
+    /// Continue from the newest checkpoint of the run directory.
+    pub resume: bool,
+}
+
+/// What a finished run reports.
+#[derive(Debug, Clone)]
+pub struct RunSummary {
+    /// Steps taken in total.
+    pub steps: u64,
+    /// The exported final model.
+    pub final_dir: PathBuf,
+}
+
+/// Read and tokenize a dataset for an objective's data need.
+pub fn load_items(path: &Path, cfg: &TrainConfig, need: DataNeed, model: &LoadedModel) -> Result<Vec<Item>> {
+    let data = read_jsonl(path, cfg.data.skip_bad_rows)?;
+    crate::commands::report_skipped(&data.skipped);
+    let tok = SequenceTokenizer {
+        tokenizer: &model.tokenizer,
+        chat_template: model.chat_template.as_ref(),
+        truncation: Truncation {
+            max_length: cfg.data.max_length,
+            max_prompt_length: cfg.data.max_prompt_length,
+            mode: cfg.data.truncation_mode,
+        },
+    };
+    let mut items = Vec::with_capacity(data.rows.len());
+    for row in &data.rows {
+        let at = || format!("{}:{}", path.display(), row.line);
+        let item = match (need, &row.example) {
+            (DataNeed::Pairs, Example::Preference { .. }) => {
+                let mut seqs = row_sequences(&tok, &row.example).with_context(at)?.into_iter().map(|(_, s)| s);
+                let (chosen, rejected) = (seqs.next().expect("chosen"), seqs.next().expect("rejected"));
+                Item::Pair { chosen, rejected }
+            }
+            (DataNeed::Pairs, other) => {
+                bail!("{}: objective `{}` needs preference rows (`prompt`/`chosen`/`rejected`), got a {} row", at(), cfg.objective.name(), other.kind())
+            }
+            (DataNeed::Sequences, Example::Preference { .. } | Example::Prompt { .. }) => bail!(
+                "{}: objective `{}` needs prompt-completion, `messages` or `text` rows, got a {} row",
+                at(),
+                cfg.objective.name(),
+                row.example.kind()
+            ),
+            (DataNeed::Sequences, _) => {
+                Item::Sequence(row_sequences(&tok, &row.example).with_context(at)?.remove(0).1)
+            }
+        };
+        if item.loss_tokens() == 0 {
+            bail!("{}: no completion tokens left after truncation (raise `data.max_length`)", at());
+        }
+        items.push(item);
+    }
+    Ok(items)
+}
+
+/// Summed completion log-probs of a micro-batch: `[B]` sequences, or `([B], [B])` for pairs.
+fn forward_logps(model: &CausalLm, items: &[&Item], pad: u32) -> Result<Vec<Tensor>> {
+    let device = model.device().clone();
+    let seqs: Vec<&TokenizedSequence> = match items[0] {
+        Item::Sequence(_) => items.iter().map(|i| match i {
+            Item::Sequence(s) => s,
+            Item::Pair { .. } => unreachable!("one kind per dataset"),
+        }).collect(),
+        // TRL's layout: chosen rows first, then rejected rows, in one forward pass.
+        Item::Pair { .. } => {
+            let mut v: Vec<&TokenizedSequence> = items.iter().map(|i| match i {
+                Item::Pair { chosen, .. } => chosen,
+                Item::Sequence(_) => unreachable!(),
+            }).collect();
+            v.extend(items.iter().map(|i| match i {
+                Item::Pair { rejected, .. } => rejected,
+                Item::Sequence(_) => unreachable!(),
+            }));
+            v
+        }
+    };
+    let batch = collate(&seqs, pad, &device)?;
+    let (sums, _) = completion_logps(model, &batch)?;
+    Ok(match items[0] {
+        Item::Sequence(_) => vec![sums],
+        Item::Pair { .. } => {
+            let b = items.len();
+            vec![sums.narrow(0, 0, b)?, sums.narrow(0, b, b)?]
+        }
+    })
+}
+
+fn token_counts(items: &[&Item], device: &candle::Device) -> Result<Vec<Tensor>> {
+    let t = |v: Vec<f32>| Tensor::new(v, device);
+    Ok(match items[0] {
+        Item::Sequence(_) => vec![t(items.iter().map(|i| i.loss_tokens() as f32).collect())?],
+        Item::Pair { .. } => {
+            let (mut c, mut r) = (Vec::new(), Vec::new());
+            for i in items {
+                if let Item::Pair { chosen, rejected } = i {
+                    c.push(chosen.completion_tokens() as f32);
+                    r.push(rejected.completion_tokens() as f32);
+                }
+            }
+            vec![t(c)?, t(r)?]
+        }
+    })
+}
+
+/// Objective inputs of a micro-batch: policy log-probs (with gradient) and, when the objective
+/// needs it, the frozen reference's (without).
+fn objective_input(
+    policy: &CausalLm,
+    reference: Option<&CausalLm>,
+    items: &[&Item],
+    pad: u32,
+) -> Result<ObjectiveInput> {
+    let pi = forward_logps(policy, items, pad)?;
+    let counts = token_counts(items, policy.device())?;
+    Ok(match items[0] {
+        Item::Sequence(_) => ObjectiveInput::Sequences(SequenceLogps { policy: pi[0].clone(), tokens: counts[0].clone() }),
+        Item::Pair { .. } => {
+            let (rc, rr) = match reference {
+                Some(r) => {
+                    let logps = forward_logps(r, items, pad)?;
+                    (logps[0].detach(), logps[1].detach())
+                }
+                None => (pi[0].zeros_like()?, pi[1].zeros_like()?),
+            };
+            ObjectiveInput::Pairs(PairLogps {
+                policy_chosen: pi[0].clone(),
+                policy_rejected: pi[1].clone(),
+                reference_chosen: rc,
+                reference_rejected: rr,
+                chosen_tokens: counts[0].clone(),
+                rejected_tokens: counts[1].clone(),
+            })
+        }
+    })
+}
+
+/// The order of examples in `epoch`: a permutation seeded by the run seed and the epoch, so a
+/// resumed run sees exactly the same batches.
+fn epoch_order(n: usize, seed: u64, epoch: u64) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..n).collect();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed ^ epoch.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+    order.shuffle(&mut rng);
+    order
+}
+
+/// Run (or resume) the training described by `cfg`.
+pub fn train(cfg: &TrainConfig, opts: &RunOptions) -> Result<RunSummary> {
+    let run_dir = &cfg.run.output;
+    let device = load::parse_device(&cfg.model.device)?;
+    let dtype = load::parse_dtype(&cfg.model.dtype)?;
+    let objective = &cfg.objective;
+    let resume_from = if opts.resume { checkpoint::latest(run_dir)? } else { None };
+    if opts.resume && resume_from.is_none() {
+        eprintln!("candor: no checkpoint in `{}`; starting from step 0", run_dir.display());
+    }
+    std::fs::create_dir_all(run_dir).with_context(|| format!("cannot create run directory `{}`", run_dir.display()))?;
+    std::fs::write(run_dir.join("config.toml"), cfg.to_toml()?)?;
+
+    // Models: the policy (from the checkpoint when resuming) and the frozen reference.
+    let start = load::load_model(&cfg.model.model, dtype, &device).with_context(|| format!("failed to load model `{}`", cfg.model.model))?;
+    let mut policy = match &resume_from {
+        Some((_, dir)) => load::load_hf_dir(dir, dtype, &device)?,
+        None => start.clone(),
+    };
+    let reference = if objective.needs_reference() {
+        Some(match &cfg.model.ref_model {
+            Some(spec) => load::load_model(spec, dtype, &device)?.model,
+            None => start.model.clone(),
+        })
+    } else {
+        None
+    };
+    drop(start);
+
+    let items = load_items(&cfg.data.train, cfg, objective.data_need(), &policy)?;
+    let eval_items = match &cfg.data.eval {
+        Some(p) => Some(load_items(p, cfg, objective.data_need(), &policy)?),
+        None => None,
+    };
+    let pad = policy.tokenizer.pad_id();
+    let vars = policy.model.make_trainable()?;
+    let adam = AdamWConfig {
+        lr: cfg.optim.lr,
+        beta1: cfg.optim.adam_beta1,
+        beta2: cfg.optim.adam_beta2,
+        eps: cfg.optim.adam_epsilon,
+        weight_decay: cfg.optim.weight_decay,
+    };
+    let mut opt = AdamW::new(vars, adam)?;
+    let mut step = 0u64;
+    if let Some((_, dir)) = &resume_from {
+        let (state, tensors) = checkpoint::load_state(dir)?;
+        opt.load_state(state.optimizer_steps, &tensors)?;
+        step = state.step;
+        checkpoint::truncate_metrics(&run_dir.join("metrics.jsonl"), step)?;
+    } else {
+        let _ = std::fs::remove_file(run_dir.join("metrics.jsonl"));
+    }
+
+    let r = &cfg.run;
+    let micro_per_epoch = items.len().div_ceil(r.batch_size) as u64;
+    let steps_per_epoch = micro_per_epoch.div_ceil(r.grad_accum as u64);
+    let total = r.max_steps.unwrap_or(steps_per_epoch * r.epochs as u64);
+    let mut metrics_file = std::fs::OpenOptions::new().create(true).append(true).open(run_dir.join("metrics.jsonl"))?;
+    let bar = (!opts.quiet).then(|| {
+        let bar = indicatif::ProgressBar::new(total);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template("{spinner} step {pos}/{len} [{elapsed_precise} < {eta_precise}] {msg}")
+                .expect("valid template"),
+        );
+        bar.set_position(step);
+        bar
+    });
+    let mut orders: std::collections::HashMap<u64, Vec<usize>> = std::collections::HashMap::new();
+    while step < total {
+        let started = Instant::now();
+        // The micro-batches of this step.
+        let mut micro: Vec<Vec<&Item>> = Vec::new();
+        let mut epoch_of_step = 0f64;
+        for j in 0..r.grad_accum as u64 {
+            let m = step * r.grad_accum as u64 + j;
+            let epoch = m / micro_per_epoch;
+            let within = (m % micro_per_epoch) as usize;
+            if j > 0 && within == 0 {
+                break; // an epoch boundary ends the step, as transformers' Trainer does
+            }
+            let order = orders.entry(epoch).or_insert_with(|| epoch_order(items.len(), r.seed, epoch));
+            let idx = &order[within * r.batch_size..((within + 1) * r.batch_size).min(items.len())];
+            micro.push(idx.iter().map(|&i| &items[i]).collect());
+            epoch_of_step = (m + 1) as f64 / micro_per_epoch as f64;
+        }
+        let scale = StepScale {
+            examples: micro.iter().map(Vec::len).sum::<usize>() as f64,
+            tokens: micro.iter().flatten().map(|i| i.loss_tokens()).sum::<usize>() as f64,
+        };
+        let mut grads: Vec<Option<Tensor>> = vec![None; opt.vars().count()];
+        let mut loss = 0f64;
+        let mut metrics: Vec<(String, f64)> = Vec::new();
+        let mut tokens = 0usize;
+        for batch in &micro {
+            let input = objective_input(&policy.model, reference.as_ref(), batch, pad)?;
+            let out = objective.compute(&input, &scale)?;
+            loss += out.loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+            add_metrics(&mut metrics, out.metrics);
+            tokens += batch.iter().map(|i| i.tokens()).sum::<usize>();
+            let g = out.loss.backward()?;
+            for (acc, var) in grads.iter_mut().zip(opt.vars()) {
+                if let Some(gv) = g.get(var.as_tensor()) {
+                    *acc = Some(match acc.take() {
+                        Some(prev) => (prev + gv)?,
+                        None => gv.clone(),
+                    });
+                }
+            }
+        }
+        if !loss.is_finite() {
+            let last = checkpoint::latest(run_dir)?.map(|(s, p)| format!("step {s} at `{}`", p.display()));
+            bail!(
+                "the loss became {loss} at step {}; stopping before the update. Last good checkpoint: {}",
+                step + 1,
+                last.unwrap_or_else(|| "none (the run had not saved one yet)".into())
+            );
+        }
+        let grad_norm = clip_grad_norm(&mut grads, cfg.optim.max_grad_norm)?;
+        let lr = lr_at(step, cfg.optim.lr, cfg.optim.warmup_steps, total, cfg.optim.scheduler);
+        opt.step(&grads, lr)?;
+        step += 1;
+        let secs = started.elapsed().as_secs_f64();
+        let mut line = Map::new();
+        line.insert("step".into(), step.into());
+        line.insert("epoch".into(), epoch_of_step.into());
+        line.insert("lr".into(), lr.into());
+        line.insert("loss".into(), loss.into());
+        line.insert("grad_norm".into(), grad_norm.into());
+        line.insert("tokens_per_second".into(), (tokens as f64 / secs).into());
+        for (k, v) in metrics {
+            line.insert(k, v.into());
+        }
+        let is_last = step == total;
+        if let Some(eval) = &eval_items {
+            if is_last || (r.eval_every > 0 && step % r.eval_every == 0) {
+                let (eval_loss, eval_metrics) = evaluate(objective, &policy.model, reference.as_ref(), eval, r.batch_size, pad)?;
+                line.insert("eval_loss".into(), eval_loss.into());
+                for (k, v) in eval_metrics {
+                    line.insert(format!("eval_{k}"), v.into());
+                }
+            }
+        }
+        if let Some(bar) = &bar {
+            bar.set_position(step);
+            bar.set_message(format!("loss {loss:.4} | {:.0} tok/s", tokens as f64 / secs));
+        }
+        writeln!(metrics_file, "{}", Value::Object(line))?;
+        metrics_file.flush()?;
+        if (r.save_every > 0 && step % r.save_every == 0) || is_last {
+            let (opt_steps, opt_state) = opt.state();
+            let state = TrainerState { step, optimizer_steps: opt_steps };
+            checkpoint::save(run_dir, &state, &opt_state, |dir| write_policy(dir, &policy))?;
+            checkpoint::prune(run_dir, r.keep_last)?;
+        }
+    }
+    if let Some(bar) = bar {
+        bar.finish();
+    }
+    let final_dir = run_dir.join("final");
+    let tmp = run_dir.join(".tmp-final");
+    let _ = std::fs::remove_dir_all(&tmp);
+    write_policy(&tmp, &policy)?;
+    let _ = std::fs::remove_dir_all(&final_dir);
+    std::fs::rename(&tmp, &final_dir)?;
+    Ok(RunSummary { steps: step, final_dir })
+}
+
+fn write_policy(dir: &Path, m: &LoadedModel) -> Result<()> {
+    crate::export::write_hf_dir(dir, &m.model, &m.tokenizer, m.chat_template.as_ref(), &m.eos_token_ids, m.model.dtype())
+}
+
+fn add_metrics(into: &mut Vec<(String, f64)>, new: Vec<(String, f64)>) {
+    for (k, v) in new {
+        match into.iter_mut().find(|(name, _)| *name == k) {
+            Some((_, acc)) => *acc += v,
+            None => into.push((k, v)),
+        }
+    }
+}
+
+/// Loss and metrics of the whole held-out set (no gradient).
+pub fn evaluate(
+    objective: &candor_alignment::Objective,
+    policy: &CausalLm,
+    reference: Option<&CausalLm>,
+    items: &[Item],
+    batch_size: usize,
+    pad: u32,
+) -> Result<(f64, Vec<(String, f64)>)> {
+    let frozen = policy.frozen_view();
+    let scale = StepScale {
+        examples: items.len() as f64,
+        tokens: items.iter().map(|i| i.loss_tokens()).sum::<usize>() as f64,
+    };
+    let mut loss = 0f64;
+    let mut metrics = Vec::new();
+    for chunk in items.chunks(batch_size.max(1)) {
+        let refs: Vec<&Item> = chunk.iter().collect();
+        let input = objective_input(&frozen, reference, &refs, pad)?;
+        let out = objective.compute(&input, &scale)?;
+        loss += out.loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+        add_metrics(&mut metrics, out.metrics);
+    }
+    Ok((loss, metrics))
+}

@@ -1,0 +1,177 @@
+//! The training loop on the tiny Llama: one AdamW step reproduces PyTorch's, checkpoints are
+//! complete, and a resumed run logs exactly what an uninterrupted one does.
+
+mod common;
+
+use std::io::Write;
+use std::path::Path;
+
+use candle::{DType, Device};
+use candor::train::config::parse_set;
+use candor::train::{train, RunOptions, TrainConfig};
+use common::*;
+
+fn write_examples(path: &Path) {
+    let exp = json("llama-tiny/expected.json");
+    let mut f = std::fs::File::create(path).unwrap();
+    for ex in exp["examples"].as_array().unwrap() {
+        writeln!(f, "{ex}").unwrap();
+    }
+}
+
+fn config(data: &Path, out: &Path, extra: &[&str]) -> TrainConfig {
+    let model = fixture("llama-tiny/policy");
+    let ref_model = fixture("llama-tiny/reference");
+    let mut sets = vec![
+        format!("model.model={}", toml_str(&model)),
+        format!("model.ref_model={}", toml_str(&ref_model)),
+        format!("data.train={}", toml_str(data)),
+        format!("run.output={}", toml_str(out)),
+        "objective.name=dpo".into(),
+    ];
+    sets.extend(extra.iter().map(|s| s.to_string()));
+    let overrides: Vec<_> = sets.iter().map(|s| parse_set(s).unwrap()).collect();
+    TrainConfig::resolve(None, &overrides).unwrap()
+}
+
+fn toml_str(p: &Path) -> String {
+    format!("\"{}\"", p.display())
+}
+
+fn metrics(run: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(run.join("metrics.jsonl")).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+}
+
+#[test]
+fn one_adamw_step_matches_pytorch() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("pairs.jsonl");
+    write_examples(&data);
+    let run = dir.path().join("run");
+    let cfg = config(
+        &data,
+        &run,
+        &["optim.lr=1e-3", "optim.weight_decay=0", "optim.max_grad_norm=0", "optim.scheduler=\"constant\"", "optim.warmup_steps=0", "run.batch_size=3", "run.max_steps=1"],
+    );
+    train(&cfg, &RunOptions { quiet: true, resume: false }).unwrap();
+    let exp = json("llama-tiny/expected.json");
+    let step = &exp["adamw_step"];
+    let lines = metrics(&run);
+    assert_eq!(lines.len(), 1);
+    let loss_before = lines[0]["loss"].as_f64().unwrap();
+    assert!((loss_before - step["dpo_sigmoid_loss_before"].as_f64().unwrap()).abs() < 1e-5, "{loss_before}");
+    // Parameters after the step, from the exported final model.
+    let after = candle::safetensors::load(run.join("final/model.safetensors"), &Device::Cpu).unwrap();
+    for (name, want) in step["first8_after"].as_object().unwrap() {
+        let t = &after[name];
+        let got: Vec<f64> = t.flatten_all().unwrap().narrow(0, 0, 8).unwrap().to_vec1::<f32>().unwrap().iter().map(|&v| v as f64).collect();
+        assert_close(&format!("{name} after one step"), &got, &f64s(want), 1e-5);
+    }
+    // The loss after the step: the final model scored on the same pairs against the reference.
+    let policy = candor::load::load_hf_dir(&run.join("final"), DType::F32, &Device::Cpu).unwrap();
+    let reference = load("llama-tiny/reference");
+    let loss_after = dpo_loss(&policy, &reference, &exp);
+    assert!((loss_after - step["dpo_sigmoid_loss_after"].as_f64().unwrap()).abs() < 1e-5, "{loss_after}");
+}
+
+fn dpo_loss(policy: &candor::load::LoadedModel, reference: &candor::load::LoadedModel, exp: &serde_json::Value) -> f64 {
+    use candor::data::{SequenceTokenizer, Text, Truncation};
+    let tok = SequenceTokenizer { tokenizer: &policy.tokenizer, chat_template: None, truncation: Truncation::default() };
+    let mut seqs = Vec::new();
+    for key in ["chosen", "rejected"] {
+        for ex in exp["examples"].as_array().unwrap() {
+            let p = Text::Plain(ex["prompt"].as_str().unwrap().into());
+            seqs.push(tok.prompt_completion(&p, &Text::Plain(ex[key].as_str().unwrap().into())).unwrap());
+        }
+    }
+    let score = |m: &candor::load::LoadedModel| candor::scoring::score_sequences(&m.model, &seqs, 0, 8, &Device::Cpu).unwrap();
+    let (pi, rf) = (score(policy), score(reference));
+    let mut total = 0.0;
+    for i in 0..3 {
+        let h = (pi[i].0 - rf[i].0) - (pi[i + 3].0 - rf[i + 3].0);
+        total += (1.0 + (-0.1 * h).exp()).ln();
+    }
+    total / 3.0
+}
+
+fn train_command(data: &Path, out: &Path, extra: &[&str]) -> std::process::Command {
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_candor"));
+    cmd.args(["train", "--quiet", "--objective", "dpo", "--lr", "1e-3", "--batch-size", "1", "--grad-accum", "2", "--seed", "7"]);
+    cmd.args(["--model", fixture("llama-tiny/policy").to_str().unwrap(), "--ref-model", fixture("llama-tiny/reference").to_str().unwrap()]);
+    cmd.args(["--data", data.to_str().unwrap(), "--output", out.to_str().unwrap()]);
+    cmd.args(extra);
+    cmd
+}
+
+#[test]
+fn checkpoints_are_complete_and_a_killed_run_resumes_identically() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("pairs.jsonl");
+    write_examples(&data);
+    let steps = ["--max-steps", "150", "--save-every", "5", "--keep-last", "2"];
+    let full = dir.path().join("full");
+    let o = train_command(&data, &full, &steps).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let want = metrics(&full);
+    assert_eq!(want.len(), 150);
+    for key in ["epoch", "lr", "loss", "grad_norm", "tokens_per_second", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen", "logps/rejected"] {
+        assert!(want[0].get(key).is_some(), "metrics.jsonl lacks `{key}`");
+    }
+    let kept: Vec<String> = std::fs::read_dir(full.join("checkpoints")).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+    assert_eq!(kept.len(), 2, "--keep-last 2: {kept:?}");
+    let ckpt = full.join("checkpoints/step-150");
+    for f in ["config.json", "model.safetensors", "tokenizer.json", "optimizer.safetensors", "trainer_state.json"] {
+        assert!(ckpt.join(f).exists(), "checkpoint lacks {f}");
+    }
+
+    // Kill a real run once it has written its second checkpoint, wherever it then is.
+    let part = dir.path().join("part");
+    let mut child = train_command(&data, &part, &steps).spawn().unwrap();
+    let started = std::time::Instant::now();
+    while !part.join("checkpoints/step-10").exists() {
+        assert!(started.elapsed().as_secs() < 60, "the run never reached step 10");
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let stopped_at = metrics(&part).len();
+    assert!(stopped_at < 150, "the run finished before it was killed");
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_candor"))
+        .args(["train", "--quiet", "--resume", part.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let got = metrics(&part);
+    assert_eq!(got.len(), 150);
+    for (g, w) in got.iter().zip(&want) {
+        for key in ["step", "epoch", "lr", "loss", "grad_norm", "rewards/margins", "logps/chosen"] {
+            assert_eq!(g[key], w[key], "step {}: `{key}` (killed after {stopped_at} lines)", w["step"]);
+        }
+    }
+    let a = std::fs::read(full.join("final/model.safetensors")).unwrap();
+    let b = std::fs::read(part.join("final/model.safetensors")).unwrap();
+    assert!(a == b, "final weights differ");
+}
+
+#[test]
+fn sft_on_prompt_completion_rows_lowers_the_loss() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("sft.jsonl");
+    std::fs::write(&data, "{\"prompt\": \"Question: sky?\\nAnswer:\", \"completion\": \" blue\"}\n{\"prompt\": \"Question: grass?\\nAnswer:\", \"completion\": \" green\"}\n").unwrap();
+    let run = dir.path().join("run");
+    let cfg = config(&data, &run, &["objective.name=\"sft\"", "optim.lr=1e-2", "run.batch_size=2", "run.max_steps=5", "optim.scheduler=\"constant\""]);
+    train(&cfg, &RunOptions { quiet: true, resume: false }).unwrap();
+    let lines = metrics(&run);
+    let (first, last) = (lines[0]["loss"].as_f64().unwrap(), lines[4]["loss"].as_f64().unwrap());
+    assert!(last < first * 0.5, "{first} -> {last}");
+    let tok = load("llama-tiny/policy").tokenizer;
+    let completion = |p: &str, c: &str| tok.encode(&format!("{p}{c}"), true).unwrap().len() - tok.encode(p, true).unwrap().len() + 1;
+    let want = completion("Question: sky?\nAnswer:", " blue") + completion("Question: grass?\nAnswer:", " green");
+    assert_eq!(lines[0]["num_tokens"].as_f64().unwrap(), want as f64, "completion tokens plus EOS");
+    // A preference file is the wrong data for SFT, and the error says where.
+    let pairs = dir.path().join("pairs.jsonl");
+    write_examples(&pairs);
+    let cfg = config(&pairs, &dir.path().join("bad"), &["objective.name=\"sft\""]);
+    let err = format!("{:#}", train(&cfg, &RunOptions { quiet: true, resume: false }).unwrap_err());
+    assert!(err.contains("pairs.jsonl:1") && err.contains("needs prompt-completion"), "{err}");
+}
