@@ -1,17 +1,50 @@
 //! Sequence log-probabilities: the scoring primitive every objective and judge reuses.
 
 use anyhow::{bail, Result};
-use candle::{Device, Tensor, D};
+use candle::{DType, Device, Tensor, D};
 
 use crate::data::{collate, Batch, Example, SequenceTokenizer, TokenizedSequence};
-use crate::model::CausalLm;
+use crate::model::ops::gather_token_logps;
+use crate::model::{CausalLm, ForwardOptions};
 
-/// Summed completion log-probs `[B]` and per-token log-probs `[B, T-1]` (zero off-completion)
-/// of a batch. Differentiable with respect to the model's trainable weights.
-pub fn completion_logps(model: &CausalLm, batch: &Batch) -> candle::Result<(Tensor, Tensor)> {
-    let token = model.token_logps(&batch.input_ids, Some(&batch.attention_mask))?;
-    let masked = (token * &batch.loss_mask)?;
-    Ok((masked.sum(D::Minus1)?, masked))
+/// Summed completion log-probs `[B]` of a batch, differentiable with respect to the model's
+/// trainable weights.
+///
+/// Only completion positions reach the LM head: the hidden states of the scored positions are
+/// gathered first, so the vocabulary-wide logits, log-softmax and their backward exist for
+/// those tokens alone (prompts and padding are most of a preference batch).
+pub fn completion_logps(model: &CausalLm, batch: &Batch) -> candle::Result<Tensor> {
+    let (b, t) = batch.input_ids.dims2()?;
+    let device = batch.input_ids.device();
+    let mask: Vec<f32> = batch.loss_mask.flatten_all()?.to_vec1()?;
+    let ids: Vec<u32> = batch.input_ids.flatten_all()?.to_vec1()?;
+    let (mut positions, mut targets, mut owner) = (Vec::new(), Vec::new(), Vec::new());
+    for row in 0..b {
+        for pos in 0..t - 1 {
+            if mask[row * (t - 1) + pos] != 0.0 {
+                positions.push((row * t + pos) as u32);
+                targets.push(ids[row * t + pos + 1]);
+                owner.push(row);
+            }
+        }
+    }
+    let n = positions.len();
+    if n == 0 {
+        return Tensor::zeros(b, DType::F32, device);
+    }
+    let opts = ForwardOptions { attention_mask: Some(&batch.attention_mask), positions: None };
+    let hidden = model.forward_hidden(&batch.input_ids, opts, None)?;
+    let hidden = hidden.reshape((b * t, hidden.dim(D::Minus1)?))?;
+    let scored = hidden.index_select(&Tensor::from_vec(positions, n, device)?, 0)?; // [N, H]
+    let logits = model.lm_logits(&scored.unsqueeze(0)?)?; // [1, N, V]
+    let logps = gather_token_logps(&logits, &Tensor::from_vec(targets, (1, n), device)?)?; // [1, N]
+    // Sum each sequence's tokens: [B, N] membership matrix times the N log-probs.
+    let mut membership = vec![0f32; b * n];
+    for (i, &row) in owner.iter().enumerate() {
+        membership[row * n + i] = 1.0;
+    }
+    let membership = Tensor::from_vec(membership, (b, n), device)?;
+    membership.matmul(&logps.reshape((n, 1))?)?.squeeze(1)
 }
 
 /// The sequences one row is scored on, with the output names TRL uses for them.
@@ -43,7 +76,7 @@ pub fn score_sequences(
     for chunk in seqs.chunks(batch_size.max(1)) {
         let refs: Vec<&TokenizedSequence> = chunk.iter().collect();
         let batch = collate(&refs, pad_id, device)?;
-        let (sums, _) = completion_logps(model, &batch)?;
+        let sums = completion_logps(model, &batch)?;
         let sums: Vec<f32> = sums.to_vec1()?;
         out.extend(sums.iter().zip(chunk).map(|(&s, seq)| (s as f64, seq.completion_tokens())));
     }

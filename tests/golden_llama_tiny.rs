@@ -106,7 +106,8 @@ fn log_probs_match_transformers() {
         let seqs = batch_sequences(&m, &exp);
         let refs: Vec<&TokenizedSequence> = seqs.iter().collect();
         let batch = collate(&refs, 0, &Device::Cpu).unwrap();
-        let (sums, per_token) = completion_logps(&m.model, &batch).unwrap();
+        let sums = completion_logps(&m.model, &batch).unwrap();
+        let per_token = (m.model.token_logps(&batch.input_ids, Some(&batch.attention_mask)).unwrap() * &batch.loss_mask).unwrap();
         let sums: Vec<f64> = sums.to_vec1::<f32>().unwrap().iter().map(|&v| v as f64).collect();
         let want: Vec<f64> = [f64s(&exp[key]["chosen_sum"]), f64s(&exp[key]["rejected_sum"])].concat();
         assert_rel(&format!("{key} sums"), &sums, &want, 1e-5);
@@ -194,8 +195,8 @@ fn dpo_gradients_match_pytorch_including_tied_embeddings() {
     let vars = policy.model.make_trainable().unwrap();
     let (ids, attn, label_mask) = fixture_batch(&exp);
     let batch = candor::data::Batch { input_ids: ids, attention_mask: attn, loss_mask: label_mask };
-    let (pi, _) = completion_logps(&policy.model, &batch).unwrap();
-    let (rf, _) = completion_logps(&reference.model, &batch).unwrap();
+    let pi = completion_logps(&policy.model, &batch).unwrap();
+    let rf = completion_logps(&reference.model, &batch).unwrap();
     let b = 3;
     let ones = Tensor::ones(b, candle::DType::F32, &Device::Cpu).unwrap();
     let x = PairLogps {
@@ -259,7 +260,7 @@ fn bf16_forward_and_backward_stay_close_to_f32() {
     let mut m = candor::load::load_hf_dir(&path, candle::DType::BF16, &Device::Cpu).unwrap();
     let vars = m.model.make_trainable().unwrap();
     let batch = candor::data::Batch { input_ids: ids, attention_mask: attn, loss_mask: label_mask };
-    let (sums, _) = completion_logps(&m.model, &batch).unwrap();
+    let sums = completion_logps(&m.model, &batch).unwrap();
     let got: Vec<f64> = sums.to_vec1::<f32>().unwrap().iter().map(|&v| v as f64).collect();
     let want: Vec<f64> = [f64s(&exp["policy_logps"]["chosen_sum"]), f64s(&exp["policy_logps"]["rejected_sum"])].concat();
     // bf16 keeps 8 bits of mantissa: sequence log-probs within 2%.

@@ -15,6 +15,7 @@ use crate::data::TruncationMode;
 #[serde(deny_unknown_fields)]
 pub struct TrainConfig {
     /// Which models take part.
+    #[serde(default)]
     pub model: ModelSection,
     /// The data.
     pub data: DataSection,
@@ -43,6 +44,12 @@ pub struct ModelSection {
     /// `cpu`, `cuda`, `cuda:N`, `metal` or `auto`.
     #[serde(default = "default_device")]
     pub device: String,
+}
+
+impl Default for ModelSection {
+    fn default() -> Self {
+        toml::from_str("").expect("every model field has a default")
+    }
 }
 
 /// `[data]`.

@@ -138,7 +138,7 @@ fn forward_logps(model: &CausalLm, items: &[&Item], pad: u32) -> Result<Vec<Tens
         }
     };
     let batch = collate(&seqs, pad, &device)?;
-    let (sums, _) = completion_logps(model, &batch)?;
+    let sums = completion_logps(model, &batch)?;
     Ok(match items[0] {
         Item::Sequence(_) => vec![sums],
         Item::Pair { .. } => {
