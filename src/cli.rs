@@ -47,6 +47,9 @@ pub enum Command {
     /// Fine-tune a model with an objective from the registry (sft, dpo, rdpo, rpo).
     #[command(after_help = "Examples:\n  candor train --config configs/dpo.toml\n  candor train --objective sft --model default --data data/sft/train.jsonl --output runs/sft --max-steps 50\n  candor train --config configs/dpo.toml --set objective.beta=0.2 --lr 1e-6\n  candor train --resume runs/dpo")]
     Train(Box<TrainArgs>),
+    /// Write a checkpoint, run directory or any model as a transformers directory.
+    #[command(after_help = "Examples:\n  candor export --checkpoint runs/dpo/final --output my-model --dtype bf16\n  candor export --checkpoint runs/dpo --output my-model   # newest checkpoint of a run\n  candor export --checkpoint default --output smollm2-hf  # GGUF to transformers layout")]
+    Export(ExportArgs),
     /// Measure load time and generation throughput.
     #[command(subcommand)]
     Bench(BenchCommand),
@@ -282,4 +285,18 @@ pub struct TrainArgs {
     /// RPO: weight of the NLL term.
     #[arg(long)]
     pub alpha: Option<f64>,
+}
+
+/// `candor export`. The global `--dtype` (f32, bf16, f16) is the dtype of the written weights.
+#[derive(Debug, Args)]
+pub struct ExportArgs {
+    /// A checkpoint directory, a run directory (its newest checkpoint), or any `--model` value.
+    #[arg(long)]
+    pub checkpoint: String,
+    /// Where to write the transformers directory.
+    #[arg(long, short = 'o')]
+    pub output: PathBuf,
+    /// Largest weight file in MB before sharding (transformers' `max_shard_size`).
+    #[arg(long, default_value_t = 5000)]
+    pub max_shard_size_mb: usize,
 }

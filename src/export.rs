@@ -11,7 +11,12 @@ use serde_json::json;
 use crate::load::{ChatTemplate, TextTokenizer};
 use crate::model::CausalLm;
 
-/// Write `model` (weights converted to `dtype`) and its tokenizer files into `dir`.
+/// transformers' default `max_shard_size` for `save_pretrained`.
+pub const DEFAULT_MAX_SHARD_BYTES: usize = 5_000_000_000;
+
+/// Write `model` (weights converted to `dtype`) and its tokenizer files into `dir`; weights
+/// past `max_shard_bytes` are split into `model-0000K-of-0000N.safetensors` shards with a
+/// `model.safetensors.index.json`, as transformers does.
 pub fn write_hf_dir(
     dir: &Path,
     model: &CausalLm,
@@ -19,6 +24,7 @@ pub fn write_hf_dir(
     chat_template: Option<&ChatTemplate>,
     eos_token_ids: &[u32],
     dtype: DType,
+    max_shard_bytes: usize,
 ) -> Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create `{}`", dir.display()))?;
     let mut config = model.config().clone();
@@ -26,13 +32,12 @@ pub fn write_hf_dir(
     let mut hf_config = config.to_hf_json();
     hf_config["torch_dtype"] = json!(dtype_name(dtype));
     write_json(&dir.join("config.json"), &hf_config)?;
-    let weights: HashMap<String, Tensor> = model
+    let weights: Vec<(String, Tensor)> = model
         .named_weights()
         .into_iter()
         .map(|(n, t)| Ok((n, t.detach().to_dtype(dtype)?.to_device(&candle::Device::Cpu)?)))
         .collect::<Result<_>>()?;
-    candle::safetensors::save(&weights, dir.join("model.safetensors"))
-        .with_context(|| format!("cannot write `{}`", dir.join("model.safetensors").display()))?;
+    write_weights(dir, weights, max_shard_bytes)?;
     tokenizer
         .inner()
         .save(dir.join("tokenizer.json"), false)
@@ -61,6 +66,39 @@ pub fn write_hf_dir(
         &json!({"bos_token_id": config.bos_token_id, "eos_token_id": eos, "pad_token_id": config.pad_token_id}),
     )?;
     Ok(())
+}
+
+/// Save weights as one file, or as shards of at most `max_shard_bytes` plus an index.
+fn write_weights(dir: &Path, weights: Vec<(String, Tensor)>, max_shard_bytes: usize) -> Result<()> {
+    let bytes = |t: &Tensor| t.elem_count() * t.dtype().size_in_bytes();
+    let total: usize = weights.iter().map(|(_, t)| bytes(t)).sum();
+    let mut shards: Vec<Vec<(String, Tensor)>> = vec![Vec::new()];
+    let mut current = 0;
+    for (name, t) in weights {
+        if current > 0 && current + bytes(&t) > max_shard_bytes {
+            shards.push(Vec::new());
+            current = 0;
+        }
+        current += bytes(&t);
+        shards.last_mut().expect("one shard").push((name, t));
+    }
+    let save = |file: &str, shard: Vec<(String, Tensor)>| -> Result<()> {
+        let map: HashMap<String, Tensor> = shard.into_iter().collect();
+        candle::safetensors::save(&map, dir.join(file)).with_context(|| format!("cannot write `{}`", dir.join(file).display()))
+    };
+    if shards.len() == 1 {
+        return save("model.safetensors", shards.pop().expect("one shard"));
+    }
+    let n = shards.len();
+    let mut weight_map = serde_json::Map::new();
+    for (i, shard) in shards.into_iter().enumerate() {
+        let file = format!("model-{:05}-of-{n:05}.safetensors", i + 1);
+        for (name, _) in &shard {
+            weight_map.insert(name.clone(), json!(file));
+        }
+        save(&file, shard)?;
+    }
+    write_json(&dir.join("model.safetensors.index.json"), &json!({"metadata": {"total_size": total}, "weight_map": weight_map}))
 }
 
 fn dtype_name(dtype: DType) -> &'static str {

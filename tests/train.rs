@@ -241,3 +241,28 @@ fn every_recipe_resolves_and_sft_runs_on_the_real_model() {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert!(!String::from_utf8_lossy(&o.stdout).trim().is_empty());
 }
+
+#[test]
+fn export_writes_sharded_transformers_directories_from_gguf_and_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("smollm2-hf");
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_candor"))
+        .args(["export", "--checkpoint", "default", "--output", out.to_str().unwrap(), "--dtype", "bf16", "--max-shard-size-mb", "100"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let index: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("model.safetensors.index.json")).unwrap()).unwrap();
+    let shards: std::collections::BTreeSet<&str> = index["weight_map"].as_object().unwrap().values().map(|v| v.as_str().unwrap()).collect();
+    assert_eq!(shards.len(), 3, "269 MB of bf16 in 100 MB shards: {shards:?}");
+    let config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
+    assert_eq!((config["torch_dtype"].as_str(), config["tie_word_embeddings"].as_bool()), (Some("bfloat16"), Some(true)));
+    for f in ["tokenizer.json", "tokenizer_config.json", "generation_config.json", "chat_template.jinja"] {
+        assert!(out.join(f).exists(), "{f}");
+    }
+    // The exported directory gives the same greedy answer as the GGUF it came from.
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_candor"))
+        .args(["generate", "--model", out.to_str().unwrap(), "--chat", "--prompt", "What is the capital of France? Answer in one sentence.", "--temperature", "0"])
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&o.stdout).trim(), "The capital of France is Paris.");
+}

@@ -1,6 +1,7 @@
 //! One module per subcommand: parse arguments into library calls, print results.
 
 pub mod bench;
+pub mod export;
 pub mod fetch;
 pub mod generate;
 pub mod logprobs;
@@ -22,6 +23,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Generate(args) => generate::run(&args, &cli.global),
         Command::Logprobs(args) => logprobs::run(&args, &cli.global),
         Command::Train(args) => train::run(&args, &cli.global),
+        Command::Export(args) => export::run(&args, &cli.global),
         Command::Bench(cmd) => bench::run(&cmd, &cli.global),
     }
 }

@@ -375,7 +375,8 @@ pub fn train(cfg: &TrainConfig, opts: &RunOptions) -> Result<RunSummary> {
 }
 
 fn write_policy(dir: &Path, m: &LoadedModel) -> Result<()> {
-    crate::export::write_hf_dir(dir, &m.model, &m.tokenizer, m.chat_template.as_ref(), &m.eos_token_ids, m.model.dtype())
+    let max_shard = crate::export::DEFAULT_MAX_SHARD_BYTES;
+    crate::export::write_hf_dir(dir, &m.model, &m.tokenizer, m.chat_template.as_ref(), &m.eos_token_ids, m.model.dtype(), max_shard)
 }
 
 fn add_metrics(into: &mut Vec<(String, f64)>, new: Vec<(String, f64)>) {

@@ -1,0 +1,31 @@
+//! `candor export`: any model candor can load, written as a transformers directory.
+
+use std::path::Path;
+
+use anyhow::{Context, Result};
+
+use crate::cli::{ExportArgs, GlobalArgs};
+use crate::load;
+use crate::train::checkpoint;
+
+/// Run `candor export`.
+pub fn run(args: &ExportArgs, global: &GlobalArgs) -> Result<()> {
+    // A run directory means its newest checkpoint.
+    let run_dir = Path::new(&args.checkpoint);
+    let spec = match checkpoint::latest(run_dir)? {
+        Some((_, dir)) if !run_dir.join("config.json").exists() => dir.display().to_string(),
+        _ => args.checkpoint.clone(),
+    };
+    let dtype = load::parse_dtype(&global.dtype)?;
+    let device = load::parse_device(&global.device)?;
+    let m = load::load_model(&spec, candle::DType::F32, &device).with_context(|| format!("failed to load `{spec}`"))?;
+    let tmp = args.output.with_extension("partial");
+    let _ = std::fs::remove_dir_all(&tmp);
+    crate::export::write_hf_dir(&tmp, &m.model, &m.tokenizer, m.chat_template.as_ref(), &m.eos_token_ids, dtype, args.max_shard_size_mb * 1_000_000)?;
+    if args.output.exists() {
+        std::fs::remove_dir_all(&args.output).with_context(|| format!("cannot replace `{}`", args.output.display()))?;
+    }
+    std::fs::rename(&tmp, &args.output)?;
+    println!("{}", args.output.display());
+    Ok(())
+}
