@@ -154,6 +154,8 @@ pub enum BenchCommand {
     Load(BenchLoadArgs),
     /// Greedy generation throughput at batch 1 and at `--batch-size`.
     Generate(BenchGenerateArgs),
+    /// Training step time on synthetic data of exactly the given shape.
+    Train(BenchTrainArgs),
 }
 
 /// `candor bench load`.
@@ -285,6 +287,18 @@ pub struct TrainArgs {
     /// RPO: weight of the NLL term.
     #[arg(long)]
     pub alpha: Option<f64>,
+    /// Train LoRA adapters of this rank instead of every weight.
+    #[arg(long)]
+    pub lora_r: Option<usize>,
+    /// LoRA scale numerator α (update scaled by α / r).
+    #[arg(long)]
+    pub lora_alpha: Option<f64>,
+    /// Dropout on the LoRA adapters' input.
+    #[arg(long)]
+    pub lora_dropout: Option<f64>,
+    /// Modules that get adapters, comma-separated (default q_proj,v_proj).
+    #[arg(long, value_delimiter = ',')]
+    pub lora_targets: Option<Vec<String>>,
 }
 
 /// `candor export`. The global `--dtype` (f32, bf16, f16) is the dtype of the written weights.
@@ -299,4 +313,30 @@ pub struct ExportArgs {
     /// Largest weight file in MB before sharding (transformers' `max_shard_size`).
     #[arg(long, default_value_t = 5000)]
     pub max_shard_size_mb: usize,
+    /// Fold a LoRA adapter into the base weights (without it, an adapter is exported in
+    /// PEFT's format).
+    #[arg(long)]
+    pub merge_lora: bool,
+}
+
+/// `candor bench train`.
+#[derive(Debug, Args)]
+pub struct BenchTrainArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// `sft` or a pairwise objective such as `dpo` (reference forward included).
+    #[arg(long, default_value = "dpo")]
+    pub objective: String,
+    /// Rows per step (pairs for pairwise objectives).
+    #[arg(long, default_value_t = 4)]
+    pub batch_size: usize,
+    /// Tokens per sequence (half prompt, half completion).
+    #[arg(long, default_value_t = 256)]
+    pub seq_len: usize,
+    /// Timed steps after one warm-up step (the median is reported).
+    #[arg(long, default_value_t = 3)]
+    pub steps: usize,
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    pub json: bool,
 }

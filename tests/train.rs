@@ -266,3 +266,53 @@ fn export_writes_sharded_transformers_directories_from_gguf_and_runs() {
         .unwrap();
     assert_eq!(String::from_utf8_lossy(&o.stdout).trim(), "The capital of France is Paris.");
 }
+
+#[test]
+fn lora_runs_save_peft_adapters_and_merge_exactly() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("pairs.jsonl");
+    write_examples(&data);
+    let run = dir.path().join("run");
+    let o = train_command(&data, &run, &["--max-steps", "3", "--save-every", "3", "--lora-r", "4", "--lora-alpha", "8", "--lora-targets", "q_proj,v_proj,down_proj"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let lines = metrics(&run);
+    // B starts at zero: the first step's loss is the base model's DPO loss.
+    let batch1 = lines[0]["loss"].as_f64().unwrap();
+    assert!(lines.iter().any(|l| l["loss"].as_f64().unwrap() != batch1), "the adapters learned nothing");
+    let ckpt = run.join("checkpoints/step-3");
+    assert!(ckpt.join("adapter_config.json").exists() && !ckpt.join("model.safetensors").exists(), "checkpoint holds the adapter only");
+    let adapter = candle::safetensors::load(ckpt.join("adapter_model.safetensors"), &Device::Cpu).unwrap();
+    assert_eq!(adapter.len(), 2 * 3 * 2, "A and B for 3 modules in 2 layers");
+    let a = &adapter["base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"];
+    let b = &adapter["base_model.model.model.layers.1.mlp.down_proj.lora_B.weight"];
+    assert_eq!((a.dims(), b.dims()), (&[4usize, 64][..], &[64usize, 4][..]));
+    let cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(ckpt.join("adapter_config.json")).unwrap()).unwrap();
+    assert_eq!((cfg["peft_type"].as_str(), cfg["r"].as_u64(), cfg["lora_alpha"].as_f64()), (Some("LORA"), Some(4), Some(8.0)));
+
+    // Base + adapter, the merged final/, and `export --merge-lora` all give the same logits.
+    let ids = candle::Tensor::new(&[[320u32, 29, 335, 269, 382, 266, 290]], &Device::Cpu).unwrap();
+    let logits = |m: &candor::load::LoadedModel| m.model.forward(&ids, Default::default(), None).unwrap();
+    let with_adapter = candor::load::load_model(ckpt.to_str().unwrap(), DType::F32, &Device::Cpu).unwrap();
+    let merged = candor::load::load_hf_dir(&run.join("final"), DType::F32, &Device::Cpu).unwrap();
+    let exported = dir.path().join("merged");
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_candor"))
+        .args(["export", "--checkpoint", ckpt.to_str().unwrap(), "--output", exported.to_str().unwrap(), "--merge-lora"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let exported = candor::load::load_hf_dir(&exported, DType::F32, &Device::Cpu).unwrap();
+    let base = load("llama-tiny/policy");
+    let diff = |a: &candle::Tensor, b: &candle::Tensor| (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+    let l = logits(&with_adapter);
+    assert!(diff(&l, &logits(&merged)) < 1e-5 && diff(&l, &logits(&exported)) < 1e-5);
+    assert!(diff(&l, &logits(&base)) > 1e-4, "the adapter changes the model");
+    assert!(run.join("final/adapter/adapter_model.safetensors").exists());
+    // Merging needs an adapter.
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_candor"))
+        .args(["export", "--checkpoint", fixture("llama-tiny/policy").to_str().unwrap(), "--output", dir.path().join("x").to_str().unwrap(), "--merge-lora"])
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&o.stderr).contains("no LoRA adapter"));
+}

@@ -5,7 +5,7 @@ use std::time::Instant;
 use anyhow::Result;
 use serde_json::json;
 
-use crate::cli::{BenchCommand, BenchGenerateArgs, BenchLoadArgs, GlobalArgs};
+use crate::cli::{BenchCommand, BenchGenerateArgs, BenchLoadArgs, BenchTrainArgs, GlobalArgs};
 use crate::generate::{generate, SamplingConfig};
 use crate::load::{self, ModelSource};
 
@@ -14,7 +14,102 @@ pub fn run(cmd: &BenchCommand, global: &GlobalArgs) -> Result<()> {
     match cmd {
         BenchCommand::Load(args) => load_bench(args, global),
         BenchCommand::Generate(args) => generate_bench(args, global),
+        BenchCommand::Train(args) => train_bench(args, global),
     }
+}
+
+fn train_bench(args: &BenchTrainArgs, global: &GlobalArgs) -> Result<()> {
+    use crate::data::TokenizedSequence;
+    use crate::train::offline::{accumulate, Item};
+    use crate::train::optim::{clip_grad_norm, AdamW, AdamWConfig};
+    use candor_alignment::{DataNeed, Objective};
+
+    let objective = Objective::default_for(&args.objective)?;
+    let loaded = super::load_model(&args.model.model, global)?;
+    let reference = objective.needs_reference().then(|| loaded.model.clone());
+    let mut policy = loaded.model.clone();
+    let params: usize = policy.named_weights().iter().map(|(_, t)| t.elem_count()).sum();
+    let opt_vars = policy.make_trainable()?;
+    let mut opt = AdamW::new(opt_vars, AdamWConfig::default())?;
+    // Synthetic rows of exactly the requested shape: first half prompt, second half completion.
+    let vocab = policy.config().vocab_size as u64;
+    let mut state = 0x2545_F491_4F6C_DD1Du64;
+    let mut sequence = || {
+        let ids = (0..args.seq_len)
+            .map(|_| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                (state % vocab) as u32
+            })
+            .collect();
+        let completion_mask = (0..args.seq_len).map(|i| u8::from(i >= args.seq_len / 2)).collect();
+        TokenizedSequence { ids, completion_mask }
+    };
+    let items: Vec<Item> = (0..args.batch_size)
+        .map(|_| match objective.data_need() {
+            DataNeed::Sequences => Item::Sequence(sequence()),
+            DataNeed::Pairs => Item::Pair { chosen: sequence(), rejected: sequence() },
+        })
+        .collect();
+    let micro = vec![items.iter().collect::<Vec<_>>()];
+    let mut times = Vec::new();
+    for step in 0..=args.steps {
+        let start = Instant::now();
+        let mut acc = accumulate(&objective, &policy, reference.as_ref(), &micro, &opt, 0)?;
+        clip_grad_norm(&mut acc.grads, 1.0)?;
+        opt.step(&acc.grads, 1e-6)?;
+        if step > 0 {
+            times.push(start.elapsed().as_secs_f64());
+        }
+    }
+    times.sort_by(f64::total_cmp);
+    let median = times[times.len() / 2];
+    let rows = match objective.data_need() {
+        DataNeed::Sequences => args.batch_size,
+        DataNeed::Pairs => 2 * args.batch_size,
+    };
+    let tokens = (rows * args.seq_len) as f64;
+    // 6·N·T for the policy's forward + backward, 2·N·T for a reference forward.
+    let flops = tokens * params as f64 * if reference.is_some() { 8.0 } else { 6.0 };
+    let report = json!({
+        "bench": "train",
+        "model": loaded.origin,
+        "objective": objective.name(),
+        "device": global.device,
+        "dtype": global.dtype,
+        "batch_size": args.batch_size,
+        "seq_len": args.seq_len,
+        "steps_timed": times.len(),
+        "seconds_per_step": median,
+        "tokens_per_second": tokens / median,
+        "gflops_per_second": flops / median / 1e9,
+        "peak_rss_bytes": peak_rss_bytes(),
+    });
+    if args.json {
+        println!("{report}");
+    } else {
+        println!(
+            "train {} {} x {} tokens ({}): {median:.2} s/step (median of {}), {:.0} tokens/s, {:.1} GFLOP/s, peak RSS {:.2} GB",
+            objective.name(),
+            args.batch_size,
+            args.seq_len,
+            global.dtype,
+            times.len(),
+            tokens / median,
+            flops / median / 1e9,
+            peak_rss_bytes() as f64 / 1e9
+        );
+    }
+    Ok(())
+}
+
+/// Peak resident memory of this process (`VmHWM`), 0 where unknown.
+fn peak_rss_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok()))
+        .map_or(0, |kb| kb * 1024)
 }
 
 fn load_bench(args: &BenchLoadArgs, global: &GlobalArgs) -> Result<()> {

@@ -99,6 +99,18 @@ pub fn resolve(args: &TrainArgs, global: &GlobalArgs) -> Result<TrainConfig> {
     if args.reference_free {
         put("objective.reference_free", toml::Value::Boolean(true));
     }
+    if let Some(v) = args.lora_r {
+        put("lora.r", int(v as u64));
+    }
+    if let Some(v) = args.lora_alpha {
+        put("lora.alpha", float(v));
+    }
+    if let Some(v) = args.lora_dropout {
+        put("lora.dropout", float(v));
+    }
+    if let Some(v) = &args.lora_targets {
+        put("lora.targets", toml::Value::Array(v.iter().map(|t| s(t)).collect()));
+    }
     for arg in &args.set {
         overrides.push(parse_set(arg)?);
     }

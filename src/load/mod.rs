@@ -89,6 +89,9 @@ pub fn load_model(spec: &str, dtype: DType, device: &Device) -> Result<LoadedMod
             let path = default_model::fetch(preset)?;
             load_gguf_model(&path, dtype, device)
         }
+        ModelSource::Dir(dir) if dir.join("adapter_config.json").exists() && !dir.join("config.json").exists() => {
+            load_with_adapter(&dir, dtype, device)
+        }
         ModelSource::Dir(dir) => load_hf_dir(&dir, dtype, device),
         ModelSource::Gguf(path) => load_gguf_model(&path, dtype, device),
         ModelSource::Hub(id) => {
@@ -98,6 +101,17 @@ pub fn load_model(spec: &str, dtype: DType, device: &Device) -> Result<LoadedMod
             Ok(loaded)
         }
     }
+}
+
+/// Load a PEFT LoRA adapter directory: its base model (`base_model_name_or_path`) with the
+/// adapter attached.
+pub fn load_with_adapter(dir: &Path, dtype: DType, device: &Device) -> Result<LoadedModel> {
+    let saved = crate::model::lora::load_adapter(dir)?;
+    let mut base = load_model(&saved.base_model, dtype, device)
+        .with_context(|| format!("cannot load the base model `{}` of adapter `{}`", saved.base_model, dir.display()))?;
+    base.model.attach_lora(&saved).with_context(|| format!("adapter `{}`", dir.display()))?;
+    base.origin = dir.display().to_string();
+    Ok(base)
 }
 
 /// Load a GGUF file.

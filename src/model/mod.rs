@@ -2,6 +2,7 @@
 
 pub mod config;
 pub mod kv_cache;
+pub mod lora;
 pub mod ops;
 mod spin_pool;
 pub mod transformer;

@@ -9,6 +9,7 @@
 use candle::{DType, Device, Result, Tensor, Var, D};
 
 use super::config::ModelConfig;
+use super::lora::{LoraAdapter, LoraConfig, SavedAdapter};
 use super::kv_cache::KvCache;
 use super::ops;
 
@@ -36,6 +37,7 @@ impl Loader<'_> {
         Ok(Linear {
             weight: self.tensor(&format!("{prefix}.weight"))?,
             bias: if bias { Some(self.tensor(&format!("{prefix}.bias"))?) } else { None },
+            lora: None,
         })
     }
 }
@@ -47,17 +49,25 @@ pub struct Linear {
     pub weight: Tensor,
     /// `[out]`, if the layer has a bias.
     pub bias: Option<Tensor>,
+    /// A LoRA adapter added to the output, if any.
+    pub lora: Option<LoraAdapter>,
 }
 
 impl Linear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        ops::linear(x, &self.weight, self.bias.as_ref())
+        let [y] = Self::forward_group(x, [self])?;
+        Ok(y)
     }
 
-    /// Apply several projections to the same input in one pass.
+    /// Apply several projections to the same input in one pass (adapters added after).
     fn forward_group<const N: usize>(x: &Tensor, layers: [&Linear; N]) -> Result<[Tensor; N]> {
         let projections: Vec<(&Tensor, Option<&Tensor>)> = layers.iter().map(|l| (&l.weight, l.bias.as_ref())).collect();
-        let ys = ops::linear_group(x, &projections)?;
+        let mut ys = ops::linear_group(x, &projections)?;
+        for (y, layer) in ys.iter_mut().zip(layers) {
+            if let Some(lora) = &layer.lora {
+                *y = (&*y + lora.delta(x)?)?;
+            }
+        }
         Ok(ys.try_into().expect("one output per projection"))
     }
 }
@@ -160,30 +170,145 @@ impl CausalLm {
         self.embed_tokens.dtype()
     }
 
+    /// Visit every linear projection with its transformers module name and short name
+    /// (`model.layers.3.self_attn.q_proj`, `q_proj`).
+    pub fn visit_linears_mut(&mut self, f: &mut dyn FnMut(&str, &str, &mut Linear) -> Result<()>) -> Result<()> {
+        for (i, layer) in self.layers.iter_mut().enumerate() {
+            let a = &mut layer.self_attn;
+            let m = &mut layer.mlp;
+            for (group, short, lin) in [
+                ("self_attn", "q_proj", &mut a.q_proj),
+                ("self_attn", "k_proj", &mut a.k_proj),
+                ("self_attn", "v_proj", &mut a.v_proj),
+                ("self_attn", "o_proj", &mut a.o_proj),
+                ("mlp", "gate_proj", &mut m.gate_proj),
+                ("mlp", "up_proj", &mut m.up_proj),
+                ("mlp", "down_proj", &mut m.down_proj),
+            ] {
+                f(&format!("model.layers.{i}.{group}.{short}"), short, lin)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Attach fresh LoRA adapters to the configured target modules (seeded initialisation).
+    pub fn add_lora(&mut self, cfg: &LoraConfig, seed: u64) -> anyhow::Result<()> {
+        use rand::SeedableRng;
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let (dtype, device) = (self.dtype(), self.device().clone());
+        let mut err = None;
+        self.visit_linears_mut(&mut |_, short, lin| {
+            if cfg.targets.iter().any(|t| t == short) {
+                let (out, inp) = lin.weight.dims2()?;
+                match LoraAdapter::init(out, inp, cfg, &mut rng, dtype, &device) {
+                    Ok(ad) => lin.lora = Some(ad),
+                    Err(e) => err = Some(e),
+                }
+            }
+            Ok(())
+        })?;
+        err.map_or(Ok(()), Err)
+    }
+
+    /// Attach a saved adapter (every module it names must exist).
+    pub fn attach_lora(&mut self, saved: &SavedAdapter) -> anyhow::Result<()> {
+        let (dtype, device) = (self.dtype(), self.device().clone());
+        let mut attached = 0;
+        self.visit_linears_mut(&mut |module, _, lin| {
+            if let Some((a, b)) = saved.tensors.get(module) {
+                lin.lora = Some(LoraAdapter {
+                    a: a.to_device(&device)?.to_dtype(dtype)?,
+                    b: b.to_device(&device)?.to_dtype(dtype)?,
+                    scale: saved.config.scale(),
+                    dropout: saved.config.dropout,
+                    dropout_seed: None,
+                });
+                attached += 1;
+            }
+            Ok(())
+        })?;
+        if attached != saved.tensors.len() {
+            anyhow::bail!("the adapter names {} modules but only {attached} exist in this model", saved.tensors.len());
+        }
+        Ok(())
+    }
+
+    /// The adapters, by transformers module name.
+    pub fn lora_adapters(&self) -> Vec<(String, LoraAdapter)> {
+        let mut out = Vec::new();
+        let mut copy = self.clone();
+        copy.visit_linears_mut(&mut |module, _, lin| {
+            if let Some(ad) = &lin.lora {
+                out.push((module.to_string(), ad.clone()));
+            }
+            Ok(())
+        })
+        .expect("collecting adapters cannot fail");
+        out
+    }
+
+    /// Make only the adapters trainable; returns their variables under PEFT's names.
+    pub fn make_lora_trainable(&mut self) -> Result<Vec<(String, Var)>> {
+        let mut vars = Vec::new();
+        self.visit_linears_mut(&mut |module, _, lin| {
+            if let Some(ad) = lin.lora.as_mut() {
+                vars.extend(super::lora::adapter_vars(&mut [(module.to_string(), ad)])?);
+            }
+            Ok(())
+        })?;
+        Ok(vars)
+    }
+
+    /// The same weights without adapters (the reference of a LoRA run: no second copy of the
+    /// base weights).
+    pub fn without_adapters(&self) -> Self {
+        let mut base = self.clone();
+        base.visit_linears_mut(&mut |_, _, lin| {
+            lin.lora = None;
+            Ok(())
+        })
+        .expect("dropping adapters cannot fail");
+        base
+    }
+
+    /// Fold every adapter into its weight (`W + α/r · B A`) and drop the adapters.
+    pub fn merge_lora(&mut self) -> Result<()> {
+        self.visit_linears_mut(&mut |_, _, lin| {
+            if let Some(ad) = lin.lora.take() {
+                lin.weight = ad.merge_into(&lin.weight.detach())?;
+            }
+            Ok(())
+        })
+    }
+
+    /// Dropout masks of the adapters for one optimizer step derive from `seed` and `step`
+    /// (reproducible on resume); `None` turns adapter dropout off (evaluation, sampling).
+    pub fn set_lora_dropout_step(&mut self, seed_and_step: Option<(u64, u64)>) {
+        let mut index = 0u64;
+        self.visit_linears_mut(&mut |_, _, lin| {
+            if let Some(ad) = lin.lora.as_mut() {
+                index += 1;
+                ad.dropout_seed = seed_and_step.map(|(seed, step)| seed ^ step.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ index.wrapping_mul(0xC2B2_AE3D_27D4_EB4F));
+            }
+            Ok(())
+        })
+        .expect("setting seeds cannot fail");
+    }
+
     /// Visit every weight with its transformers name, mutably (conversion, LoRA, trainability).
     /// A tied output projection is visited once, as `model.embed_tokens.weight`.
     pub fn visit_weights_mut(&mut self, f: &mut dyn FnMut(&str, &mut Tensor) -> Result<()>) -> Result<()> {
         f("model.embed_tokens.weight", &mut self.embed_tokens)?;
-        for (i, layer) in self.layers.iter_mut().enumerate() {
-            let p = format!("model.layers.{i}");
-            f(&format!("{p}.input_layernorm.weight"), &mut layer.input_layernorm)?;
-            let a = &mut layer.self_attn;
-            let m = &mut layer.mlp;
-            for (name, lin) in [
-                ("self_attn.q_proj", &mut a.q_proj),
-                ("self_attn.k_proj", &mut a.k_proj),
-                ("self_attn.v_proj", &mut a.v_proj),
-                ("self_attn.o_proj", &mut a.o_proj),
-                ("mlp.gate_proj", &mut m.gate_proj),
-                ("mlp.up_proj", &mut m.up_proj),
-                ("mlp.down_proj", &mut m.down_proj),
-            ] {
-                f(&format!("{p}.{name}.weight"), &mut lin.weight)?;
-                if let Some(b) = lin.bias.as_mut() {
-                    f(&format!("{p}.{name}.bias"), b)?;
-                }
+        self.visit_linears_mut(&mut |module, _, lin| {
+            f(&format!("{module}.weight"), &mut lin.weight)?;
+            if let Some(b) = lin.bias.as_mut() {
+                f(&format!("{module}.bias"), b)?;
             }
-            f(&format!("{p}.post_attention_layernorm.weight"), &mut layer.post_attention_layernorm)?;
+            Ok(())
+        })?;
+        for (i, layer) in self.layers.iter_mut().enumerate() {
+            f(&format!("model.layers.{i}.input_layernorm.weight"), &mut layer.input_layernorm)?;
+            f(&format!("model.layers.{i}.post_attention_layernorm.weight"), &mut layer.post_attention_layernorm)?;
         }
         f("model.norm.weight", &mut self.norm)?;
         if let Some(w) = self.lm_head.as_mut() {
@@ -226,6 +351,15 @@ impl CausalLm {
         let mut view = self.clone();
         view.visit_weights_mut(&mut |_, t| {
             *t = t.detach();
+            Ok(())
+        })
+        .expect("detaching cannot fail");
+        view.visit_linears_mut(&mut |_, _, lin| {
+            if let Some(ad) = lin.lora.as_mut() {
+                ad.a = ad.a.detach();
+                ad.b = ad.b.detach();
+                ad.dropout_seed = None;
+            }
             Ok(())
         })
         .expect("detaching cannot fail");

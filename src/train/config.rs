@@ -26,6 +26,9 @@ pub struct TrainConfig {
     pub optim: OptimSection,
     /// Batching, length of the run, logging and checkpoints.
     pub run: RunSection,
+    /// Train LoRA adapters instead of every weight (`[lora]`; absent = full fine-tuning).
+    #[serde(default)]
+    pub lora: Option<crate::model::lora::LoraConfig>,
 }
 
 /// `[model]`.
@@ -213,6 +216,9 @@ impl TrainConfig {
     /// Check every rule before anything is loaded.
     pub fn validate(&self) -> Result<()> {
         self.objective.validate()?;
+        if let Some(lora) = &self.lora {
+            lora.validate()?;
+        }
         let r = &self.run;
         if r.batch_size == 0 || r.grad_accum == 0 {
             bail!("`run.batch_size` and `run.grad_accum` must be at least 1");

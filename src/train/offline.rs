@@ -221,14 +221,25 @@ pub fn train(cfg: &TrainConfig, opts: &RunOptions) -> Result<RunSummary> {
 
     // Models: the policy (from the checkpoint when resuming) and the frozen reference.
     let start = load::load_model(&cfg.model.model, dtype, &device).with_context(|| format!("failed to load model `{}`", cfg.model.model))?;
-    let mut policy = match &resume_from {
-        Some((_, dir)) => load::load_hf_dir(dir, dtype, &device)?,
-        None => start.clone(),
+    let mut policy = match (&resume_from, &cfg.lora) {
+        (Some((_, dir)), None) => load::load_hf_dir(dir, dtype, &device)?,
+        (Some((_, dir)), Some(_)) => {
+            let mut p = start.clone();
+            p.model.attach_lora(&crate::model::lora::load_adapter(dir)?)?;
+            p
+        }
+        (None, Some(lora)) => {
+            let mut p = start.clone();
+            p.model.add_lora(lora, cfg.run.seed)?;
+            p
+        }
+        (None, None) => start.clone(),
     };
+    // With LoRA the reference is the same base weights with the adapters off: no copy.
     let reference = if objective.needs_reference() {
         Some(match &cfg.model.ref_model {
             Some(spec) => load::load_model(spec, dtype, &device)?.model,
-            None => start.model.clone(),
+            None => start.model.without_adapters(),
         })
     } else {
         None
@@ -241,7 +252,7 @@ pub fn train(cfg: &TrainConfig, opts: &RunOptions) -> Result<RunSummary> {
         None => None,
     };
     let pad = policy.tokenizer.pad_id();
-    let vars = policy.model.make_trainable()?;
+    let vars = if cfg.lora.is_some() { policy.model.make_lora_trainable()? } else { policy.model.make_trainable()? };
     let adam = AdamWConfig {
         lr: cfg.optim.lr,
         beta1: cfg.optim.adam_beta1,
@@ -292,30 +303,9 @@ pub fn train(cfg: &TrainConfig, opts: &RunOptions) -> Result<RunSummary> {
             micro.push(idx.iter().map(|&i| &items[i]).collect());
             epoch_of_step = (m + 1) as f64 / micro_per_epoch as f64;
         }
-        let scale = StepScale {
-            examples: micro.iter().map(Vec::len).sum::<usize>() as f64,
-            tokens: micro.iter().flatten().map(|i| i.loss_tokens()).sum::<usize>() as f64,
-        };
-        let mut grads: Vec<Option<Tensor>> = vec![None; opt.vars().count()];
-        let mut loss = 0f64;
-        let mut metrics: Vec<(String, f64)> = Vec::new();
-        let mut tokens = 0usize;
-        for batch in &micro {
-            let input = objective_input(&policy.model, reference.as_ref(), batch, pad)?;
-            let out = objective.compute(&input, &scale)?;
-            loss += out.loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-            add_metrics(&mut metrics, out.metrics);
-            tokens += batch.iter().map(|i| i.tokens()).sum::<usize>();
-            let g = out.loss.backward()?;
-            for (acc, var) in grads.iter_mut().zip(opt.vars()) {
-                if let Some(gv) = g.get(var.as_tensor()) {
-                    *acc = Some(match acc.take() {
-                        Some(prev) => (prev + gv)?,
-                        None => gv.clone(),
-                    });
-                }
-            }
-        }
+        policy.model.set_lora_dropout_step(Some((r.seed, step)));
+        let acc = accumulate(objective, &policy.model, reference.as_ref(), &micro, &opt, pad)?;
+        let (loss, metrics, tokens, mut grads) = (acc.loss, acc.metrics, acc.tokens, acc.grads);
         if !loss.is_finite() {
             let last = checkpoint::latest(run_dir)?.map(|(s, p)| format!("step {s} at `{}`", p.display()));
             bail!(
@@ -358,7 +348,7 @@ pub fn train(cfg: &TrainConfig, opts: &RunOptions) -> Result<RunSummary> {
         if (r.save_every > 0 && step % r.save_every == 0) || is_last {
             let (opt_steps, opt_state) = opt.state();
             let state = TrainerState { step, optimizer_steps: opt_steps };
-            checkpoint::save(run_dir, &state, &opt_state, |dir| write_policy(dir, &policy))?;
+            checkpoint::save(run_dir, &state, &opt_state, |dir| write_trainable(dir, cfg, &policy))?;
             checkpoint::prune(run_dir, r.keep_last)?;
         }
     }
@@ -368,10 +358,73 @@ pub fn train(cfg: &TrainConfig, opts: &RunOptions) -> Result<RunSummary> {
     let final_dir = run_dir.join("final");
     let tmp = run_dir.join(".tmp-final");
     let _ = std::fs::remove_dir_all(&tmp);
-    write_policy(&tmp, &policy)?;
+    if cfg.lora.is_some() {
+        // final/ is a complete transformers model (adapters merged) plus the PEFT adapter.
+        write_trainable(&tmp.join("adapter"), cfg, &policy)?;
+        let mut merged = policy.clone();
+        merged.model = policy.model.frozen_view();
+        merged.model.merge_lora()?;
+        write_policy(&tmp, &merged)?;
+    } else {
+        write_policy(&tmp, &policy)?;
+    }
     let _ = std::fs::remove_dir_all(&final_dir);
     std::fs::rename(&tmp, &final_dir)?;
     Ok(RunSummary { steps: step, final_dir })
+}
+
+/// What the micro-batches of one optimizer step add up to.
+pub struct Accumulated {
+    /// The step's loss (sum of the micro-batch contributions).
+    pub loss: f64,
+    /// The step's metrics.
+    pub metrics: Vec<(String, f64)>,
+    /// Tokens the policy read.
+    pub tokens: usize,
+    /// Summed gradients, one per optimizer variable.
+    pub grads: Vec<Option<Tensor>>,
+}
+
+/// Forward and backward every micro-batch of a step, summing gradients. Losses come back
+/// divided by the whole step's size, so the sum is the full-batch loss.
+pub fn accumulate(
+    objective: &candor_alignment::Objective,
+    policy: &CausalLm,
+    reference: Option<&CausalLm>,
+    micro: &[Vec<&Item>],
+    opt: &AdamW,
+    pad: u32,
+) -> Result<Accumulated> {
+    let scale = StepScale {
+        examples: micro.iter().map(Vec::len).sum::<usize>() as f64,
+        tokens: micro.iter().flatten().map(|i| i.loss_tokens()).sum::<usize>() as f64,
+    };
+    let mut acc = Accumulated { loss: 0.0, metrics: Vec::new(), tokens: 0, grads: vec![None; opt.vars().count()] };
+    for batch in micro {
+        let input = objective_input(policy, reference, batch, pad)?;
+        let out = objective.compute(&input, &scale)?;
+        acc.loss += out.loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+        add_metrics(&mut acc.metrics, out.metrics);
+        acc.tokens += batch.iter().map(|i| i.tokens()).sum::<usize>();
+        let g = out.loss.backward()?;
+        for (sum, var) in acc.grads.iter_mut().zip(opt.vars()) {
+            if let Some(gv) = g.get(var.as_tensor()) {
+                *sum = Some(match sum.take() {
+                    Some(prev) => (prev + gv)?,
+                    None => gv.clone(),
+                });
+            }
+        }
+    }
+    Ok(acc)
+}
+
+/// What a checkpoint holds of the model: the PEFT adapter of a LoRA run, else the full model.
+fn write_trainable(dir: &Path, cfg: &TrainConfig, m: &LoadedModel) -> Result<()> {
+    match &cfg.lora {
+        Some(lora) => crate::model::lora::save_adapter(dir, lora, &cfg.model.model, &m.model.lora_adapters()),
+        None => write_policy(dir, m),
+    }
 }
 
 fn write_policy(dir: &Path, m: &LoadedModel) -> Result<()> {
