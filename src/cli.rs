@@ -215,6 +215,9 @@ pub struct TrainArgs {
     /// The frozen reference model (default: a frozen copy of the starting policy).
     #[arg(long)]
     pub ref_model: Option<String>,
+    /// Score the data with the reference once, cache it next to the run, free the reference.
+    #[arg(long)]
+    pub precompute_ref_logps: bool,
     /// Training data (JSONL).
     #[arg(long)]
     pub data: Option<PathBuf>,

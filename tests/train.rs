@@ -316,3 +316,22 @@ fn lora_runs_save_peft_adapters_and_merge_exactly() {
         .unwrap();
     assert!(String::from_utf8_lossy(&o.stderr).contains("no LoRA adapter"));
 }
+
+#[test]
+fn precomputed_reference_logps_give_the_same_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("pairs.jsonl");
+    write_examples(&data);
+    let (live, cached) = (dir.path().join("live"), dir.path().join("cached"));
+    for (run, extra) in [(&live, &[][..]), (&cached, &["--precompute-ref-logps"][..])] {
+        let o = train_command(&data, run, &[&["--max-steps", "3"][..], extra].concat()).output().unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    }
+    assert!(cached.join("ref_logps_train.json").exists());
+    for (a, b) in metrics(&live).iter().zip(&metrics(&cached)) {
+        for key in ["loss", "rewards/chosen", "rewards/margins"] {
+            let (a, b) = (a[key].as_f64().unwrap(), b[key].as_f64().unwrap());
+            assert!((a - b).abs() < 1e-6, "`{key}`: {a} vs {b}");
+        }
+    }
+}

@@ -49,7 +49,7 @@ fn train_bench(args: &BenchTrainArgs, global: &GlobalArgs) -> Result<()> {
     let items: Vec<Item> = (0..args.batch_size)
         .map(|_| match objective.data_need() {
             DataNeed::Sequences => Item::Sequence(sequence()),
-            DataNeed::Pairs => Item::Pair { chosen: sequence(), rejected: sequence() },
+            DataNeed::Pairs => Item::Pair { chosen: sequence(), rejected: sequence(), reference: None },
         })
         .collect();
     let micro = vec![items.iter().collect::<Vec<_>>()];

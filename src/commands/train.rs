@@ -96,6 +96,9 @@ pub fn resolve(args: &TrainArgs, global: &GlobalArgs) -> Result<TrainConfig> {
     if let Some(v) = &args.loss_type {
         put("objective.loss_type", s(v));
     }
+    if args.precompute_ref_logps {
+        put("model.precompute_ref_logps", toml::Value::Boolean(true));
+    }
     if args.reference_free {
         put("objective.reference_free", toml::Value::Boolean(true));
     }

@@ -41,6 +41,10 @@ pub struct ModelSection {
     /// The frozen reference; default: a frozen copy of the starting policy.
     #[serde(default)]
     pub ref_model: Option<String>,
+    /// Score the data with the reference once before training, cache the log-probs next to
+    /// the run (`ref_logps_*.json`) and free the reference model.
+    #[serde(default)]
+    pub precompute_ref_logps: bool,
     /// `f32`, `bf16` or `f16`.
     #[serde(default = "default_dtype")]
     pub dtype: String,

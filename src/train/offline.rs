@@ -34,6 +34,8 @@ pub enum Item {
         chosen: TokenizedSequence,
         /// Prompt + rejected completion.
         rejected: TokenizedSequence,
+        /// The reference's summed log-probs (chosen, rejected), when precomputed.
+        reference: Option<(f32, f32)>,
     },
 }
 
@@ -50,7 +52,7 @@ impl Item {
     fn tokens(&self) -> usize {
         match self {
             Item::Sequence(s) => s.ids.len(),
-            Item::Pair { chosen, rejected } => chosen.ids.len() + rejected.ids.len(),
+            Item::Pair { chosen, rejected, .. } => chosen.ids.len() + rejected.ids.len(),
         }
     }
 }
@@ -93,7 +95,7 @@ pub fn load_items(path: &Path, cfg: &TrainConfig, need: DataNeed, model: &Loaded
             (DataNeed::Pairs, Example::Preference { .. }) => {
                 let mut seqs = row_sequences(&tok, &row.example).with_context(at)?.into_iter().map(|(_, s)| s);
                 let (chosen, rejected) = (seqs.next().expect("chosen"), seqs.next().expect("rejected"));
-                Item::Pair { chosen, rejected }
+                Item::Pair { chosen, rejected, reference: None }
             }
             (DataNeed::Pairs, other) => {
                 bail!("{}: objective `{}` needs preference rows (`prompt`/`chosen`/`rejected`), got a {} row", at(), cfg.objective.name(), other.kind())
@@ -155,7 +157,7 @@ fn token_counts(items: &[&Item], device: &candle::Device) -> Result<Vec<Tensor>>
         Item::Pair { .. } => {
             let (mut c, mut r) = (Vec::new(), Vec::new());
             for i in items {
-                if let Item::Pair { chosen, rejected } = i {
+                if let Item::Pair { chosen, rejected, .. } = i {
                     c.push(chosen.completion_tokens() as f32);
                     r.push(rejected.completion_tokens() as f32);
                 }
@@ -178,12 +180,21 @@ fn objective_input(
     Ok(match items[0] {
         Item::Sequence(_) => ObjectiveInput::Sequences(SequenceLogps { policy: pi[0].clone(), tokens: counts[0].clone() }),
         Item::Pair { .. } => {
-            let (rc, rr) = match reference {
-                Some(r) => {
+            let cached: Option<(Vec<f32>, Vec<f32>)> = items
+                .iter()
+                .map(|i| match i {
+                    Item::Pair { reference, .. } => *reference,
+                    Item::Sequence(_) => None,
+                })
+                .collect::<Option<Vec<_>>>()
+                .map(|v| v.into_iter().unzip());
+            let (rc, rr) = match (cached, reference) {
+                (Some((c, r)), _) => (Tensor::new(c, policy.device())?, Tensor::new(r, policy.device())?),
+                (None, Some(r)) => {
                     let logps = forward_logps(r, items, pad)?;
                     (logps[0].detach(), logps[1].detach())
                 }
-                None => (pi[0].zeros_like()?, pi[1].zeros_like()?),
+                (None, None) => (pi[0].zeros_like()?, pi[1].zeros_like()?),
             };
             ObjectiveInput::Pairs(PairLogps {
                 policy_chosen: pi[0].clone(),
@@ -246,12 +257,23 @@ pub fn train(cfg: &TrainConfig, opts: &RunOptions) -> Result<RunSummary> {
     };
     drop(start);
 
-    let items = load_items(&cfg.data.train, cfg, objective.data_need(), &policy)?;
-    let eval_items = match &cfg.data.eval {
+    let mut items = load_items(&cfg.data.train, cfg, objective.data_need(), &policy)?;
+    let mut eval_items = match &cfg.data.eval {
         Some(p) => Some(load_items(p, cfg, objective.data_need(), &policy)?),
         None => None,
     };
     let pad = policy.tokenizer.pad_id();
+    let reference = match (cfg.model.precompute_ref_logps, reference) {
+        (true, Some(r)) => {
+            // Score the data once, cache it next to the run, and free the reference.
+            precompute_reference(&r, &mut items, &run_dir.join("ref_logps_train.json"), cfg.run.batch_size, pad)?;
+            if let Some(eval) = eval_items.as_mut() {
+                precompute_reference(&r, eval, &run_dir.join("ref_logps_eval.json"), cfg.run.batch_size, pad)?;
+            }
+            None
+        }
+        (_, r) => r,
+    };
     let vars = if cfg.lora.is_some() { policy.model.make_lora_trainable()? } else { policy.model.make_trainable()? };
     let adam = AdamWConfig {
         lr: cfg.optim.lr,
@@ -371,6 +393,35 @@ pub fn train(cfg: &TrainConfig, opts: &RunOptions) -> Result<RunSummary> {
     let _ = std::fs::remove_dir_all(&final_dir);
     std::fs::rename(&tmp, &final_dir)?;
     Ok(RunSummary { steps: step, final_dir })
+}
+
+/// Fill every pair's reference log-probs, from `cache` when it holds one value per pair,
+/// else by scoring with `reference` and writing `cache`.
+fn precompute_reference(reference: &CausalLm, items: &mut [Item], cache: &Path, batch_size: usize, pad: u32) -> Result<()> {
+    let cached: Option<Vec<(f32, f32)>> =
+        std::fs::read_to_string(cache).ok().and_then(|t| serde_json::from_str(&t).ok()).filter(|v: &Vec<(f32, f32)>| v.len() == items.len());
+    let values = match cached {
+        Some(v) => v,
+        None => {
+            let mut values = Vec::with_capacity(items.len());
+            for chunk in items.chunks(batch_size.max(1)) {
+                let refs: Vec<&Item> = chunk.iter().collect();
+                let logps = forward_logps(reference, &refs, pad)?;
+                let (c, r): (Vec<f32>, Vec<f32>) = (logps[0].to_vec1()?, logps[1].to_vec1()?);
+                values.extend(c.into_iter().zip(r));
+            }
+            let tmp = cache.with_extension("partial");
+            std::fs::write(&tmp, serde_json::to_string(&values)?)?;
+            std::fs::rename(&tmp, cache)?;
+            values
+        }
+    };
+    for (item, v) in items.iter_mut().zip(values) {
+        if let Item::Pair { reference, .. } = item {
+            *reference = Some(v);
+        }
+    }
+    Ok(())
 }
 
 /// What the micro-batches of one optimizer step add up to.
