@@ -183,7 +183,7 @@ fn rdpo_and_rpo_match_trl() {
     let nll = out.metrics.iter().find(|(k, _)| k == "nll_loss").unwrap().1;
     assert!((nll - want["nll_chosen_token_mean"].as_f64().unwrap()).abs() < 1e-5);
     let m: std::collections::HashMap<_, _> = out.metrics.into_iter().collect();
-    let rc = f64s(&want.get("chosen_rewards").unwrap_or(&exp["dpo_losses"]["sigmoid"]["chosen_rewards"]));
+    let rc = f64s(want.get("chosen_rewards").unwrap_or(&exp["dpo_losses"]["sigmoid"]["chosen_rewards"]));
     assert!((m["rewards/chosen"] - rc.iter().sum::<f64>() / 3.0).abs() < 1e-5);
 }
 

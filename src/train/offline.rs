@@ -353,7 +353,7 @@ pub fn train(cfg: &TrainConfig, opts: &RunOptions) -> Result<RunSummary> {
         }
         let is_last = step == total;
         if let Some(eval) = &eval_items {
-            if is_last || (r.eval_every > 0 && step % r.eval_every == 0) {
+            if is_last || (r.eval_every > 0 && step.is_multiple_of(r.eval_every)) {
                 let (eval_loss, eval_metrics) = evaluate(objective, &policy.model, reference.as_ref(), eval, r.batch_size, pad)?;
                 line.insert("eval_loss".into(), eval_loss.into());
                 for (k, v) in eval_metrics {
@@ -367,7 +367,7 @@ pub fn train(cfg: &TrainConfig, opts: &RunOptions) -> Result<RunSummary> {
         }
         writeln!(metrics_file, "{}", Value::Object(line))?;
         metrics_file.flush()?;
-        if (r.save_every > 0 && step % r.save_every == 0) || is_last {
+        if (r.save_every > 0 && step.is_multiple_of(r.save_every)) || is_last {
             let (opt_steps, opt_state) = opt.state();
             let state = TrainerState { step, optimizer_steps: opt_steps };
             checkpoint::save(run_dir, &state, &opt_state, |dir| write_trainable(dir, cfg, &policy))?;
