@@ -339,6 +339,9 @@ pub struct BenchTrainArgs {
     /// Timed steps after one warm-up step (the median is reported).
     #[arg(long, default_value_t = 3)]
     pub steps: usize,
+    /// Train LoRA adapters of this rank (on q_proj and v_proj) instead of every weight.
+    #[arg(long)]
+    pub lora_r: Option<usize>,
     /// Print one JSON object instead of text.
     #[arg(long)]
     pub json: bool,

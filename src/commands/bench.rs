@@ -29,7 +29,13 @@ fn train_bench(args: &BenchTrainArgs, global: &GlobalArgs) -> Result<()> {
     let reference = objective.needs_reference().then(|| loaded.model.clone());
     let mut policy = loaded.model.clone();
     let params: usize = policy.named_weights().iter().map(|(_, t)| t.elem_count()).sum();
-    let opt_vars = policy.make_trainable()?;
+    let opt_vars = match args.lora_r {
+        Some(r) => {
+            policy.add_lora(&crate::model::lora::LoraConfig { r, alpha: 2.0 * r as f64, ..Default::default() }, 0)?;
+            policy.make_lora_trainable()?
+        }
+        None => policy.make_trainable()?,
+    };
     let mut opt = AdamW::new(opt_vars, AdamWConfig::default())?;
     // Synthetic rows of exactly the requested shape: first half prompt, second half completion.
     let vocab = policy.config().vocab_size as u64;
@@ -70,8 +76,10 @@ fn train_bench(args: &BenchTrainArgs, global: &GlobalArgs) -> Result<()> {
         DataNeed::Pairs => 2 * args.batch_size,
     };
     let tokens = (rows * args.seq_len) as f64;
-    // 6·N·T for the policy's forward + backward, 2·N·T for a reference forward.
-    let flops = tokens * params as f64 * if reference.is_some() { 8.0 } else { 6.0 };
+    // 6·N·T for the policy's forward + backward (4·N·T with LoRA: no weight gradients),
+    // 2·N·T for a reference forward.
+    let policy_flops = if args.lora_r.is_some() { 4.0 } else { 6.0 };
+    let flops = tokens * params as f64 * (policy_flops + if reference.is_some() { 2.0 } else { 0.0 });
     let report = json!({
         "bench": "train",
         "model": loaded.origin,
@@ -80,6 +88,7 @@ fn train_bench(args: &BenchTrainArgs, global: &GlobalArgs) -> Result<()> {
         "dtype": global.dtype,
         "batch_size": args.batch_size,
         "seq_len": args.seq_len,
+        "lora_r": args.lora_r,
         "steps_timed": times.len(),
         "seconds_per_step": median,
         "tokens_per_second": tokens / median,
