@@ -335,3 +335,27 @@ fn precomputed_reference_logps_give_the_same_run() {
         }
     }
 }
+
+#[test]
+fn a_diverging_run_stops_before_the_bad_update_and_keeps_the_last_good_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("pairs.jsonl");
+    write_examples(&data);
+    let run = dir.path().join("run");
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_candor"))
+        .args(["train", "--quiet", "--objective", "dpo", "--model", fixture("llama-tiny/policy").to_str().unwrap()])
+        .args(["--data", data.to_str().unwrap(), "--output", run.to_str().unwrap()])
+        .args(["--max-steps", "5", "--lr", "1e30", "--max-grad-norm", "0", "--save-every", "1", "--batch-size", "3"])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("stopping before the update") && err.contains("Last good checkpoint: step 1"), "{err}");
+    // The checkpoint it names has finite weights that still load.
+    let m = candor::load::load_hf_dir(&run.join("checkpoints/step-1"), DType::F32, &Device::Cpu).unwrap();
+    for (name, t) in m.model.named_weights() {
+        let max = t.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        assert!(max.is_finite(), "`{name}` is not finite");
+    }
+    assert_eq!(metrics(&run).len(), 1);
+}

@@ -328,15 +328,17 @@ pub fn train(cfg: &TrainConfig, opts: &RunOptions) -> Result<RunSummary> {
         policy.model.set_lora_dropout_step(Some((r.seed, step)));
         let acc = accumulate(objective, &policy.model, reference.as_ref(), &micro, &opt, pad)?;
         let (loss, metrics, tokens, mut grads) = (acc.loss, acc.metrics, acc.tokens, acc.grads);
-        if !loss.is_finite() {
+        let grad_norm = clip_grad_norm(&mut grads, cfg.optim.max_grad_norm)?;
+        if !loss.is_finite() || !grad_norm.is_finite() {
             let last = checkpoint::latest(run_dir)?.map(|(s, p)| format!("step {s} at `{}`", p.display()));
             bail!(
-                "the loss became {loss} at step {}; stopping before the update. Last good checkpoint: {}",
+                "the {} became {} at step {}; stopping before the update. Last good checkpoint: {}",
+                if loss.is_finite() { "gradient norm" } else { "loss" },
+                if loss.is_finite() { grad_norm } else { loss },
                 step + 1,
                 last.unwrap_or_else(|| "none (the run had not saved one yet)".into())
             );
         }
-        let grad_norm = clip_grad_norm(&mut grads, cfg.optim.max_grad_norm)?;
         let lr = lr_at(step, cfg.optim.lr, cfg.optim.warmup_steps, total, cfg.optim.scheduler);
         opt.step(&grads, lr)?;
         step += 1;
