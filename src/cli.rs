@@ -257,6 +257,12 @@ pub struct TrainArgs {
     /// Seed of the data order.
     #[arg(long)]
     pub seed: Option<u64>,
+    /// Batch examples of similar length together (less padding).
+    #[arg(long)]
+    pub group_by_length: bool,
+    /// SFT: pack several sequences into each `--max-length` row.
+    #[arg(long)]
+    pub packing: bool,
     /// Longest prompt + completion in tokens.
     #[arg(long)]
     pub max_length: Option<usize>,

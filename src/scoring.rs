@@ -32,7 +32,7 @@ pub fn completion_logps(model: &CausalLm, batch: &Batch) -> candle::Result<Tenso
     if n == 0 {
         return Tensor::zeros(b, DType::F32, device);
     }
-    let opts = ForwardOptions { attention_mask: Some(&batch.attention_mask), positions: None };
+    let opts = ForwardOptions { attention_mask: Some(&batch.attention_mask), positions: batch.positions.as_ref() };
     let hidden = model.forward_hidden(&batch.input_ids, opts, None)?;
     let hidden = hidden.reshape((b * t, hidden.dim(D::Minus1)?))?;
     let scored = hidden.index_select(&Tensor::from_vec(positions, n, device)?, 0)?; // [N, H]

@@ -194,7 +194,7 @@ fn dpo_gradients_match_pytorch_including_tied_embeddings() {
     let reference = load("llama-tiny/reference");
     let vars = policy.model.make_trainable().unwrap();
     let (ids, attn, label_mask) = fixture_batch(&exp);
-    let batch = candor::data::Batch { input_ids: ids, attention_mask: attn, loss_mask: label_mask };
+    let batch = candor::data::Batch { input_ids: ids, attention_mask: attn, loss_mask: label_mask, positions: None };
     let pi = completion_logps(&policy.model, &batch).unwrap();
     let rf = completion_logps(&reference.model, &batch).unwrap();
     let b = 3;
@@ -259,7 +259,7 @@ fn bf16_forward_and_backward_stay_close_to_f32() {
     let path = fixture("llama-tiny/policy");
     let mut m = candor::load::load_hf_dir(&path, candle::DType::BF16, &Device::Cpu).unwrap();
     let vars = m.model.make_trainable().unwrap();
-    let batch = candor::data::Batch { input_ids: ids, attention_mask: attn, loss_mask: label_mask };
+    let batch = candor::data::Batch { input_ids: ids, attention_mask: attn, loss_mask: label_mask, positions: None };
     let sums = completion_logps(&m.model, &batch).unwrap();
     let got: Vec<f64> = sums.to_vec1::<f32>().unwrap().iter().map(|&v| v as f64).collect();
     let want: Vec<f64> = [f64s(&exp["policy_logps"]["chosen_sum"]), f64s(&exp["policy_logps"]["rejected_sum"])].concat();

@@ -359,3 +359,30 @@ fn a_diverging_run_stops_before_the_bad_update_and_keeps_the_last_good_checkpoin
     }
     assert_eq!(metrics(&run).len(), 1);
 }
+
+#[test]
+fn packed_sft_has_the_loss_of_unpacked_sft() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("sft.jsonl");
+    std::fs::write(
+        &data,
+        "{\"prompt\": \"Question: sky?\\nAnswer:\", \"completion\": \" blue\"}\n{\"prompt\": \"Q: grass\", \"completion\": \" is green\"}\n{\"prompt\": \"Q: snow?\", \"completion\": \" white\"}\n",
+    )
+    .unwrap();
+    let run = |name: &str, extra: &[&str]| {
+        let out = dir.path().join(name);
+        let o = std::process::Command::new(env!("CARGO_BIN_EXE_candor"))
+            .args(["train", "--quiet", "--objective", "sft", "--model", fixture("llama-tiny/policy").to_str().unwrap()])
+            .args(["--data", data.to_str().unwrap(), "--output", out.to_str().unwrap(), "--max-steps", "1", "--batch-size", "3", "--max-length", "64"])
+            .args(extra)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        metrics(&out).remove(0)
+    };
+    let (plain, packed) = (run("plain", &[]), run("packed", &["--packing"]));
+    assert_eq!(plain["num_tokens"], packed["num_tokens"]);
+    let (a, b) = (plain["loss"].as_f64().unwrap(), packed["loss"].as_f64().unwrap());
+    assert!((a - b).abs() < 1e-5, "{a} vs {b}");
+    assert!(packed["tokens_per_second"].as_f64().unwrap() > 0.0);
+}

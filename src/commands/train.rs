@@ -96,6 +96,12 @@ pub fn resolve(args: &TrainArgs, global: &GlobalArgs) -> Result<TrainConfig> {
     if let Some(v) = &args.loss_type {
         put("objective.loss_type", s(v));
     }
+    if args.packing {
+        put("run.packing", toml::Value::Boolean(true));
+    }
+    if args.group_by_length {
+        put("run.group_by_length", toml::Value::Boolean(true));
+    }
     if args.precompute_ref_logps {
         put("model.precompute_ref_logps", toml::Value::Boolean(true));
     }

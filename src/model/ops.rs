@@ -298,8 +298,10 @@ pub fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
 /// Additive attention mask `[B, 1, T, S]` (0 = visible, a large negative number = hidden) for
 /// `T` new queries after `past` cached positions, so `S = past + T`.
 ///
-/// A query at absolute position `i` sees key `j` when `j <= i`, the key is not padding
-/// (`key_padding[b, j] == 1`), and, with a sliding window `w`, `i - j < w`.
+/// `key_padding[b, j]` is 0 for padding and otherwise a segment id (1 for ordinary batches;
+/// 1, 2, 3, ... for sequences packed into one row). A query at absolute position `i` sees key
+/// `j` when `j <= i`, the key is not padding, the key is in the query's segment (a padding
+/// query sees every real key, as in transformers), and, with a sliding window `w`, `i - j < w`.
 pub fn attention_mask(
     key_padding: Option<&Tensor>,
     batch: usize,
@@ -309,22 +311,30 @@ pub fn attention_mask(
     device: &Device,
 ) -> Result<Tensor> {
     let keys = past + queries;
-    let keep: Vec<u8> = (0..queries)
-        .flat_map(|q| {
+    let segments: Option<Vec<u32>> = key_padding.map(|p| p.to_dtype(DType::U32)?.flatten_all()?.to_vec1()).transpose()?;
+    let rows = if segments.is_some() { batch } else { 1 };
+    let mut mask = vec![f32::MIN; rows * queries * keys];
+    for b in 0..rows {
+        for q in 0..queries {
             let i = past + q;
-            (0..keys).map(move |j| u8::from(j <= i && sliding_window.is_none_or(|w| i - j < w)))
-        })
-        .collect();
-    let mut keep = Tensor::from_vec(keep, (1, 1, queries, keys), device)?;
-    if let Some(pad) = key_padding {
-        let pad = pad.to_dtype(DType::U8)?.reshape((batch, 1, 1, keys))?;
-        keep = keep.broadcast_mul(&pad)?;
-    } else {
-        keep = keep.broadcast_as((batch, 1, queries, keys))?.contiguous()?;
+            let row = &mut mask[(b * queries + q) * keys..][..keys];
+            for (j, m) in row.iter_mut().enumerate().take(i + 1) {
+                let in_window = sliding_window.is_none_or(|w| i - j < w);
+                let same_segment = match &segments {
+                    None => true,
+                    Some(seg) => {
+                        let (qs, ks) = (seg[b * keys + i], seg[b * keys + j]);
+                        ks != 0 && (qs == 0 || qs == ks)
+                    }
+                };
+                if in_window && same_segment {
+                    *m = 0.0;
+                }
+            }
+        }
     }
-    let zeros = Tensor::zeros(keep.shape(), DType::F32, device)?;
-    let hidden = Tensor::full(f32::MIN, keep.shape(), device)?;
-    keep.where_cond(&zeros, &hidden)
+    let mask = Tensor::from_vec(mask, (rows, 1, queries, keys), device)?;
+    if rows == batch { Ok(mask) } else { mask.broadcast_as((batch, 1, queries, keys))?.contiguous() }
 }
 
 /// Repeat key/value heads `[B, KV, S, D]` to `[B, KV * groups, S, D]` for grouped-query attention.
@@ -534,6 +544,18 @@ mod tests {
         let visible: Vec<Vec<u8>> =
             m.iter().map(|r| r.iter().map(|&v| u8::from(v == 0.0)).collect()).collect();
         assert_eq!(visible, vec![vec![0, 0, 0, 0], vec![0, 1, 0, 0], vec![0, 1, 1, 0], vec![0, 0, 1, 1]]);
+    }
+
+    #[test]
+    fn packed_segments_do_not_see_each_other() {
+        let seg = Tensor::new(&[[1u32, 1, 2, 2, 0]], &Device::Cpu).unwrap();
+        let m = attention_mask(Some(&seg), 1, 5, 0, None, &Device::Cpu).unwrap();
+        let m: Vec<Vec<f32>> = m.squeeze(0).unwrap().squeeze(0).unwrap().to_vec2().unwrap();
+        let visible: Vec<Vec<u8>> = m.iter().map(|r| r.iter().map(|&v| u8::from(v == 0.0)).collect()).collect();
+        assert_eq!(
+            visible,
+            vec![vec![1, 0, 0, 0, 0], vec![1, 1, 0, 0, 0], vec![0, 0, 1, 0, 0], vec![0, 0, 1, 1, 0], vec![1, 1, 1, 1, 0]]
+        );
     }
 
     #[test]

@@ -139,6 +139,13 @@ pub struct RunSection {
     /// Seed of the data order.
     #[serde(default = "default_seed")]
     pub seed: u64,
+    /// Batch examples of similar length (transformers' `group_by_length`).
+    #[serde(default)]
+    pub group_by_length: bool,
+    /// SFT: pack several sequences into each row of `data.max_length` tokens (best-fit
+    /// decreasing; sequences never attend to each other, positions restart per sequence).
+    #[serde(default)]
+    pub packing: bool,
     /// Write a checkpoint every N steps (0 = only at the end).
     #[serde(default)]
     pub save_every: u64,
@@ -226,6 +233,9 @@ impl TrainConfig {
         let r = &self.run;
         if r.batch_size == 0 || r.grad_accum == 0 {
             bail!("`run.batch_size` and `run.grad_accum` must be at least 1");
+        }
+        if r.packing && self.objective.data_need() != candor_alignment::DataNeed::Sequences {
+            bail!("`run.packing` applies to single-sequence objectives such as `sft`, not `{}`", self.objective.name());
         }
         if r.max_steps == Some(0) || (r.max_steps.is_none() && r.epochs == 0) {
             bail!("nothing to train: set `run.max_steps` or `run.epochs` above 0");

@@ -18,7 +18,7 @@ use serde_json::{Map, Value};
 use super::checkpoint::{self, TrainerState};
 use super::config::TrainConfig;
 use super::optim::{clip_grad_norm, lr_at, AdamW, AdamWConfig};
-use crate::data::{collate, read_jsonl, Example, SequenceTokenizer, TokenizedSequence, Truncation};
+use crate::data::{collate, collate_packed, pack_best_fit, read_jsonl, Example, SequenceTokenizer, TokenizedSequence, Truncation};
 use crate::load::{self, LoadedModel};
 use crate::model::CausalLm;
 use crate::scoring::{completion_logps, row_sequences};
@@ -28,6 +28,8 @@ use crate::scoring::{completion_logps, row_sequences};
 pub enum Item {
     /// A single sequence (SFT).
     Sequence(TokenizedSequence),
+    /// Several sequences packed into one row (SFT with packing).
+    Packed(Vec<TokenizedSequence>),
     /// A preference pair.
     Pair {
         /// Prompt + chosen completion.
@@ -44,6 +46,8 @@ impl Item {
     fn loss_tokens(&self) -> usize {
         match self {
             Item::Sequence(s) => s.completion_tokens(),
+            // The first token of each sequence is never predicted in a packed row.
+            Item::Packed(seqs) => seqs.iter().map(|s| s.completion_tokens() - usize::from(s.completion_mask[0] == 1)).sum(),
             Item::Pair { chosen, .. } => chosen.completion_tokens(),
         }
     }
@@ -52,6 +56,7 @@ impl Item {
     fn tokens(&self) -> usize {
         match self {
             Item::Sequence(s) => s.ids.len(),
+            Item::Packed(seqs) => seqs.iter().map(|s| s.ids.len()).sum(),
             Item::Pair { chosen, rejected, .. } => chosen.ids.len() + rejected.ids.len(),
         }
     }
@@ -115,26 +120,46 @@ pub fn load_items(path: &Path, cfg: &TrainConfig, need: DataNeed, model: &Loaded
         }
         items.push(item);
     }
+    if cfg.run.packing {
+        let capacity = cfg.data.max_length.unwrap_or(1024);
+        let lengths: Vec<usize> = items.iter().map(Item::tokens).collect();
+        let mut seqs: Vec<Option<TokenizedSequence>> =
+            items.into_iter().map(|i| if let Item::Sequence(s) = i { Some(s) } else { None }).collect();
+        return Ok(pack_best_fit(&lengths, capacity)
+            .into_iter()
+            .map(|bin| Item::Packed(bin.into_iter().filter_map(|i| seqs[i].take()).collect()))
+            .collect());
+    }
     Ok(items)
 }
 
 /// Summed completion log-probs of a micro-batch: `[B]` sequences, or `([B], [B])` for pairs.
 fn forward_logps(model: &CausalLm, items: &[&Item], pad: u32) -> Result<Vec<Tensor>> {
     let device = model.device().clone();
+    if let Item::Packed(_) = items[0] {
+        let rows: Vec<Vec<&TokenizedSequence>> = items
+            .iter()
+            .map(|i| match i {
+                Item::Packed(seqs) => seqs.iter().collect(),
+                _ => unreachable!("one kind per dataset"),
+            })
+            .collect();
+        return Ok(vec![completion_logps(model, &collate_packed(&rows, pad, &device)?)?]);
+    }
     let seqs: Vec<&TokenizedSequence> = match items[0] {
-        Item::Sequence(_) => items.iter().map(|i| match i {
+        Item::Sequence(_) | Item::Packed(_) => items.iter().map(|i| match i {
             Item::Sequence(s) => s,
-            Item::Pair { .. } => unreachable!("one kind per dataset"),
+            _ => unreachable!("one kind per dataset"),
         }).collect(),
         // TRL's layout: chosen rows first, then rejected rows, in one forward pass.
         Item::Pair { .. } => {
             let mut v: Vec<&TokenizedSequence> = items.iter().map(|i| match i {
                 Item::Pair { chosen, .. } => chosen,
-                Item::Sequence(_) => unreachable!(),
+                _ => unreachable!(),
             }).collect();
             v.extend(items.iter().map(|i| match i {
                 Item::Pair { rejected, .. } => rejected,
-                Item::Sequence(_) => unreachable!(),
+                _ => unreachable!(),
             }));
             v
         }
@@ -142,7 +167,7 @@ fn forward_logps(model: &CausalLm, items: &[&Item], pad: u32) -> Result<Vec<Tens
     let batch = collate(&seqs, pad, &device)?;
     let sums = completion_logps(model, &batch)?;
     Ok(match items[0] {
-        Item::Sequence(_) => vec![sums],
+        Item::Sequence(_) | Item::Packed(_) => vec![sums],
         Item::Pair { .. } => {
             let b = items.len();
             vec![sums.narrow(0, 0, b)?, sums.narrow(0, b, b)?]
@@ -153,7 +178,7 @@ fn forward_logps(model: &CausalLm, items: &[&Item], pad: u32) -> Result<Vec<Tens
 fn token_counts(items: &[&Item], device: &candle::Device) -> Result<Vec<Tensor>> {
     let t = |v: Vec<f32>| Tensor::new(v, device);
     Ok(match items[0] {
-        Item::Sequence(_) => vec![t(items.iter().map(|i| i.loss_tokens() as f32).collect())?],
+        Item::Sequence(_) | Item::Packed(_) => vec![t(items.iter().map(|i| i.loss_tokens() as f32).collect())?],
         Item::Pair { .. } => {
             let (mut c, mut r) = (Vec::new(), Vec::new());
             for i in items {
@@ -178,13 +203,13 @@ fn objective_input(
     let pi = forward_logps(policy, items, pad)?;
     let counts = token_counts(items, policy.device())?;
     Ok(match items[0] {
-        Item::Sequence(_) => ObjectiveInput::Sequences(SequenceLogps { policy: pi[0].clone(), tokens: counts[0].clone() }),
+        Item::Sequence(_) | Item::Packed(_) => ObjectiveInput::Sequences(SequenceLogps { policy: pi[0].clone(), tokens: counts[0].clone() }),
         Item::Pair { .. } => {
             let cached: Option<(Vec<f32>, Vec<f32>)> = items
                 .iter()
                 .map(|i| match i {
                     Item::Pair { reference, .. } => *reference,
-                    Item::Sequence(_) => None,
+                    _ => None,
                 })
                 .collect::<Option<Vec<_>>>()
                 .map(|v| v.into_iter().unzip());
@@ -209,11 +234,18 @@ fn objective_input(
 }
 
 /// The order of examples in `epoch`: a permutation seeded by the run seed and the epoch, so a
-/// resumed run sees exactly the same batches.
-fn epoch_order(n: usize, seed: u64, epoch: u64) -> Vec<usize> {
+/// resumed run sees exactly the same batches. With `lengths`, transformers'
+/// `LengthGroupedSampler`: the permutation is cut into mega-batches of 50 batches, each sorted
+/// by length (longest first), so a batch holds similar lengths and pads little.
+fn epoch_order(n: usize, seed: u64, epoch: u64, batch_size: usize, lengths: Option<&[usize]>) -> Vec<usize> {
     let mut order: Vec<usize> = (0..n).collect();
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed ^ epoch.wrapping_mul(0x9E37_79B9_7F4A_7C15));
     order.shuffle(&mut rng);
+    if let Some(lengths) = lengths {
+        for mega in order.chunks_mut(50 * batch_size.max(1)) {
+            mega.sort_by_key(|&i| std::cmp::Reverse(lengths[i]));
+        }
+    }
     order
 }
 
@@ -308,6 +340,7 @@ pub fn train(cfg: &TrainConfig, opts: &RunOptions) -> Result<RunSummary> {
         bar
     });
     let mut orders: std::collections::HashMap<u64, Vec<usize>> = std::collections::HashMap::new();
+    let lengths: Option<Vec<usize>> = r.group_by_length.then(|| items.iter().map(Item::tokens).collect());
     while step < total {
         let started = Instant::now();
         // The micro-batches of this step.
@@ -320,7 +353,7 @@ pub fn train(cfg: &TrainConfig, opts: &RunOptions) -> Result<RunSummary> {
             if j > 0 && within == 0 {
                 break; // an epoch boundary ends the step, as transformers' Trainer does
             }
-            let order = orders.entry(epoch).or_insert_with(|| epoch_order(items.len(), r.seed, epoch));
+            let order = orders.entry(epoch).or_insert_with(|| epoch_order(items.len(), r.seed, epoch, r.batch_size, lengths.as_deref()));
             let idx = &order[within * r.batch_size..((within + 1) * r.batch_size).min(items.len())];
             micro.push(idx.iter().map(|&i| &items[i]).collect());
             epoch_of_step = (m + 1) as f64 / micro_per_epoch as f64;
@@ -518,4 +551,28 @@ pub fn evaluate(
         add_metrics(&mut metrics, out.metrics);
     }
     Ok((loss, metrics))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn epoch_order_is_a_seeded_permutation_and_groups_by_length() {
+        let a = epoch_order(10, 1, 0, 2, None);
+        assert_eq!(a, epoch_order(10, 1, 0, 2, None));
+        assert_ne!(a, epoch_order(10, 1, 1, 2, None), "each epoch reshuffles");
+        let mut sorted = a.clone();
+        sorted.sort();
+        assert_eq!(sorted, (0..10).collect::<Vec<_>>());
+        let lengths: Vec<usize> = (0..120).map(|i| (i * 37) % 101).collect();
+        let grouped = epoch_order(120, 1, 0, 1, Some(&lengths));
+        // Mega-batches of 50: each sorted longest first.
+        for mega in grouped.chunks(50) {
+            assert!(mega.windows(2).all(|w| lengths[w[0]] >= lengths[w[1]]));
+        }
+        let mut all = grouped.clone();
+        all.sort();
+        assert_eq!(all, (0..120).collect::<Vec<_>>());
+    }
 }
