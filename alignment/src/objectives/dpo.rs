@@ -15,9 +15,9 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::{reduce_pairs, ObjectiveOutput, PairLogps, PairLosses, StepScale};
+use super::{check_beta, invalid, log_ratios, reduce_pairs, ObjectiveOutput, PairLogps, PairLosses, StepScale};
 use crate::tensor_ops::log_sigmoid;
-use crate::{AlignError, Result};
+use crate::Result;
 
 /// Which DPO loss.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -63,15 +63,12 @@ impl Default for DpoConfig {
 impl DpoConfig {
     /// Reject out-of-range hyper-parameters.
     pub fn validate(&self) -> Result<()> {
-        let bad = |field, reason: &str| Err(AlignError::InvalidConfig { objective: "dpo", field, reason: reason.into() });
-        if !(self.beta > 0.0 && self.beta.is_finite()) {
-            return bad("beta", "must be a positive number");
-        }
+        check_beta("dpo", self.beta)?;
         if !(0.0..0.5).contains(&self.label_smoothing) {
-            return bad("label_smoothing", "must be in [0, 0.5)");
+            return Err(invalid("dpo", "label_smoothing", "must be in [0, 0.5)"));
         }
         if self.label_smoothing > 0.0 && self.loss_type != DpoLossType::Sigmoid {
-            return bad("label_smoothing", "only applies to loss_type = \"sigmoid\"");
+            return Err(invalid("dpo", "label_smoothing", "only applies to loss_type = \"sigmoid\""));
         }
         Ok(())
     }
@@ -88,7 +85,7 @@ pub fn per_pair(x: &PairLogps, cfg: &DpoConfig) -> Result<PairLosses> {
     let (mut rho_w, mut rho_l) = if cfg.reference_free {
         (x.policy_chosen.clone(), x.policy_rejected.clone())
     } else {
-        ((&x.policy_chosen - &x.reference_chosen)?, (&x.policy_rejected - &x.reference_rejected)?)
+        log_ratios(x)?
     };
     if cfg.loss_type == DpoLossType::Ipo {
         rho_w = (rho_w / &x.chosen_tokens)?;

@@ -77,6 +77,25 @@ pub struct PairLosses {
     pub rejected_rewards: Tensor,
 }
 
+/// An [`AlignError::InvalidConfig`] for `objective`'s `field`.
+pub(crate) fn invalid(objective: &'static str, field: &'static str, reason: &str) -> crate::AlignError {
+    crate::AlignError::InvalidConfig { objective, field, reason: reason.into() }
+}
+
+/// β (every DPO-family objective has one) must be a positive, finite number.
+pub(crate) fn check_beta(objective: &'static str, beta: f64) -> Result<()> {
+    if beta > 0.0 && beta.is_finite() {
+        Ok(())
+    } else {
+        Err(invalid(objective, "beta", "must be a positive number"))
+    }
+}
+
+/// The policy's log-ratios to the reference, `(ρ_w, ρ_l)`.
+pub(crate) fn log_ratios(x: &PairLogps) -> Result<(Tensor, Tensor)> {
+    Ok(((&x.policy_chosen - &x.reference_chosen)?, (&x.policy_rejected - &x.reference_rejected)?))
+}
+
 /// Reduce per-pair losses over the step and add TRL's preference metrics.
 pub(crate) fn reduce_pairs(x: &PairLogps, pairs: &PairLosses, scale: &StepScale) -> Result<ObjectiveOutput> {
     let n = scale.examples;

@@ -11,9 +11,9 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::{reduce_pairs, ObjectiveOutput, PairLogps, PairLosses, StepScale};
+use super::{check_beta, invalid, log_ratios, reduce_pairs, ObjectiveOutput, PairLogps, PairLosses, StepScale};
 use crate::tensor_ops::log_sigmoid;
-use crate::{AlignError, Result};
+use crate::Result;
 
 /// rDPO hyper-parameters.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -44,12 +44,9 @@ impl Default for RdpoConfig {
 impl RdpoConfig {
     /// Reject out-of-range hyper-parameters.
     pub fn validate(&self) -> Result<()> {
-        let bad = |field, reason: &str| Err(AlignError::InvalidConfig { objective: "rdpo", field, reason: reason.into() });
-        if !(self.beta > 0.0 && self.beta.is_finite()) {
-            return bad("beta", "must be a positive number");
-        }
+        check_beta("rdpo", self.beta)?;
         if !(0.0..0.5).contains(&self.epsilon) {
-            return bad("epsilon", "must be in [0, 0.5) (0.5 divides by zero)");
+            return Err(invalid("rdpo", "epsilon", "must be in [0, 0.5) (0.5 divides by zero)"));
         }
         Ok(())
     }
@@ -58,8 +55,7 @@ impl RdpoConfig {
 /// Per-pair rDPO loss and implicit rewards.
 pub fn per_pair(x: &PairLogps, cfg: &RdpoConfig) -> Result<PairLosses> {
     cfg.validate()?;
-    let rho_w = (&x.policy_chosen - &x.reference_chosen)?;
-    let rho_l = (&x.policy_rejected - &x.reference_rejected)?;
+    let (rho_w, rho_l) = log_ratios(x)?;
     let beta_h = ((&rho_w - &rho_l)? * cfg.beta)?;
     let e = cfg.epsilon;
     let agree = (log_sigmoid(&beta_h)? * -(1.0 - e))?;

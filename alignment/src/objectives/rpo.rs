@@ -13,8 +13,8 @@ use candle::D;
 use serde::{Deserialize, Serialize};
 
 use super::dpo::{self, DpoConfig};
-use super::{reduce_pairs, ObjectiveOutput, PairLogps, StepScale};
-use crate::{AlignError, Result};
+use super::{invalid, reduce_pairs, ObjectiveOutput, PairLogps, StepScale};
+use crate::Result;
 
 /// RPO hyper-parameters.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -46,7 +46,7 @@ impl RpoConfig {
     /// Reject out-of-range hyper-parameters.
     pub fn validate(&self) -> Result<()> {
         if !(self.alpha >= 0.0 && self.alpha.is_finite()) {
-            return Err(AlignError::InvalidConfig { objective: "rpo", field: "alpha", reason: "must be ≥ 0".into() });
+            return Err(invalid("rpo", "alpha", "must be ≥ 0"));
         }
         self.dpo().validate()
     }
