@@ -178,6 +178,7 @@ fn bench_prints_one_json_object() {
     let v: serde_json::Value = serde_json::from_str(stdout(&o).trim()).unwrap();
     let results = v["results"].as_array().unwrap();
     assert_eq!(results.iter().map(|r| r["new_tokens"].as_u64().unwrap()).collect::<Vec<_>>(), [4, 8]);
+    assert!(results.iter().all(|r| r["decode_tokens_per_second"].as_f64().unwrap() > 0.0));
 }
 
 #[test]
