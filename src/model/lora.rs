@@ -113,6 +113,15 @@ impl LoraAdapter {
         super::ops::linear(&down, &self.b, None)? * self.scale
     }
 
+    /// Turn A and B into trainable variables, named as PEFT names them for `module`.
+    pub fn make_trainable(&mut self, module: &str) -> candle::Result<[(String, Var); 2]> {
+        let a = Var::from_tensor(&self.a)?;
+        let b = Var::from_tensor(&self.b)?;
+        self.a = a.as_tensor().clone();
+        self.b = b.as_tensor().clone();
+        Ok([(format!("{}.lora_A.weight", peft_prefix(module)), a), (format!("{}.lora_B.weight", peft_prefix(module)), b)])
+    }
+
     /// `W + scale · B A`, the merged weight.
     pub fn merge_into(&self, w: &Tensor) -> candle::Result<Tensor> {
         let delta = (super::ops::matmul(&self.b.to_dtype(DType::F32)?, &self.a.to_dtype(DType::F32)?)? * self.scale)?;
@@ -193,18 +202,4 @@ pub fn load_adapter(dir: &Path) -> Result<SavedAdapter> {
         tensors.insert(module.to_string(), (a.clone(), b.clone()));
     }
     Ok(SavedAdapter { config, base_model, tensors })
-}
-
-/// Trainable variables of every adapter, PEFT-named.
-pub fn adapter_vars(adapters: &mut [(String, &mut LoraAdapter)]) -> candle::Result<Vec<(String, Var)>> {
-    let mut vars = Vec::new();
-    for (module, ad) in adapters.iter_mut() {
-        let a = Var::from_tensor(&ad.a)?;
-        let b = Var::from_tensor(&ad.b)?;
-        ad.a = a.as_tensor().clone();
-        ad.b = b.as_tensor().clone();
-        vars.push((format!("{}.lora_A.weight", peft_prefix(module)), a));
-        vars.push((format!("{}.lora_B.weight", peft_prefix(module)), b));
-    }
-    Ok(vars)
 }

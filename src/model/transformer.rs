@@ -252,7 +252,7 @@ impl CausalLm {
         let mut vars = Vec::new();
         self.visit_linears_mut(&mut |module, _, lin| {
             if let Some(ad) = lin.lora.as_mut() {
-                vars.extend(super::lora::adapter_vars(&mut [(module.to_string(), ad)])?);
+                vars.extend(ad.make_trainable(module)?);
             }
             Ok(())
         })?;

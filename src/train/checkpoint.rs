@@ -53,23 +53,27 @@ pub fn save(
     Ok(dest)
 }
 
-/// The newest complete checkpoint of a run, if any.
-pub fn latest(run: &Path) -> Result<Option<(u64, PathBuf)>> {
+/// The complete checkpoints of a run (`checkpoints/step-N`), oldest first. Temporary
+/// directories of an interrupted save are not among them.
+fn checkpoints(run: &Path) -> Result<Vec<(u64, PathBuf)>> {
     let dir = run.join("checkpoints");
     if !dir.exists() {
-        return Ok(None);
+        return Ok(Vec::new());
     }
-    let mut best: Option<(u64, PathBuf)> = None;
-    for entry in std::fs::read_dir(&dir)? {
-        let path = entry?.path();
-        let step = path.file_name().and_then(|n| n.to_str()).and_then(|n| n.strip_prefix("step-")).and_then(|n| n.parse().ok());
-        if let Some(step) = step {
-            if best.as_ref().is_none_or(|(b, _)| step > *b) {
-                best = Some((step, path));
-            }
-        }
-    }
-    Ok(best)
+    let mut steps: Vec<(u64, PathBuf)> = std::fs::read_dir(&dir)?
+        .filter_map(|e| {
+            let path = e.ok()?.path();
+            let step = path.file_name()?.to_str()?.strip_prefix("step-")?.parse().ok()?;
+            Some((step, path))
+        })
+        .collect();
+    steps.sort();
+    Ok(steps)
+}
+
+/// The newest complete checkpoint of a run, if any.
+pub fn latest(run: &Path) -> Result<Option<(u64, PathBuf)>> {
+    Ok(checkpoints(run)?.pop())
 }
 
 /// Read a checkpoint's trainer and optimizer state.
@@ -87,15 +91,7 @@ pub fn prune(run: &Path, keep: usize) -> Result<()> {
     if keep == 0 {
         return Ok(());
     }
-    let dir = run.join("checkpoints");
-    let mut steps: Vec<(u64, PathBuf)> = std::fs::read_dir(&dir)?
-        .filter_map(|e| {
-            let path = e.ok()?.path();
-            let step = path.file_name()?.to_str()?.strip_prefix("step-")?.parse().ok()?;
-            Some((step, path))
-        })
-        .collect();
-    steps.sort();
+    let steps = checkpoints(run)?;
     let excess = steps.len().saturating_sub(keep);
     for (_, path) in steps.into_iter().take(excess) {
         std::fs::remove_dir_all(&path)?;

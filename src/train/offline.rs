@@ -133,45 +133,50 @@ pub fn load_items(path: &Path, cfg: &TrainConfig, need: DataNeed, model: &Loaded
     Ok(items)
 }
 
-/// Summed completion log-probs of a micro-batch: `[B]` sequences, or `([B], [B])` for pairs.
+/// Summed completion log-probs of a micro-batch: `[B]` sequences (or packed rows), or
+/// `([B], [B])` for pairs.
 fn forward_logps(model: &CausalLm, items: &[&Item], pad: u32) -> Result<Vec<Tensor>> {
-    let device = model.device().clone();
-    if let Item::Packed(_) = items[0] {
-        let rows: Vec<Vec<&TokenizedSequence>> = items
-            .iter()
-            .map(|i| match i {
-                Item::Packed(seqs) => seqs.iter().collect(),
-                _ => unreachable!("one kind per dataset"),
-            })
-            .collect();
-        return Ok(vec![completion_logps(model, &collate_packed(&rows, pad, &device)?)?]);
-    }
-    let seqs: Vec<&TokenizedSequence> = match items[0] {
-        Item::Sequence(_) | Item::Packed(_) => items.iter().map(|i| match i {
-            Item::Sequence(s) => s,
-            _ => unreachable!("one kind per dataset"),
-        }).collect(),
+    let device = model.device();
+    let batch = match items[0] {
+        Item::Packed(_) => {
+            let rows: Vec<Vec<&TokenizedSequence>> = items
+                .iter()
+                .map(|i| match i {
+                    Item::Packed(seqs) => seqs.iter().collect(),
+                    _ => unreachable!("one kind per dataset"),
+                })
+                .collect();
+            collate_packed(&rows, pad, device)?
+        }
+        Item::Sequence(_) => {
+            let seqs: Vec<&TokenizedSequence> = items
+                .iter()
+                .map(|i| match i {
+                    Item::Sequence(s) => s,
+                    _ => unreachable!("one kind per dataset"),
+                })
+                .collect();
+            collate(&seqs, pad, device)?
+        }
         // TRL's layout: chosen rows first, then rejected rows, in one forward pass.
         Item::Pair { .. } => {
-            let mut v: Vec<&TokenizedSequence> = items.iter().map(|i| match i {
-                Item::Pair { chosen, .. } => chosen,
-                _ => unreachable!(),
-            }).collect();
-            v.extend(items.iter().map(|i| match i {
-                Item::Pair { rejected, .. } => rejected,
-                _ => unreachable!(),
-            }));
-            v
+            let (chosen, rejected): (Vec<&TokenizedSequence>, Vec<&TokenizedSequence>) = items
+                .iter()
+                .map(|i| match i {
+                    Item::Pair { chosen, rejected, .. } => (chosen, rejected),
+                    _ => unreachable!("one kind per dataset"),
+                })
+                .unzip();
+            collate(&[chosen, rejected].concat(), pad, device)?
         }
     };
-    let batch = collate(&seqs, pad, &device)?;
     let sums = completion_logps(model, &batch)?;
     Ok(match items[0] {
-        Item::Sequence(_) | Item::Packed(_) => vec![sums],
         Item::Pair { .. } => {
             let b = items.len();
             vec![sums.narrow(0, 0, b)?, sums.narrow(0, b, b)?]
         }
+        _ => vec![sums],
     })
 }
 

@@ -119,15 +119,7 @@ mod tests {
     use candle::{Device, Tensor};
 
     fn pair(pc: f32, pr: f32, rc: f32, rr: f32, nc: f32, nr: f32) -> PairLogps {
-        let t = |v: f32| Tensor::new(&[v], &Device::Cpu).unwrap();
-        PairLogps {
-            policy_chosen: t(pc),
-            policy_rejected: t(pr),
-            reference_chosen: t(rc),
-            reference_rejected: t(rr),
-            chosen_tokens: t(nc),
-            rejected_tokens: t(nr),
-        }
+        super::super::one_pair([pc, pr, rc, rr], [nc, nr])
     }
 
     fn first(cfg: DpoConfig, x: &PairLogps) -> f32 {

@@ -112,3 +112,18 @@ pub(crate) fn reduce_pairs(x: &PairLogps, pairs: &PairLosses, scale: &StepScale)
     ];
     Ok(ObjectiveOutput { loss: (pairs.per_pair.sum(D::Minus1)? / n)?, metrics })
 }
+
+/// One preference pair of scalar log-probs, for the objectives' unit tests:
+/// policy chosen/rejected, reference chosen/rejected, and token counts.
+#[cfg(test)]
+pub(crate) fn one_pair(logps: [f32; 4], tokens: [f32; 2]) -> PairLogps {
+    let t = |v: f32| Tensor::new(&[v], &candle::Device::Cpu).expect("scalar tensor");
+    PairLogps {
+        policy_chosen: t(logps[0]),
+        policy_rejected: t(logps[1]),
+        reference_chosen: t(logps[2]),
+        reference_rejected: t(logps[3]),
+        chosen_tokens: t(tokens[0]),
+        rejected_tokens: t(tokens[1]),
+    }
+}

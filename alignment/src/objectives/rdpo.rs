@@ -76,18 +76,9 @@ pub fn loss(x: &PairLogps, cfg: &RdpoConfig, scale: &StepScale) -> Result<Object
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle::{Device, Tensor};
 
     fn pair(pc: f32, pr: f32, rc: f32, rr: f32) -> PairLogps {
-        let t = |v: f32| Tensor::new(&[v], &Device::Cpu).unwrap();
-        PairLogps {
-            policy_chosen: t(pc),
-            policy_rejected: t(pr),
-            reference_chosen: t(rc),
-            reference_rejected: t(rr),
-            chosen_tokens: t(1.0),
-            rejected_tokens: t(1.0),
-        }
+        super::super::one_pair([pc, pr, rc, rr], [1.0, 1.0])
     }
 
     fn first(x: &PairLogps, epsilon: f64) -> f32 {

@@ -69,20 +69,11 @@ pub fn loss(x: &PairLogps, cfg: &RpoConfig, scale: &StepScale) -> Result<Objecti
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle::{Device, Tensor};
 
     #[test]
     fn spec_example_dpo_plus_token_mean_nll() {
         // DPO example 1 (0.598139); chosen token log-probs [−0.5, −1.2, −0.3]: NLL = 2/3.
-        let t = |v: f32| Tensor::new(&[v], &Device::Cpu).unwrap();
-        let x = PairLogps {
-            policy_chosen: t(-2.0),
-            policy_rejected: t(-4.0),
-            reference_chosen: t(-3.0),
-            reference_rejected: t(-3.0),
-            chosen_tokens: t(3.0),
-            rejected_tokens: t(3.0),
-        };
+        let x = super::super::one_pair([-2.0, -4.0, -3.0, -3.0], [3.0, 3.0]);
         let out = loss(&x, &RpoConfig::default(), &StepScale { examples: 1.0, tokens: 3.0 }).unwrap();
         assert!((out.loss.to_scalar::<f32>().unwrap() - 1.264_81).abs() < 1e-5);
         let nll = out.metrics.iter().find(|(k, _)| k == "nll_loss").unwrap().1;
