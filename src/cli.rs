@@ -27,6 +27,10 @@ pub struct GlobalArgs {
     /// Floating-point type of the weights and activations: f32, bf16 or f16.
     #[arg(long, global = true, default_value = "f32", env = "CANDOR_DTYPE", help_heading = "Global options")]
     pub dtype: String,
+    /// Kernels of the forward and backward pass: `fused` (one-pass CPU kernels with their own
+    /// backward) or `plain` (compositions of candle ops).
+    #[arg(long, global = true, default_value = "fused", env = "CANDOR_KERNELS", help_heading = "Global options")]
+    pub kernels: crate::model::Kernels,
     /// Log more (repeat for more detail); `RUST_LOG` overrides.
     #[arg(short, long, global = true, action = clap::ArgAction::Count, help_heading = "Global options")]
     pub verbose: u8,

@@ -4,7 +4,6 @@ use anyhow::{bail, Result};
 use candle::{DType, Device, Tensor, D};
 
 use crate::data::{collate, Batch, Example, SequenceTokenizer, TokenizedSequence};
-use crate::model::ops::gather_token_logps;
 use crate::model::{CausalLm, ForwardOptions};
 
 /// Summed completion log-probs `[B]` of a batch, differentiable with respect to the model's
@@ -36,8 +35,7 @@ pub fn completion_logps(model: &CausalLm, batch: &Batch) -> candle::Result<Tenso
     let hidden = model.forward_hidden(&batch.input_ids, opts, None)?;
     let hidden = hidden.reshape((b * t, hidden.dim(D::Minus1)?))?;
     let scored = hidden.index_select(&Tensor::from_vec(positions, n, device)?, 0)?; // [N, H]
-    let logits = model.lm_logits(&scored.unsqueeze(0)?)?; // [1, N, V]
-    let logps = gather_token_logps(&logits, &Tensor::from_vec(targets, (1, n), device)?)?; // [1, N]
+    let logps = model.target_logps(&scored, &targets)?; // [N]
     // Sum each sequence's tokens: [B, N] membership matrix times the N log-probs.
     let mut membership = vec![0f32; b * n];
     for (i, &row) in owner.iter().enumerate() {

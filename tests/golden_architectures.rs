@@ -5,12 +5,16 @@ mod common;
 
 use candle::{Device, Tensor};
 use candor::generate::{generate, SamplingConfig};
-use candor::model::ForwardOptions;
+use candor::model::{ForwardOptions, Kernels};
 use common::*;
 
 fn check_architecture(dir: &str) {
+    KERNELS.into_iter().for_each(|kernels| check_architecture_on(dir, kernels));
+}
+
+fn check_architecture_on(dir: &str, kernels: Kernels) {
     let exp = json(&format!("{dir}/expected.json"));
-    let mut loaded = load(dir);
+    let mut loaded = load_kernels(dir, kernels);
     let rows: Vec<Vec<u32>> = exp["input_ids"].as_array().unwrap().iter().map(u32s).collect();
     let mask: Vec<Vec<u32>> = exp["attention_mask"].as_array().unwrap().iter().map(u32s).collect();
     let ids = Tensor::new(rows.clone(), &Device::Cpu).unwrap();
@@ -26,7 +30,7 @@ fn check_architecture(dir: &str) {
     for (b, per_pos) in exp["logits"].as_array().unwrap().iter().enumerate() {
         for (t, want) in per_pos.as_array().unwrap().iter().enumerate() {
             let got: Vec<f64> = logits[b][t].iter().map(|&v| v as f64).collect();
-            assert_close(&format!("{dir} logits[{b}, {t}]"), &got, &f64s(want), 1e-4);
+            assert_close(&format!("{dir} ({kernels}) logits[{b}, {t}]"), &got, &f64s(want), 1e-4);
         }
     }
 

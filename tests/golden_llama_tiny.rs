@@ -4,6 +4,7 @@
 mod common;
 
 use candle::{Device, Tensor};
+use candor::model::Kernels;
 use candor::data::{collate, SequenceTokenizer, Text, TokenizedSequence, Truncation};
 use candor::scoring::completion_logps;
 use candor_alignment::objectives::dpo::{self, DpoConfig, DpoLossType};
@@ -63,10 +64,9 @@ fn fixture_batch(exp: &Value) -> (Tensor, Tensor, Tensor) {
     (ids, attn, Tensor::new(label_mask, &Device::Cpu).unwrap())
 }
 
-#[test]
-fn logits_match_transformers() {
+fn logits_match_transformers_on(kernels: Kernels) {
     let exp = expected();
-    let policy = load("llama-tiny/policy");
+    let policy = load_kernels("llama-tiny/policy", kernels);
     let (ids, attn, _) = fixture_batch(&exp);
     let opts = candor::model::ForwardOptions { attention_mask: Some(&attn), positions: None };
     let logits = policy.model.forward(&ids, opts, None).unwrap();
@@ -88,7 +88,7 @@ fn logits_match_transformers() {
         let sum: f64 = (0..all[b].len()).filter(|&t| attn_rows[b][t] == 1).flat_map(|t| all[b][t].iter()).map(|&v| v as f64).sum();
         assert!((sum - sums[b]).abs() < 1e-3, "row {b} logit sum {sum} vs {}", sums[b]);
     }
-    let reference = load("llama-tiny/reference");
+    let reference = load_kernels("llama-tiny/reference", kernels);
     let ref_logits: Vec<Vec<Vec<f32>>> = reference.model.forward(&ids, opts, None).unwrap().to_vec3().unwrap();
     for (b, want) in f64s(&exp["logits_checksums_all_rows"]["reference_sum"]).iter().enumerate() {
         let sum: f64 =
@@ -99,10 +99,14 @@ fn logits_match_transformers() {
 }
 
 #[test]
-fn log_probs_match_transformers() {
+fn logits_match_transformers() {
+    KERNELS.into_iter().for_each(logits_match_transformers_on);
+}
+
+fn log_probs_match_transformers_on(kernels: Kernels) {
     let exp = expected();
     for (dir, key) in [("llama-tiny/policy", "policy_logps"), ("llama-tiny/reference", "reference_logps")] {
-        let m = load(dir);
+        let m = load_kernels(dir, kernels);
         let seqs = batch_sequences(&m, &exp);
         let refs: Vec<&TokenizedSequence> = seqs.iter().collect();
         let batch = collate(&refs, 0, &Device::Cpu).unwrap();
@@ -125,6 +129,11 @@ fn log_probs_match_transformers() {
             .collect();
         assert_eq!(counts, want_counts);
     }
+}
+
+#[test]
+fn log_probs_match_transformers() {
+    KERNELS.into_iter().for_each(log_probs_match_transformers_on);
 }
 
 fn pair_logps(exp: &Value) -> PairLogps {
@@ -187,11 +196,10 @@ fn rdpo_and_rpo_match_trl() {
     assert!((m["rewards/chosen"] - rc.iter().sum::<f64>() / 3.0).abs() < 1e-5);
 }
 
-#[test]
-fn dpo_gradients_match_pytorch_including_tied_embeddings() {
+fn dpo_gradients_match_pytorch_including_tied_embeddings_on(kernels: Kernels) {
     let exp = expected();
-    let mut policy = load("llama-tiny/policy");
-    let reference = load("llama-tiny/reference");
+    let mut policy = load_kernels("llama-tiny/policy", kernels);
+    let reference = load_kernels("llama-tiny/reference", kernels);
     let vars = policy.model.make_trainable().unwrap();
     let (ids, attn, label_mask) = fixture_batch(&exp);
     let batch = candor::data::Batch { input_ids: ids, attention_mask: attn, loss_mask: label_mask, positions: None };
@@ -241,15 +249,24 @@ fn dpo_gradients_match_pytorch_including_tied_embeddings() {
 }
 
 #[test]
-fn reward_model_scores_match_transformers() {
+fn dpo_gradients_match_pytorch_including_tied_embeddings() {
+    KERNELS.into_iter().for_each(dpo_gradients_match_pytorch_including_tied_embeddings_on);
+}
+
+fn reward_model_scores_match_transformers_on(kernels: Kernels) {
     let exp = expected();
-    let rm = load("llama-tiny/reward");
+    let rm = load_kernels("llama-tiny/reward", kernels);
     let (ids, attn, _) = fixture_batch(&exp);
     let scores = rm.model.sequence_scores(&ids, Some(&attn)).unwrap();
     let scores: Vec<f64> = scores.squeeze(1).unwrap().to_vec1::<f32>().unwrap().iter().map(|&v| v as f64).collect();
     let want = &exp["reward_model"];
     assert_close("chosen scores", &scores[..3], &f64s(&want["chosen_scores"]), 1e-5);
     assert_close("rejected scores", &scores[3..], &f64s(&want["rejected_scores"]), 1e-5);
+}
+
+#[test]
+fn reward_model_scores_match_transformers() {
+    KERNELS.into_iter().for_each(reward_model_scores_match_transformers_on);
 }
 
 #[test]

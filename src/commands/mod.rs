@@ -36,7 +36,9 @@ pub fn device_and_dtype(global: &GlobalArgs) -> Result<(Device, DType)> {
 /// Load `--model` with the global device and dtype.
 pub fn load_model(spec: &str, global: &GlobalArgs) -> Result<LoadedModel> {
     let (device, dtype) = device_and_dtype(global)?;
-    load::load_model(spec, dtype, &device).with_context(|| format!("failed to load model `{spec}`"))
+    let mut loaded = load::load_model(spec, dtype, &device).with_context(|| format!("failed to load model `{spec}`"))?;
+    loaded.model.set_kernels(global.kernels);
+    Ok(loaded)
 }
 
 /// Where JSON lines go: a file (written whole, then renamed into place) or stdout.

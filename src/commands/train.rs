@@ -38,6 +38,9 @@ pub fn resolve(args: &TrainArgs, global: &GlobalArgs) -> Result<TrainConfig> {
         if args.config.is_none() || global.dtype != "f32" {
             put("model.dtype", s(&global.dtype));
         }
+        if args.config.is_none() || global.kernels != crate::model::Kernels::default() {
+            put("model.kernels", s(&global.kernels.to_string()));
+        }
     }
     if let Some(v) = &args.objective {
         put("objective.name", s(v));

@@ -9,6 +9,7 @@
 use candle::{DType, Device, Result, Tensor, Var, D};
 
 use super::config::ModelConfig;
+use super::fused::{self, AttentionPattern, Kernels};
 use super::lora::{LoraAdapter, LoraConfig, SavedAdapter};
 use super::kv_cache::KvCache;
 use super::ops;
@@ -117,6 +118,7 @@ pub struct CausalLm {
     /// `[num_labels, hidden]` of a `*ForSequenceClassification` model.
     score: Option<Tensor>,
     inv_freq: Vec<f32>,
+    kernels: Kernels,
 }
 
 impl CausalLm {
@@ -152,7 +154,7 @@ impl CausalLm {
         };
         let score = if config.num_labels.is_some() { Some(w.tensor("score.weight")?) } else { None };
         let inv_freq = ops::rope_inv_freq(config.head_dim, config.rope_theta, config.rope_scaling.as_ref());
-        Ok(Self { config, embed_tokens, layers, norm, lm_head, score, inv_freq })
+        Ok(Self { config, embed_tokens, layers, norm, lm_head, score, inv_freq, kernels: Kernels::default() })
     }
 
     /// The resolved configuration.
@@ -168,6 +170,21 @@ impl CausalLm {
     /// Dtype of the weights.
     pub fn dtype(&self) -> DType {
         self.embed_tokens.dtype()
+    }
+
+    /// Which kernels the forward pass uses (fused by default).
+    pub fn kernels(&self) -> Kernels {
+        self.kernels
+    }
+
+    /// Choose the kernels of later forward passes.
+    pub fn set_kernels(&mut self, kernels: Kernels) {
+        self.kernels = kernels;
+    }
+
+    /// Whether a forward pass without a KV cache takes the fused kernels.
+    fn fused(&self) -> bool {
+        self.kernels == Kernels::Fused && fused::supports(&[&self.embed_tokens])
     }
 
     /// Visit every linear projection with its transformers module name and short name
@@ -368,9 +385,8 @@ impl CausalLm {
 
     /// Hidden states after the final norm, `[B, T, hidden]`, for token ids `[B, T]` (u32).
     /// With a cache, the new positions are appended after the cached ones.
-    pub fn forward_hidden(&self, ids: &Tensor, opts: ForwardOptions, mut cache: Option<&mut KvCache>) -> Result<Tensor> {
+    pub fn forward_hidden(&self, ids: &Tensor, opts: ForwardOptions, cache: Option<&mut KvCache>) -> Result<Tensor> {
         let (b, t) = ids.dims2()?;
-        let cfg = &self.config;
         let past = cache.as_ref().map_or(0, |c| c.len());
         let device = ids.device();
         let default_positions;
@@ -384,14 +400,62 @@ impl CausalLm {
                 &default_positions
             }
         };
-        let dtype = self.dtype();
-        let (cos, sin) = ops::rope_tables(&self.inv_freq, positions, dtype)?;
-        let full_mask = ops::attention_mask(opts.attention_mask, b, t, past, None, device)?;
+        let (cos, sin) = ops::rope_tables(&self.inv_freq, positions, self.dtype())?;
+        let mut x = self.embed_tokens.embedding_rows(ids)?;
+        match cache {
+            None if self.fused() => {
+                let full = AttentionPattern::new(opts.attention_mask, b, t, None)?;
+                let sliding = self.config.sliding_window.map(|w| AttentionPattern::new(opts.attention_mask, b, t, Some(w))).transpose()?;
+                for (i, layer) in self.layers.iter().enumerate() {
+                    let pattern = match &sliding {
+                        Some(p) if i >= self.config.first_sliding_layer => p,
+                        _ => &full,
+                    };
+                    x = self.fused_block(layer, &x, &cos, &sin, pattern)?;
+                }
+                return fused::rms_norm(&x, &self.norm, self.config.rms_norm_eps);
+            }
+            cache => x = self.plain_blocks(x, &cos, &sin, opts.attention_mask, cache)?,
+        }
+        ops::rms_norm(&x, &self.norm, self.config.rms_norm_eps)
+    }
+
+    /// One decoder block with the fused kernels (no cache): q/k/v stay `[B, T, heads, D]`.
+    fn fused_block(&self, layer: &Block, x: &Tensor, cos: &Tensor, sin: &Tensor, pattern: &AttentionPattern) -> Result<Tensor> {
+        let cfg = &self.config;
+        let (b, t, _) = x.dims3()?;
+        let (h, kv, hd) = (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim);
+        let normed = fused::rms_norm(x, &layer.input_layernorm, cfg.rms_norm_eps)?;
+        let a = &layer.self_attn;
+        let [q, k, v] = Linear::forward_group(&normed, [&a.q_proj, &a.k_proj, &a.v_proj])?;
+        let q = fused::apply_rope(&q.reshape((b, t, h, hd))?, cos, sin)?;
+        let k = fused::apply_rope(&k.reshape((b, t, kv, hd))?, cos, sin)?;
+        let attn = fused::attention(&q, &k, &v.reshape((b, t, kv, hd))?, pattern.clone(), cfg.kv_groups())?;
+        let x = (x + a.o_proj.forward(&attn.reshape((b, t, h * hd))?)?)?;
+        let normed = fused::rms_norm(&x, &layer.post_attention_layernorm, cfg.rms_norm_eps)?;
+        let m = &layer.mlp;
+        let [gate, up] = Linear::forward_group(&normed, [&m.gate_proj, &m.up_proj])?;
+        &x + m.down_proj.forward(&fused::silu_mul(&gate, &up)?)?
+    }
+
+    /// Every decoder block with the plain ops, appending to the cache if one is given.
+    fn plain_blocks(
+        &self,
+        mut x: Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        key_padding: Option<&Tensor>,
+        mut cache: Option<&mut KvCache>,
+    ) -> Result<Tensor> {
+        let cfg = &self.config;
+        let (b, t, _) = x.dims3()?;
+        let past = cache.as_ref().map_or(0, |c| c.len());
+        let device = x.device().clone();
+        let full_mask = ops::attention_mask(key_padding, b, t, past, None, &device)?;
         let sliding_mask = match cfg.sliding_window {
-            Some(w) => Some(ops::attention_mask(opts.attention_mask, b, t, past, Some(w), device)?),
+            Some(w) => Some(ops::attention_mask(key_padding, b, t, past, Some(w), &device)?),
             None => None,
         };
-        let mut x = self.embed_tokens.embedding_rows(ids)?;
         let (h, kv, hd) = (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim);
         for (i, layer) in self.layers.iter().enumerate() {
             let residual = &x;
@@ -400,8 +464,8 @@ impl CausalLm {
             // [B, T, heads * D] -> [B, heads, T, D]
             let split = |y: Tensor, heads: usize| y.reshape((b, t, heads, hd))?.transpose(1, 2);
             let [q, k, v] = Linear::forward_group(&normed, [&a.q_proj, &a.k_proj, &a.v_proj])?;
-            let q = ops::apply_rope(&split(q, h)?, &cos, &sin)?;
-            let k = ops::apply_rope(&split(k, kv)?, &cos, &sin)?;
+            let q = ops::apply_rope(&split(q, h)?, cos, sin)?;
+            let k = ops::apply_rope(&split(k, kv)?, cos, sin)?;
             let v = split(v, kv)?;
             let (k, v) = match cache.as_deref_mut() {
                 Some(c) => c.append(i, &k, &v)?,
@@ -423,7 +487,7 @@ impl CausalLm {
         if let Some(c) = cache {
             c.advance(t);
         }
-        ops::rms_norm(&x, &self.norm, cfg.rms_norm_eps)
+        Ok(x)
     }
 
     /// Next-token logits `[B, T, V]` at every position.
@@ -440,10 +504,25 @@ impl CausalLm {
     /// Log-probability of every next token: `out[b, t] = log p(ids[b, t+1] | ids[b, ..=t])`,
     /// shape `[B, T-1]`, f32. Padding positions hold meaningless values: mask them.
     pub fn token_logps(&self, ids: &Tensor, attention_mask: Option<&Tensor>) -> Result<Tensor> {
-        let t = ids.dim(1)?;
+        let (b, t) = ids.dims2()?;
         let opts = ForwardOptions { attention_mask, positions: None };
-        let logits = self.forward(ids, opts, None)?.narrow(1, 0, t - 1)?;
-        ops::gather_token_logps(&logits, &ids.narrow(1, 1, t - 1)?.contiguous()?)
+        let hidden = self.forward_hidden(ids, opts, None)?.narrow(1, 0, t - 1)?;
+        let hidden = hidden.reshape((b * (t - 1), hidden.dim(D::Minus1)?))?;
+        let targets: Vec<u32> = ids.narrow(1, 1, t - 1)?.flatten_all()?.to_vec1()?;
+        self.target_logps(&hidden, &targets)?.reshape((b, t - 1))
+    }
+
+    /// `log p(targets[n] | hidden[n])` for hidden states `[N, hidden]` after the final norm:
+    /// the LM head, log-softmax and gather; `[N]`, f32. The fused kernels never hold more than
+    /// a chunk of rows' vocabulary logits.
+    pub fn target_logps(&self, hidden: &Tensor, targets: &[u32]) -> Result<Tensor> {
+        let head = self.lm_head.as_ref().unwrap_or(&self.embed_tokens);
+        if self.kernels == Kernels::Fused && fused::supports(&[hidden, head]) {
+            return fused::lm_head_logps(hidden, head, targets);
+        }
+        let n = targets.len();
+        let logits = self.lm_logits(&hidden.unsqueeze(0)?)?;
+        ops::gather_token_logps(&logits, &Tensor::from_slice(targets, (1, n), hidden.device())?)?.squeeze(0)
     }
 
     /// Sequence-classification scores `[B, num_labels]`, pooled at the last non-pad token of

@@ -51,6 +51,9 @@ pub struct ModelSection {
     /// `cpu`, `cuda`, `cuda:N`, `metal` or `auto`.
     #[serde(default = "default_device")]
     pub device: String,
+    /// `fused` or `plain` kernels (see `candor --help`).
+    #[serde(default)]
+    pub kernels: crate::model::Kernels,
 }
 
 impl Default for ModelSection {

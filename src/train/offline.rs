@@ -285,14 +285,17 @@ pub fn train(cfg: &TrainConfig, opts: &RunOptions) -> Result<RunSummary> {
     };
     // With LoRA the reference is the same base weights with the adapters off: no copy.
     let reference = if objective.needs_reference() {
-        Some(match &cfg.model.ref_model {
+        let mut reference = match &cfg.model.ref_model {
             Some(spec) => load::load_model(spec, dtype, &device)?.model,
             None => start.model.without_adapters(),
-        })
+        };
+        reference.set_kernels(cfg.model.kernels);
+        Some(reference)
     } else {
         None
     };
     drop(start);
+    policy.model.set_kernels(cfg.model.kernels);
 
     let mut items = load_items(&cfg.data.train, cfg, objective.data_need(), &policy)?;
     let mut eval_items = match &cfg.data.eval {

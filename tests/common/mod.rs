@@ -5,6 +5,7 @@ use std::path::PathBuf;
 
 use candle::{DType, Device};
 use candor::load::{load_hf_dir, LoadedModel};
+use candor::model::Kernels;
 use serde_json::Value;
 
 /// `tests/fixtures/<rel>`.
@@ -30,6 +31,16 @@ pub fn u32s(v: &Value) -> Vec<u32> {
 /// Load a fixture model directory in f32 on the CPU.
 pub fn load(rel: &str) -> LoadedModel {
     load_hf_dir(&fixture(rel), DType::F32, &Device::Cpu).unwrap()
+}
+
+/// Both kernel paths: every golden test runs on each.
+pub const KERNELS: [Kernels; 2] = [Kernels::Plain, Kernels::Fused];
+
+/// [`load`] with the given kernels.
+pub fn load_kernels(rel: &str, kernels: Kernels) -> LoadedModel {
+    let mut m = load(rel);
+    m.model.set_kernels(kernels);
+    m
 }
 
 /// Assert `|a - b| <= tol` elementwise, naming what differs.

@@ -1,0 +1,762 @@
+//! Fused CPU kernels with their own backward pass, as candle custom ops.
+//!
+//! Each op computes in one pass what [`super::ops`] composes from many candle ops (each of
+//! which allocates its output and walks memory once), and its backward is written by hand.
+//! The plain composed path stays selectable ([`Kernels::Plain`]); the tests check every fused
+//! op's values and gradients against its plain twin.
+//!
+//! The fused ops take f32 CPU tensors; [`Kernels::Fused`] falls back to the plain ops for
+//! other dtypes and devices.
+//!
+//! Layouts: the attention and RoPE kernels work on `[B, T, heads, D]`, the layout the q/k/v
+//! projections produce, so no transpose is ever copied.
+
+use std::sync::{Arc, Mutex};
+
+use candle::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
+
+/// Which implementation the transformer's building blocks use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Kernels {
+    /// Compositions of candle ops, each with candle's own backward.
+    Plain,
+    /// The fused kernels of this module (CPU f32; other dtypes and devices use the plain ops).
+    #[default]
+    Fused,
+}
+
+impl std::str::FromStr for Kernels {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "plain" => Ok(Self::Plain),
+            "fused" => Ok(Self::Fused),
+            other => Err(format!("unknown kernels `{other}`: expected `plain` or `fused`")),
+        }
+    }
+}
+
+impl std::fmt::Display for Kernels {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Plain => "plain",
+            Self::Fused => "fused",
+        })
+    }
+}
+
+/// Whether the fused kernels can take these tensors: f32 on the CPU.
+pub fn supports(ts: &[&Tensor]) -> bool {
+    ts.iter().all(|t| t.dtype() == DType::F32 && t.device().is_cpu())
+}
+
+/// The contiguous f32 values a custom op's forward receives.
+fn slice<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
+    match l.contiguous_offsets() {
+        Some((start, end)) => Ok(&s.as_slice::<f32>()?[start..end]),
+        None => candle::bail!("fused kernel given a non-contiguous input"),
+    }
+}
+
+/// Run `f` on the contiguous f32 values of several tensors (copying only non-contiguous ones).
+fn with_values<R>(ts: &[&Tensor], f: impl FnOnce(&[&[f32]]) -> R) -> Result<R> {
+    let ts: Vec<Tensor> = ts.iter().map(|t| t.contiguous()).collect::<Result<_>>()?;
+    let guards: Vec<_> = ts.iter().map(|t| t.storage_and_layout()).collect();
+    let mut slices = Vec::with_capacity(ts.len());
+    for (storage, layout) in &guards {
+        let candle::Storage::Cpu(cpu) = &**storage else { candle::bail!("fused kernel given a non-CPU tensor") };
+        slices.push(slice(cpu, layout)?);
+    }
+    Ok(f(&slices))
+}
+
+/// A fresh f32 tensor from values.
+fn tensor(values: Vec<f32>, shape: &Shape) -> Result<Tensor> {
+    Tensor::from_vec(values, shape.clone(), &candle::Device::Cpu)
+}
+
+/// A raw pointer that may cross threads: each thread writes a region no other thread touches.
+#[derive(Clone, Copy)]
+struct SharedMut(*mut f32);
+// SAFETY: used only for disjoint writes, synchronised by rayon's join at the end of the loop.
+unsafe impl Send for SharedMut {}
+unsafe impl Sync for SharedMut {}
+
+/// `c = a · b (+ c when accumulate)`, single-threaded, with explicit row/column strides:
+/// `a` is m×k, `b` is k×n, `c` is m×n.
+#[allow(clippy::too_many_arguments)]
+fn gemm(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: (*const f32, isize, isize),
+    b: (*const f32, isize, isize),
+    c: (*mut f32, isize, isize),
+    accumulate: bool,
+    threads: usize,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    let parallelism = if threads > 1 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
+    // SAFETY: callers pass pointers to buffers of at least the strided extents given.
+    unsafe {
+        gemm::gemm(
+            m, n, k, c.0, c.2, c.1, accumulate, a.0, a.2, a.1, b.0, b.2, b.1, 1.0, 1.0, false, false, false, parallelism,
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// RMSNorm
+
+/// `y = x / sqrt(mean(x²) + eps) * w` over the last dimension.
+struct RmsNorm {
+    eps: f32,
+}
+
+impl CustomOp2 for RmsNorm {
+    fn name(&self) -> &'static str {
+        "fused-rms-norm"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (x, w) = (slice(s1, l1)?, slice(s2, l2)?);
+        let h = w.len();
+        let mut y = vec![0f32; x.len()];
+        y.par_chunks_mut(h).zip(x.par_chunks(h)).for_each(|(y, x)| {
+            let inv = inv_rms(x, self.eps);
+            for ((y, &x), &w) in y.iter_mut().zip(x).zip(w) {
+                *y = x * inv * w;
+            }
+        });
+        Ok((CpuStorage::F32(y), l1.shape().clone()))
+    }
+
+    fn bwd(&self, x: &Tensor, w: &Tensor, _: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let h = w.elem_count();
+        let (dx, dw) = with_values(&[x, w, grad], |s| {
+            let (x, w, g) = (s[0], s[1], s[2]);
+            let mut dx = vec![0f32; x.len()];
+            // Per-thread partial sums of dw, added at the end.
+            let dw = dx
+                .par_chunks_mut(h)
+                .zip(x.par_chunks(h).zip(g.par_chunks(h)))
+                .fold(
+                    || vec![0f32; h],
+                    |mut dw, (dx, (x, g))| {
+                        let inv = inv_rms(x, self.eps);
+                        // dx = inv · (g∘w − x̂ · mean(g∘w∘x̂)), x̂ = x · inv
+                        let dot: f32 = x.iter().zip(g).zip(w).map(|((&x, &g), &w)| g * w * x * inv).sum::<f32>() / h as f32;
+                        for i in 0..h {
+                            let xhat = x[i] * inv;
+                            dw[i] += g[i] * xhat;
+                            dx[i] = inv * (g[i] * w[i] - xhat * dot);
+                        }
+                        dw
+                    },
+                )
+                .reduce(|| vec![0f32; h], |mut a, b| {
+                    a.iter_mut().zip(&b).for_each(|(a, b)| *a += b);
+                    a
+                });
+            (dx, dw)
+        })?;
+        Ok((Some(tensor(dx, x.shape())?), Some(tensor(dw, w.shape())?)))
+    }
+}
+
+fn inv_rms(x: &[f32], eps: f32) -> f32 {
+    let mean_sq = x.iter().map(|v| v * v).sum::<f32>() / x.len() as f32;
+    1.0 / (mean_sq + eps).sqrt()
+}
+
+/// Fused RMSNorm (f32 CPU tensors).
+pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
+    x.contiguous()?.apply_op2(&weight.contiguous()?, RmsNorm { eps: eps as f32 })
+}
+
+// ---------------------------------------------------------------------------------------
+// SiLU-gated product
+
+/// `silu(gate) * up`.
+struct SiluMul;
+
+impl CustomOp2 for SiluMul {
+    fn name(&self) -> &'static str {
+        "fused-silu-mul"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (g, u) = (slice(s1, l1)?, slice(s2, l2)?);
+        let mut y = vec![0f32; g.len()];
+        y.par_chunks_mut(4096).zip(g.par_chunks(4096).zip(u.par_chunks(4096))).for_each(|(y, (g, u))| {
+            for ((y, &g), &u) in y.iter_mut().zip(g).zip(u) {
+                *y = g / (1.0 + (-g).exp()) * u;
+            }
+        });
+        Ok((CpuStorage::F32(y), l1.shape().clone()))
+    }
+
+    fn bwd(&self, gate: &Tensor, up: &Tensor, _: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let (dg, du) = with_values(&[gate, up, grad], |s| {
+            let (g, u, dy) = (s[0], s[1], s[2]);
+            let mut dg = vec![0f32; g.len()];
+            let mut du = vec![0f32; g.len()];
+            dg.par_chunks_mut(4096)
+                .zip(du.par_chunks_mut(4096))
+                .zip(g.par_chunks(4096).zip(u.par_chunks(4096)).zip(dy.par_chunks(4096)))
+                .for_each(|((dg, du), ((g, u), dy))| {
+                    for i in 0..g.len() {
+                        let sig = 1.0 / (1.0 + (-g[i]).exp());
+                        // d silu(g)/dg = σ(g) (1 + g (1 − σ(g)))
+                        dg[i] = dy[i] * u[i] * sig * (1.0 + g[i] * (1.0 - sig));
+                        du[i] = dy[i] * g[i] * sig;
+                    }
+                });
+            (dg, du)
+        })?;
+        Ok((Some(tensor(dg, gate.shape())?), Some(tensor(du, up.shape())?)))
+    }
+}
+
+/// Fused `silu(gate) * up` (f32 CPU tensors).
+pub fn silu_mul(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    gate.contiguous()?.apply_op2(&up.contiguous()?, SiluMul)
+}
+
+// ---------------------------------------------------------------------------------------
+// RoPE
+
+/// Rotary embedding of `x` `[B, T, heads, D]` with tables cos/sin `[B, T, D]` (HF layout:
+/// `x * cos + rotate_half(x) * sin`).
+struct Rope;
+
+/// Rotate every `[D]` row of `x` (`[B, T, heads, D]`) by its position's angles; `sign` = −1
+/// rotates backwards (the transpose of the rotation: its backward).
+fn rotate(x: &[f32], cos: &[f32], sin: &[f32], heads: usize, d: usize, sign: f32) -> Vec<f32> {
+    let half = d / 2;
+    let mut out = vec![0f32; x.len()];
+    out.par_chunks_mut(heads * d).zip(x.par_chunks(heads * d)).enumerate().for_each(|(bt, (o, x))| {
+        let (c, s) = (&cos[bt * d..][..d], &sin[bt * d..][..d]);
+        for (o, x) in o.chunks_exact_mut(d).zip(x.chunks_exact(d)) {
+            for i in 0..half {
+                o[i] = x[i] * c[i] - sign * x[i + half] * s[i];
+                o[i + half] = x[i + half] * c[i + half] + sign * x[i] * s[i + half];
+            }
+        }
+    });
+    out
+}
+
+impl CustomOp3 for Rope {
+    fn name(&self) -> &'static str {
+        "fused-rope"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (_, _, heads, d) = l1.shape().dims4()?;
+        let out = rotate(slice(s1, l1)?, slice(s2, l2)?, slice(s3, l3)?, heads, d, 1.0);
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        _: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (_, _, heads, d) = x.dims4()?;
+        let dx = with_values(&[grad, cos, sin], |s| rotate(s[0], s[1], s[2], heads, d, -1.0))?;
+        Ok((Some(tensor(dx, x.shape())?), None, None))
+    }
+}
+
+/// Fused RoPE on `x` `[B, T, heads, D]` with cos/sin tables `[B, 1, T, D]` (from
+/// [`super::ops::rope_tables`]); returns `[B, T, heads, D]`.
+pub fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    let (b, _, t, d) = cos.dims4()?;
+    let cos = cos.reshape((b, t, d))?.contiguous()?;
+    let sin = sin.reshape((b, t, d))?.contiguous()?;
+    x.contiguous()?.apply_op3(&cos, &sin, Rope)
+}
+
+// ---------------------------------------------------------------------------------------
+// Causal attention
+
+/// Who may attend to whom, resolved once per forward pass: the keys each query `(b, i)` sees,
+/// as a range `lo..hi` (empty = sees nothing).
+#[derive(Debug, Clone)]
+pub struct AttentionPattern {
+    ranges: Arc<Vec<(usize, usize)>>,
+}
+
+impl AttentionPattern {
+    /// The rule of [`super::ops::attention_mask`] for `b` rows of `t` positions, no cache:
+    /// causal, within `sliding_window` if given, and within a segment (`key_padding` `[B, T]`:
+    /// 0 for padding, otherwise a segment id). Padding and packing give contiguous ranges;
+    /// anything else is refused.
+    pub fn new(key_padding: Option<&Tensor>, b: usize, t: usize, sliding_window: Option<usize>) -> Result<Self> {
+        let segments: Option<Vec<u32>> = key_padding.map(|p| p.to_dtype(DType::U32)?.flatten_all()?.to_vec1()).transpose()?;
+        let visible = |bi: usize, i: usize, j: usize| {
+            if j > i || sliding_window.is_some_and(|w| i - j >= w) {
+                return false;
+            }
+            match &segments {
+                None => true,
+                Some(seg) => {
+                    let (qs, ks) = (seg[bi * t + i], seg[bi * t + j]);
+                    ks != 0 && (qs == 0 || qs == ks)
+                }
+            }
+        };
+        let mut ranges = Vec::with_capacity(b * t);
+        for bi in 0..b {
+            for i in 0..t {
+                let Some(lo) = (0..=i).find(|&j| visible(bi, i, j)) else {
+                    ranges.push((0, 0));
+                    continue;
+                };
+                let hi = (lo..=i).rev().find(|&j| visible(bi, i, j)).map_or(lo, |j| j + 1);
+                if (lo..hi).any(|j| !visible(bi, i, j)) {
+                    candle::bail!("the fused attention kernel needs each query's visible keys to be contiguous (row {bi}, position {i}); use the plain kernels");
+                }
+                ranges.push((lo, hi));
+            }
+        }
+        Ok(Self { ranges: Arc::new(ranges) })
+    }
+}
+
+/// Queries per tile: one tile's scores (`QUERY_TILE x S`) are the only score memory a thread
+/// holds, in the forward and the backward alike.
+const QUERY_TILE: usize = 64;
+
+/// Scaled dot-product attention over q `[B, T, H, D]`, k/v `[B, T, KV, D]` → `[B, T, H, D]`,
+/// with grouped-query heads. The forward keeps only each query's log-sum-exp; the backward
+/// recomputes the probabilities tile by tile (FlashAttention's scheme, with one query tile
+/// against all its keys at a time).
+struct Attention {
+    /// Visible keys `lo..hi` of each query `(b, i)`, `[B * T]`.
+    ranges: Arc<Vec<(usize, usize)>>,
+    groups: usize,
+    /// Log-sum-exp of each query's scaled scores `[B, H, T]`, saved by the forward.
+    lse: Mutex<Vec<f32>>,
+}
+
+/// Shapes of one attention call.
+#[derive(Clone, Copy)]
+struct AttnDims {
+    t: usize,
+    h: usize,
+    kv: usize,
+    d: usize,
+}
+
+impl AttnDims {
+    fn scale(&self) -> f32 {
+        1.0 / (self.d as f32).sqrt()
+    }
+}
+
+impl Attention {
+    /// Scaled scores of queries `q0..q1` of (b, head) against keys `0..keys`, turned into
+    /// probabilities with the visibility rule. Fully hidden rows attend uniformly to all keys
+    /// (what an additive mask of the most negative float gives, as in transformers). With
+    /// `known_lse` the probabilities are `exp(score − lse)`; otherwise each row's log-sum-exp
+    /// is computed and written to `lse`.
+    #[allow(clippy::too_many_arguments)]
+    fn probabilities(
+        &self,
+        dims: AttnDims,
+        q: &[f32],
+        k: &[f32],
+        bi: usize,
+        hi: usize,
+        q0: usize,
+        q1: usize,
+        keys: usize,
+        lse: &mut [f32],
+        known_lse: bool,
+        p: &mut [f32],
+    ) {
+        let AttnDims { t, h, kv, d, .. } = dims;
+        let kvh = hi / self.groups;
+        let rows = q1 - q0;
+        let q_ptr = q[(bi * t + q0) * h * d + hi * d..].as_ptr();
+        let k_ptr = k[bi * t * kv * d + kvh * d..].as_ptr();
+        // p[r, j] = q[q0 + r] · k[j]
+        gemm(rows, keys, d, (q_ptr, (h * d) as isize, 1), (k_ptr, 1, (kv * d) as isize), (p.as_mut_ptr(), keys as isize, 1), false, 1);
+        let scale = dims.scale();
+        for (r, row) in p.chunks_exact_mut(keys).take(rows).enumerate() {
+            let (lo, hi) = self.ranges[bi * t + q0 + r];
+            if lo >= hi {
+                row.fill(1.0 / t as f32);
+                continue;
+            }
+            let visible = &mut row[lo..hi];
+            visible.iter_mut().for_each(|v| *v *= scale);
+            let row_lse = if known_lse {
+                lse[r]
+            } else {
+                let max = visible.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let sum: f32 = visible.iter().map(|&v| (v - max).exp()).sum();
+                lse[r] = max + sum.ln();
+                lse[r]
+            };
+            visible.iter_mut().for_each(|v| *v = (*v - row_lse).exp());
+            row[..lo].fill(0.0);
+            row[hi..].fill(0.0);
+        }
+    }
+
+    /// Keys a query tile needs: up to its last query (causal), or all of them when a row in
+    /// the tile sees nothing (uniform attention over every key).
+    fn keys_for_tile(&self, dims: AttnDims, bi: usize, q0: usize, q1: usize) -> usize {
+        let rows = &self.ranges[bi * dims.t + q0..bi * dims.t + q1];
+        if rows.iter().any(|(lo, hi)| lo >= hi) {
+            dims.t
+        } else {
+            rows.iter().map(|&(_, hi)| hi).max().unwrap_or(q1)
+        }
+    }
+}
+
+impl CustomOp3 for Attention {
+    fn name(&self) -> &'static str {
+        "fused-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (b, t, h, d) = l1.shape().dims4()?;
+        let kv = l2.shape().dims4()?.2;
+        let dims = AttnDims { t, h, kv, d };
+        let (q, k, v) = (slice(s1, l1)?, slice(s2, l2)?, slice(s3, l3)?);
+        let mut out = vec![0f32; q.len()];
+        let mut lse = vec![0f32; b * h * t];
+        let out_ptr = SharedMut(out.as_mut_ptr());
+        lse.par_chunks_mut(t).enumerate().for_each(|(bh, lse)| {
+            let out_ptr = out_ptr;
+            let (bi, hi) = (bh / h, bh % h);
+            let kvh = hi / self.groups;
+            let mut p = vec![0f32; QUERY_TILE * t];
+            for q0 in (0..t).step_by(QUERY_TILE) {
+                let q1 = (q0 + QUERY_TILE).min(t);
+                let keys = self.keys_for_tile(dims, bi, q0, q1);
+                let p = &mut p[..(q1 - q0) * keys];
+                self.probabilities(dims, q, k, bi, hi, q0, q1, keys, &mut lse[q0..q1], false, p);
+                // out[q0..q1, head] = p · v[0..keys]
+                let v_ptr = v[bi * t * kv * d + kvh * d..].as_ptr();
+                // SAFETY: rows q0..q1 of head hi in row bi belong to this task alone.
+                let o_ptr = unsafe { out_ptr.0.add((bi * t + q0) * h * d + hi * d) };
+                gemm(q1 - q0, d, keys, (p.as_ptr(), keys as isize, 1), (v_ptr, (kv * d) as isize, 1), (o_ptr, (h * d) as isize, 1), false, 1);
+            }
+        });
+        *self.lse.lock().expect("lse lock") = lse;
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        out: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (b, t, h, d) = q.dims4()?;
+        let kv = k.dim(2)?;
+        let dims = AttnDims { t, h, kv, d };
+        let mut lse = self.lse.lock().expect("lse lock").clone();
+        let (dq, dk, dv) = with_values(&[q, k, v, out, grad], |s| {
+            let (q, k, v, o, dout) = (s[0], s[1], s[2], s[3], s[4]);
+            let mut dq = vec![0f32; q.len()];
+            let mut dk = vec![0f32; k.len()];
+            let mut dv = vec![0f32; v.len()];
+            let (dq_ptr, dk_ptr, dv_ptr) = (SharedMut(dq.as_mut_ptr()), SharedMut(dk.as_mut_ptr()), SharedMut(dv.as_mut_ptr()));
+            let scale = dims.scale();
+            // One task per (row, kv head): its query heads' dk/dv contributions add up locally.
+            let lse_ptr = SharedMut(lse.as_mut_ptr());
+            (0..b * kv).into_par_iter().for_each(|bk| {
+                let (dq_ptr, dk_ptr, dv_ptr, lse_ptr) = (dq_ptr, dk_ptr, dv_ptr, lse_ptr);
+                let (bi, kvh) = (bk / kv, bk % kv);
+                let mut p = vec![0f32; QUERY_TILE * t];
+                let mut dp = vec![0f32; QUERY_TILE * t];
+                let kv_off = bi * t * kv * d + kvh * d;
+                let kv_rs = (kv * d) as isize;
+                for hi in kvh * self.groups..(kvh + 1) * self.groups {
+                    // SAFETY: the lse rows of (bi, hi) are read by this task alone.
+                    let lse = unsafe { std::slice::from_raw_parts_mut(lse_ptr.0.add((bi * h + hi) * t), t) };
+                    for q0 in (0..t).step_by(QUERY_TILE) {
+                        let q1 = (q0 + QUERY_TILE).min(t);
+                        let rows = q1 - q0;
+                        let keys = self.keys_for_tile(dims, bi, q0, q1);
+                        let p = &mut p[..rows * keys];
+                        let dp = &mut dp[..rows * keys];
+                        self.probabilities(dims, q, k, bi, hi, q0, q1, keys, &mut lse[q0..q1], true, p);
+                        let q_off = (bi * t + q0) * h * d + hi * d;
+                        let q_rs = (h * d) as isize;
+                        // dv[0..keys] += pᵀ · dout[q0..q1]
+                        // SAFETY: dk/dv of (bi, kvh) and dq of (bi, hi) belong to this task.
+                        unsafe {
+                            gemm(keys, d, rows, (p.as_ptr(), 1, keys as isize), (dout[q_off..].as_ptr(), q_rs, 1), (dv_ptr.0.add(kv_off), kv_rs, 1), true, 1);
+                        }
+                        // dp = dout · vᵀ
+                        gemm(rows, keys, d, (dout[q_off..].as_ptr(), q_rs, 1), (v[kv_off..].as_ptr(), 1, kv_rs), (dp.as_mut_ptr(), keys as isize, 1), false, 1);
+                        // ds = p ∘ (dp − rowsum(dout ∘ out)) · scale
+                        for r in 0..rows {
+                            let off = q_off + r * h * d;
+                            let delta: f32 = dout[off..off + d].iter().zip(&o[off..off + d]).map(|(a, b)| a * b).sum();
+                            let (pr, dpr) = (&p[r * keys..(r + 1) * keys], &mut dp[r * keys..(r + 1) * keys]);
+                            for (ds, &pv) in dpr.iter_mut().zip(pr) {
+                                *ds = pv * (*ds - delta) * scale;
+                            }
+                        }
+                        unsafe {
+                            // dq[q0..q1] = ds · k[0..keys]
+                            gemm(rows, d, keys, (dp.as_ptr(), keys as isize, 1), (k[kv_off..].as_ptr(), kv_rs, 1), (dq_ptr.0.add(q_off), q_rs, 1), false, 1);
+                            // dk[0..keys] += dsᵀ · q[q0..q1]
+                            gemm(keys, d, rows, (dp.as_ptr(), 1, keys as isize), (q[q_off..].as_ptr(), q_rs, 1), (dk_ptr.0.add(kv_off), kv_rs, 1), true, 1);
+                        }
+                    }
+                }
+            });
+            (dq, dk, dv)
+        })?;
+        Ok((Some(tensor(dq, q.shape())?), Some(tensor(dk, k.shape())?), Some(tensor(dv, v.shape())?)))
+    }
+}
+
+/// Fused causal attention: q `[B, T, H, D]`, k/v `[B, T, H / groups, D]` (no KV cache) →
+/// `[B, T, H, D]`.
+pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, pattern: AttentionPattern, groups: usize) -> Result<Tensor> {
+    let op = Attention { ranges: pattern.ranges, groups, lse: Mutex::new(Vec::new()) };
+    q.contiguous()?.apply_op3(&k.contiguous()?, &v.contiguous()?, op)
+}
+
+// ---------------------------------------------------------------------------------------
+// LM head + log-softmax + gather
+
+/// Rows of logits one chunk holds; `LOGIT_CHUNK x V` floats is all the logit memory used.
+const LOGIT_CHUNK: usize = 128;
+
+/// `logp[n] = log_softmax(hidden[n] · Wᵀ)[target[n]]` without materialising the `[N, V]`
+/// logits: chunks of rows are projected, reduced and dropped; the backward recomputes each
+/// chunk's logits and turns them into `onehot − softmax` in place.
+struct LmHeadLogps {
+    targets: Vec<u32>,
+    /// Log-sum-exp of each row's logits, saved by the forward.
+    lse: Mutex<Vec<f32>>,
+}
+
+impl LmHeadLogps {
+    /// Logits of rows `r0..r0 + rows` of `hidden` `[N, H]` against `w` `[V, H]`.
+    fn logits(hidden: &[f32], w: &[f32], hsize: usize, r0: usize, rows: usize, out: &mut [f32]) {
+        let v = w.len() / hsize;
+        let threads = rayon::current_num_threads();
+        gemm(rows, v, hsize, (hidden[r0 * hsize..].as_ptr(), hsize as isize, 1), (w.as_ptr(), 1, hsize as isize), (out.as_mut_ptr(), v as isize, 1), false, threads);
+    }
+}
+
+impl CustomOp2 for LmHeadLogps {
+    fn name(&self) -> &'static str {
+        "fused-lm-head-logps"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (n, hsize) = l1.shape().dims2()?;
+        let (hidden, w) = (slice(s1, l1)?, slice(s2, l2)?);
+        let vocab = w.len() / hsize;
+        let mut logits = vec![0f32; LOGIT_CHUNK.min(n) * vocab];
+        let mut out = vec![0f32; n];
+        let mut lse = vec![0f32; n];
+        for r0 in (0..n).step_by(LOGIT_CHUNK) {
+            let rows = LOGIT_CHUNK.min(n - r0);
+            Self::logits(hidden, w, hsize, r0, rows, &mut logits);
+            logits[..rows * vocab]
+                .par_chunks(vocab)
+                .zip(out[r0..r0 + rows].par_iter_mut().zip(lse[r0..r0 + rows].par_iter_mut()))
+                .enumerate()
+                .for_each(|(r, (row, (o, l)))| {
+                    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                    let sum: f32 = row.iter().map(|&x| (x - max).exp()).sum();
+                    *l = max + sum.ln();
+                    *o = row[self.targets[r0 + r] as usize] - *l;
+                });
+        }
+        *self.lse.lock().expect("lse lock") = lse;
+        Ok((CpuStorage::F32(out), Shape::from(n)))
+    }
+
+    fn bwd(&self, hidden: &Tensor, w: &Tensor, _: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let (n, hsize) = hidden.dims2()?;
+        let lse = self.lse.lock().expect("lse lock").clone();
+        let track_w = w.track_op();
+        let (dh, dw) = with_values(&[hidden, w, grad], |s| {
+            let (hid, w, g) = (s[0], s[1], s[2]);
+            let vocab = w.len() / hsize;
+            let threads = rayon::current_num_threads();
+            let mut logits = vec![0f32; LOGIT_CHUNK.min(n) * vocab];
+            let mut dh = vec![0f32; n * hsize];
+            let mut dw = if track_w { vec![0f32; vocab * hsize] } else { Vec::new() };
+            for r0 in (0..n).step_by(LOGIT_CHUNK) {
+                let rows = LOGIT_CHUNK.min(n - r0);
+                Self::logits(hid, w, hsize, r0, rows, &mut logits);
+                // dlogits = g · (onehot − softmax)
+                logits[..rows * vocab].par_chunks_mut(vocab).enumerate().for_each(|(r, row)| {
+                    let (gr, l) = (g[r0 + r], lse[r0 + r]);
+                    for x in row.iter_mut() {
+                        *x = -gr * (*x - l).exp();
+                    }
+                    row[self.targets[r0 + r] as usize] += gr;
+                });
+                // dh[chunk] = dlogits · W
+                gemm(rows, hsize, vocab, (logits.as_ptr(), vocab as isize, 1), (w.as_ptr(), hsize as isize, 1), (dh[r0 * hsize..].as_mut_ptr(), hsize as isize, 1), false, threads);
+                if track_w {
+                    // dW += dlogitsᵀ · hidden[chunk]
+                    gemm(vocab, hsize, rows, (logits.as_ptr(), 1, vocab as isize), (hid[r0 * hsize..].as_ptr(), hsize as isize, 1), (dw.as_mut_ptr(), hsize as isize, 1), true, threads);
+                }
+            }
+            (dh, dw)
+        })?;
+        let dw = if track_w { Some(tensor(dw, w.shape())?) } else { None };
+        Ok((Some(tensor(dh, hidden.shape())?), dw))
+    }
+}
+
+/// Log-probability of `targets[n]` under `log_softmax(hidden[n] · weightᵀ)`, for hidden
+/// `[N, H]` and an output projection `[V, H]`, chunked over rows (f32 CPU tensors).
+pub fn lm_head_logps(hidden: &Tensor, weight: &Tensor, targets: &[u32]) -> Result<Tensor> {
+    let op = LmHeadLogps { targets: targets.to_vec(), lse: Mutex::new(Vec::new()) };
+    hidden.contiguous()?.apply_op2(&weight.contiguous()?, op)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::ops;
+    use candle::{Device, Var};
+
+    /// Random normal values, seeded.
+    fn randn(seed: u64, shape: &[usize]) -> Tensor {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let n: usize = shape.iter().product();
+        let v: Vec<f32> = (0..n).map(|_| rng.random_range(-1.0f32..1.0)).collect();
+        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+    }
+
+    fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
+    }
+
+    /// Values and gradients (of `Σ out ∘ probe`) of a fused op and its plain twin agree.
+    fn check_op(inputs: &[Tensor], fused: impl Fn(&[Tensor]) -> Tensor, plain: impl Fn(&[Tensor]) -> Tensor, tol: f32) {
+        let vars: Vec<Var> = inputs.iter().map(|t| Var::from_tensor(t).unwrap()).collect();
+        let ts: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+        let (yf, yp) = (fused(&ts), plain(&ts));
+        assert_eq!(yf.dims(), yp.dims());
+        let diff = max_abs_diff(&yf, &yp);
+        assert!(diff < tol, "forward differs by {diff}");
+        let probe = randn(99, yf.dims());
+        let gf = (yf * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+        let gp = (yp * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+        for (i, v) in vars.iter().enumerate() {
+            let (a, b) = (gf.get(v.as_tensor()).unwrap(), gp.get(v.as_tensor()).unwrap());
+            let scale = b.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap().max(1.0);
+            let diff = max_abs_diff(a, b);
+            assert!(diff < tol * scale, "gradient of input {i} differs by {diff} (scale {scale})");
+        }
+    }
+
+    #[test]
+    fn rms_norm_matches_plain_values_and_gradients() {
+        let (x, w) = (randn(1, &[3, 5, 16]), randn(2, &[16]));
+        check_op(&[x, w], |t| rms_norm(&t[0], &t[1], 1e-5).unwrap(), |t| ops::rms_norm(&t[0], &t[1], 1e-5).unwrap(), 1e-5);
+    }
+
+    #[test]
+    fn silu_mul_matches_plain_values_and_gradients() {
+        let (g, u) = (randn(3, &[4, 37]), randn(4, &[4, 37]));
+        check_op(&[g, u], |t| silu_mul(&t[0], &t[1]).unwrap(), |t| (t[0].silu().unwrap() * &t[1]).unwrap(), 1e-5);
+    }
+
+    #[test]
+    fn rope_matches_plain_values_and_gradients() {
+        let (b, t, h, d) = (2, 5, 3, 8);
+        let x = randn(5, &[b, t, h, d]);
+        let positions = Tensor::from_vec(vec![0u32, 1, 2, 3, 4, 3, 4, 5, 6, 7], (b, t), &Device::Cpu).unwrap();
+        let (cos, sin) = ops::rope_tables(&ops::rope_inv_freq(d, 10000.0, None), &positions, DType::F32).unwrap();
+        check_op(
+            &[x],
+            |x| apply_rope(&x[0], &cos, &sin).unwrap(),
+            |x| ops::apply_rope(&x[0].transpose(1, 2).unwrap(), &cos, &sin).unwrap().transpose(1, 2).unwrap(),
+            1e-5,
+        );
+    }
+
+    /// Attention with padding, packed segments, GQA and a sliding window, against the plain
+    /// masked-softmax path, values and gradients of q, k and v.
+    #[test]
+    fn attention_matches_plain_values_and_gradients() {
+        let (b, t, h, kv, d) = (2, 70, 4, 2, 8); // 70 > one query tile
+        // Row 0: two left-padding positions, then one sequence; row 1: three packed segments.
+        let mut seg = vec![0u32, 0];
+        seg.extend(std::iter::repeat_n(1u32, t - 2));
+        seg.extend(std::iter::repeat_n(1u32, 20));
+        seg.extend(std::iter::repeat_n(2u32, 30));
+        seg.extend(std::iter::repeat_n(3u32, t - 50));
+        let seg_t = Tensor::from_vec(seg.clone(), (b, t), &Device::Cpu).unwrap();
+        for window in [None, Some(9)] {
+            let mask = ops::attention_mask(Some(&seg_t), b, t, 0, window, &Device::Cpu).unwrap();
+            let pattern = AttentionPattern::new(Some(&seg_t), b, t, window).unwrap();
+            let inputs = [randn(6, &[b, t, h, d]), randn(7, &[b, t, kv, d]), randn(8, &[b, t, kv, d])];
+            check_op(
+                &inputs,
+                |x| attention(&x[0], &x[1], &x[2], pattern.clone(), h / kv).unwrap(),
+                |x| {
+                    let tr = |y: &Tensor| y.transpose(1, 2).unwrap();
+                    ops::attention(&tr(&x[0]), &tr(&x[1]), &tr(&x[2]), &mask, h / kv).unwrap().transpose(1, 2).unwrap()
+                },
+                2e-5,
+            );
+        }
+    }
+
+    #[test]
+    fn lm_head_logps_matches_plain_values_and_gradients() {
+        // 300 rows: more than two chunks.
+        let (n, hs, v) = (300, 16, 50);
+        let targets: Vec<u32> = (0..n as u32).map(|i| (i * 7) % v as u32).collect();
+        let tt = Tensor::from_vec(targets.clone(), (1, n), &Device::Cpu).unwrap();
+        check_op(
+            &[randn(9, &[n, hs]), randn(10, &[v, hs])],
+            |x| lm_head_logps(&x[0], &x[1], &targets).unwrap(),
+            |x| {
+                let logits = x[0].matmul(&x[1].t().unwrap()).unwrap().unsqueeze(0).unwrap();
+                ops::gather_token_logps(&logits, &tt).unwrap().squeeze(0).unwrap()
+            },
+            2e-5,
+        );
+    }
+}
