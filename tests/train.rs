@@ -42,8 +42,15 @@ fn metrics(run: &Path) -> Vec<serde_json::Value> {
     std::fs::read_to_string(run.join("metrics.jsonl")).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect()
 }
 
+/// The whole step (forward, backward, AdamW) on the plain and on the fused kernels.
 #[test]
 fn one_adamw_step_matches_pytorch() {
+    for kernels in ["model.kernels=\"plain\"", "model.kernels=\"fused\""] {
+        one_adamw_step_matches_pytorch_with(kernels);
+    }
+}
+
+fn one_adamw_step_matches_pytorch_with(kernels: &str) {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("pairs.jsonl");
     write_examples(&data);
@@ -51,7 +58,7 @@ fn one_adamw_step_matches_pytorch() {
     let cfg = config(
         &data,
         &run,
-        &["optim.lr=1e-3", "optim.weight_decay=0", "optim.max_grad_norm=0", "optim.scheduler=\"constant\"", "optim.warmup_steps=0", "run.batch_size=3", "run.max_steps=1"],
+        &["optim.lr=1e-3", "optim.weight_decay=0", "optim.max_grad_norm=0", "optim.scheduler=\"constant\"", "optim.warmup_steps=0", "run.batch_size=3", "run.max_steps=1", kernels],
     );
     train(&cfg, &RunOptions { quiet: true, resume: false }).unwrap();
     let exp = json("llama-tiny/expected.json");

@@ -37,6 +37,7 @@ fn train_bench(args: &BenchTrainArgs, global: &GlobalArgs) -> Result<()> {
         None => policy.make_trainable()?,
     };
     let mut opt = AdamW::new(opt_vars, AdamWConfig::default())?;
+    opt.set_kernels(global.kernels);
     // Synthetic rows of exactly the requested shape: first half prompt, second half completion.
     let vocab = policy.config().vocab_size as u64;
     let mut state = 0x2545_F491_4F6C_DD1Du64;

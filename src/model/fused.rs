@@ -140,13 +140,15 @@ impl CustomOp2 for RmsNorm {
         let (dx, dw) = with_values(&[x, w, grad], |s| {
             let (x, w, g) = (s[0], s[1], s[2]);
             let mut dx = vec![0f32; x.len()];
-            // Per-thread partial sums of dw, added at the end.
-            let dw = dx
-                .par_chunks_mut(h)
-                .zip(x.par_chunks(h).zip(g.par_chunks(h)))
-                .fold(
-                    || vec![0f32; h],
-                    |mut dw, (dx, (x, g))| {
+            // Partial sums of dw over fixed blocks of rows, added in order: the same result
+            // whatever the thread schedule (a resumed run must repeat the original exactly).
+            let block = 64 * h;
+            let partials: Vec<Vec<f32>> = dx
+                .par_chunks_mut(block)
+                .zip(x.par_chunks(block).zip(g.par_chunks(block)))
+                .map(|(dx, (x, g))| {
+                    let mut dw = vec![0f32; h];
+                    for (dx, (x, g)) in dx.chunks_mut(h).zip(x.chunks(h).zip(g.chunks(h))) {
                         let inv = inv_rms(x, self.eps);
                         // dx = inv · (g∘w − x̂ · mean(g∘w∘x̂)), x̂ = x · inv
                         let dot: f32 = x.iter().zip(g).zip(w).map(|((&x, &g), &w)| g * w * x * inv).sum::<f32>() / h as f32;
@@ -155,13 +157,14 @@ impl CustomOp2 for RmsNorm {
                             dw[i] += g[i] * xhat;
                             dx[i] = inv * (g[i] * w[i] - xhat * dot);
                         }
-                        dw
-                    },
-                )
-                .reduce(|| vec![0f32; h], |mut a, b| {
-                    a.iter_mut().zip(&b).for_each(|(a, b)| *a += b);
-                    a
-                });
+                    }
+                    dw
+                })
+                .collect();
+            let mut dw = vec![0f32; h];
+            for part in &partials {
+                dw.iter_mut().zip(part).for_each(|(a, b)| *a += b);
+            }
             (dx, dw)
         })?;
         Ok((Some(tensor(dx, x.shape())?), Some(tensor(dw, w.shape())?)))
@@ -649,6 +652,95 @@ impl CustomOp2 for LmHeadLogps {
 pub fn lm_head_logps(hidden: &Tensor, weight: &Tensor, targets: &[u32]) -> Result<Tensor> {
     let op = LmHeadLogps { targets: targets.to_vec(), lse: Mutex::new(Vec::new()) };
     hidden.contiguous()?.apply_op2(&weight.contiguous()?, op)
+}
+
+// ---------------------------------------------------------------------------------------
+// Optimizer kernels
+
+/// The scalars of one AdamW update (PyTorch's `torch.optim.AdamW`, decoupled weight decay),
+/// each computed in f64 as PyTorch does in Python before the kernel sees it.
+#[derive(Debug, Clone, Copy)]
+pub struct AdamWStep {
+    /// β₁.
+    pub beta1: f32,
+    /// `1 − β₁`.
+    pub one_minus_beta1: f32,
+    /// β₂.
+    pub beta2: f32,
+    /// `1 − β₂`.
+    pub one_minus_beta2: f32,
+    /// ε.
+    pub eps: f32,
+    /// `lr / (1 − β₁ᵗ)`.
+    pub step_size: f32,
+    /// `√(1 − β₂ᵗ)`.
+    pub sqrt_bias_correction2: f32,
+    /// `1 − lr · weight_decay` (1 for tensors without decay).
+    pub decay: f32,
+}
+
+/// `m ← β₁m + (1−β₁)g; v ← β₂v + (1−β₂)g²` on moments stored as `[2, ...]` (m then v).
+struct Moments(AdamWStep);
+
+impl candle::InplaceOp2 for Moments {
+    fn name(&self) -> &'static str {
+        "fused-adamw-moments"
+    }
+
+    fn cpu_fwd(&self, dst: &mut CpuStorage, dst_l: &Layout, src: &CpuStorage, src_l: &Layout) -> Result<()> {
+        let Some((start, end)) = dst_l.contiguous_offsets() else { candle::bail!("moments must be contiguous") };
+        let g = slice(src, src_l)?;
+        let CpuStorage::F32(mv) = dst else { candle::bail!("moments must be f32") };
+        let (m, v) = mv[start..end].split_at_mut(g.len());
+        let s = self.0;
+        m.par_chunks_mut(4096).zip(v.par_chunks_mut(4096)).zip(g.par_chunks(4096)).for_each(|((m, v), g)| {
+            for ((m, v), &g) in m.iter_mut().zip(v.iter_mut()).zip(g) {
+                *m = s.beta1 * *m + s.one_minus_beta1 * g;
+                *v = s.beta2 * *v + s.one_minus_beta2 * (g * g);
+            }
+        });
+        Ok(())
+    }
+}
+
+/// `p ← p·decay − (lr / (1−β₁ᵗ)) · m / (√v / √(1−β₂ᵗ) + ε)`.
+struct ParamUpdate(AdamWStep);
+
+impl candle::InplaceOp2 for ParamUpdate {
+    fn name(&self) -> &'static str {
+        "fused-adamw-update"
+    }
+
+    fn cpu_fwd(&self, dst: &mut CpuStorage, dst_l: &Layout, src: &CpuStorage, src_l: &Layout) -> Result<()> {
+        let Some((start, end)) = dst_l.contiguous_offsets() else { candle::bail!("parameters must be contiguous") };
+        let mv = slice(src, src_l)?;
+        let CpuStorage::F32(p) = dst else { candle::bail!("parameters must be f32") };
+        let p = &mut p[start..end];
+        let (m, v) = mv.split_at(p.len());
+        let s = self.0;
+        p.par_chunks_mut(4096).zip(m.par_chunks(4096).zip(v.par_chunks(4096))).for_each(|(p, (m, v))| {
+            for ((p, &m), &v) in p.iter_mut().zip(m).zip(v) {
+                *p = *p * s.decay - (m / (v.sqrt() / s.sqrt_bias_correction2 + s.eps)) * s.step_size;
+            }
+        });
+        Ok(())
+    }
+}
+
+/// One AdamW update in place: `moments` (`[2, ...]`, m then v) and `param` are overwritten;
+/// two passes over memory instead of a dozen allocating tensor ops.
+pub fn adamw_update(param: &Tensor, grad: &Tensor, moments: &Tensor, step: AdamWStep) -> Result<()> {
+    moments.inplace_op2(&grad.contiguous()?, &Moments(step))?;
+    param.inplace_op2(moments, &ParamUpdate(step))
+}
+
+/// `Σ t²` accumulated in f64 (f32 CPU tensors), without a converted copy; blocks are summed
+/// in order, so the result does not depend on the thread schedule.
+pub fn sum_squares(t: &Tensor) -> Result<f64> {
+    with_values(&[t], |s| {
+        let blocks: Vec<f64> = s[0].par_chunks(1 << 14).map(|c| c.iter().map(|&x| (x as f64) * (x as f64)).sum::<f64>()).collect();
+        blocks.iter().sum()
+    })
 }
 
 #[cfg(test)]

@@ -323,6 +323,7 @@ pub fn train(cfg: &TrainConfig, opts: &RunOptions) -> Result<RunSummary> {
         weight_decay: cfg.optim.weight_decay,
     };
     let mut opt = AdamW::new(vars, adam)?;
+    opt.set_kernels(cfg.model.kernels);
     let mut step = 0u64;
     if let Some((_, dir)) = &resume_from {
         let (state, tensors) = checkpoint::load_state(dir)?;

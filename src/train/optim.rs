@@ -6,6 +6,9 @@ use std::collections::HashMap;
 use candle::{DType, Result, Tensor, Var};
 use serde::{Deserialize, Serialize};
 
+use crate::model::fused::{self, AdamWStep};
+use crate::model::Kernels;
+
 /// AdamW hyper-parameters (PyTorch's defaults except the learning rate).
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct AdamWConfig {
@@ -31,8 +34,8 @@ impl Default for AdamWConfig {
 struct Slot {
     name: String,
     var: Var,
-    m: Tensor,
-    v: Tensor,
+    /// `[2, ...var shape]`: the first moment, then the second, in f32.
+    moments: Tensor,
     decay: bool,
 }
 
@@ -43,6 +46,7 @@ pub struct AdamW {
     slots: Vec<Slot>,
     step: u64,
     cfg: AdamWConfig,
+    kernels: Kernels,
 }
 
 impl AdamW {
@@ -52,12 +56,19 @@ impl AdamW {
         let slots = vars
             .into_iter()
             .map(|(name, var)| {
-                let zeros = var.as_tensor().zeros_like()?.to_dtype(DType::F32)?;
+                let mut shape = vec![2];
+                shape.extend_from_slice(var.dims());
+                let moments = Tensor::zeros(shape, DType::F32, var.device())?;
                 let decay = var.as_tensor().rank() >= 2;
-                Ok(Slot { name, m: zeros.clone(), v: zeros, decay, var })
+                Ok(Slot { name, moments, decay, var })
             })
             .collect::<Result<_>>()?;
-        Ok(Self { slots, step: 0, cfg })
+        Ok(Self { slots, step: 0, cfg, kernels: Kernels::default() })
+    }
+
+    /// Update with the fused in-place kernel (f32 CPU) or with plain tensor ops.
+    pub fn set_kernels(&mut self, kernels: Kernels) {
+        self.kernels = kernels;
     }
 
     /// Names of the optimized variables, in order.
@@ -84,14 +95,30 @@ impl AdamW {
         let bc2 = 1.0 - c.beta2.powi(self.step as i32);
         for (slot, grad) in self.slots.iter_mut().zip(grads) {
             let Some(g) = grad else { continue };
+            let decay = if slot.decay && c.weight_decay > 0.0 { 1.0 - lr * c.weight_decay } else { 1.0 };
+            let p = slot.var.as_tensor();
+            if self.kernels == Kernels::Fused && fused::supports(&[p, g]) {
+                let step = AdamWStep {
+                    beta1: c.beta1 as f32,
+                    one_minus_beta1: (1.0 - c.beta1) as f32,
+                    beta2: c.beta2 as f32,
+                    one_minus_beta2: (1.0 - c.beta2) as f32,
+                    eps: c.eps as f32,
+                    step_size: (lr / bc1) as f32,
+                    sqrt_bias_correction2: bc2.sqrt() as f32,
+                    decay: decay as f32,
+                };
+                fused::adamw_update(p, g, &slot.moments, step)?;
+                continue;
+            }
             let g = g.to_dtype(DType::F32)?;
-            let p = slot.var.as_tensor().detach().to_dtype(DType::F32)?;
-            let p = if slot.decay && c.weight_decay > 0.0 { (p * (1.0 - lr * c.weight_decay))? } else { p };
-            slot.m = ((&slot.m * c.beta1)? + (&g * (1.0 - c.beta1))?)?;
-            slot.v = ((&slot.v * c.beta2)? + (g.sqr()? * (1.0 - c.beta2))?)?;
-            let denom = ((slot.v.sqrt()? / bc2.sqrt())? + c.eps)?;
-            let update = ((&slot.m / denom)? * (lr / bc1))?;
+            let p = (p.detach().to_dtype(DType::F32)? * decay)?;
+            let m = ((slot.moments.get(0)? * c.beta1)? + (&g * (1.0 - c.beta1))?)?;
+            let v = ((slot.moments.get(1)? * c.beta2)? + (g.sqr()? * (1.0 - c.beta2))?)?;
+            let denom = ((v.sqrt()? / bc2.sqrt())? + c.eps)?;
+            let update = ((&m / denom)? * (lr / bc1))?;
             slot.var.set(&(p - update)?.to_dtype(slot.var.dtype())?)?;
+            slot.moments = Tensor::stack(&[m, v], 0)?;
         }
         Ok(())
     }
@@ -100,8 +127,9 @@ impl AdamW {
     pub fn state(&self) -> (u64, HashMap<String, Tensor>) {
         let mut tensors = HashMap::new();
         for s in &self.slots {
-            tensors.insert(format!("{}.exp_avg", s.name), s.m.clone());
-            tensors.insert(format!("{}.exp_avg_sq", s.name), s.v.clone());
+            // Copies: the fused update overwrites the moments in place.
+            tensors.insert(format!("{}.exp_avg", s.name), s.moments.get(0).and_then(|t| t.copy()).expect("moments have two halves"));
+            tensors.insert(format!("{}.exp_avg_sq", s.name), s.moments.get(1).and_then(|t| t.copy()).expect("moments have two halves"));
         }
         (self.step, tensors)
     }
@@ -112,8 +140,9 @@ impl AdamW {
             let get = |k: String| {
                 tensors.get(&k).cloned().ok_or_else(|| candle::Error::Msg(format!("optimizer state lacks `{k}`")))
             };
-            s.m = get(format!("{}.exp_avg", s.name))?.to_device(s.var.device())?;
-            s.v = get(format!("{}.exp_avg_sq", s.name))?.to_device(s.var.device())?;
+            let m = get(format!("{}.exp_avg", s.name))?.to_device(s.var.device())?.to_dtype(DType::F32)?;
+            let v = get(format!("{}.exp_avg_sq", s.name))?.to_device(s.var.device())?.to_dtype(DType::F32)?;
+            s.moments = Tensor::stack(&[m, v], 0)?;
         }
         self.step = step;
         Ok(())
@@ -124,7 +153,11 @@ impl AdamW {
 pub fn global_norm(grads: &[Option<Tensor>]) -> Result<f64> {
     let mut total = 0f64;
     for g in grads.iter().flatten() {
-        total += g.to_dtype(DType::F64)?.sqr()?.sum_all()?.to_scalar::<f64>()?;
+        total += if fused::supports(&[g]) {
+            fused::sum_squares(g)?
+        } else {
+            g.to_dtype(DType::F64)?.sqr()?.sum_all()?.to_scalar::<f64>()?
+        };
     }
     Ok(total.sqrt())
 }
@@ -214,5 +247,28 @@ mod tests {
         // decay: 1 · (1 − 0.1·0.5) = 0.95, then − 0.1 → 0.85; −1 → −0.95 + 0.1 = −0.85
         assert!((w[0][0] - 0.85).abs() < 1e-6 && (w[0][1] + 0.85).abs() < 1e-6, "{w:?}");
         assert!((b.as_tensor().to_vec1::<f32>().unwrap()[0] - 0.9).abs() < 1e-6, "biases are not decayed");
+    }
+
+    /// The fused in-place update equals the plain tensor-op update over several steps, with
+    /// weight decay, and leaves the same moments.
+    #[test]
+    fn fused_adamw_equals_plain_adamw() {
+        let run = |kernels: Kernels| {
+            let w = Var::from_tensor(&Tensor::new(&[[0.5f32, -1.0, 2.0], [0.1, 0.0, -0.3]], &Device::Cpu).unwrap()).unwrap();
+            let cfg = AdamWConfig { lr: 0.01, weight_decay: 0.1, ..Default::default() };
+            let mut opt = AdamW::new(vec![("w".into(), w.clone())], cfg).unwrap();
+            opt.set_kernels(kernels);
+            for step in 0..3 {
+                let g = (Tensor::new(&[[1f32, -2.0, 0.5], [3.0, 0.0, -1.0]], &Device::Cpu).unwrap() * (step as f64 + 1.0)).unwrap();
+                opt.step(&[Some(g)], 0.01).unwrap();
+            }
+            let v = opt.state().1["w.exp_avg_sq"].flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            (w.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap(), v)
+        };
+        let (plain, fused) = (run(Kernels::Plain), run(Kernels::Fused));
+        for (a, b) in plain.0.iter().zip(&fused.0).chain(plain.1.iter().zip(&fused.1)) {
+            assert!((a - b).abs() < 1e-6, "{plain:?} vs {fused:?}");
+        }
+        assert!((plain.0[0] - 0.5).abs() > 0.01, "the weights moved");
     }
 }
