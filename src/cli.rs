@@ -264,6 +264,9 @@ pub struct TrainArgs {
     /// Batch examples of similar length together (less padding).
     #[arg(long)]
     pub group_by_length: bool,
+    /// Recompute each decoder block in the backward instead of keeping its activations.
+    #[arg(long)]
+    pub gradient_checkpointing: bool,
     /// SFT: pack several sequences into each `--max-length` row.
     #[arg(long)]
     pub packing: bool,
@@ -352,6 +355,9 @@ pub struct BenchTrainArgs {
     /// Train LoRA adapters of this rank (on q_proj and v_proj) instead of every weight.
     #[arg(long)]
     pub lora_r: Option<usize>,
+    /// Recompute each decoder block in the backward instead of keeping its activations.
+    #[arg(long)]
+    pub gradient_checkpointing: bool,
     /// Print one JSON object instead of text.
     #[arg(long)]
     pub json: bool,

@@ -393,3 +393,31 @@ fn packed_sft_has_the_loss_of_unpacked_sft() {
     assert!((a - b).abs() < 1e-5, "{a} vs {b}");
     assert!(packed["tokens_per_second"].as_f64().unwrap() > 0.0);
 }
+
+/// `--gradient-checkpointing` and `--kernels plain` change how a step is computed, not what it
+/// computes: the metrics of four steps match the default run's.
+#[test]
+fn gradient_checkpointing_and_plain_kernels_train_the_same_model() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("pairs.jsonl");
+    write_examples(&data);
+    let run = |name: &str, extra: &[&str]| {
+        let out = dir.path().join(name);
+        let mut args = vec!["--max-steps", "4"];
+        args.extend_from_slice(extra);
+        let o = train_command(&data, &out, &args).output().unwrap();
+        assert!(o.status.success(), "{name}: {}", String::from_utf8_lossy(&o.stderr));
+        metrics(&out)
+    };
+    let base = run("base", &[]);
+    for (name, extra) in [("checkpointed", &["--gradient-checkpointing"][..]), ("plain", &["--kernels", "plain"][..])] {
+        let got = run(name, extra);
+        assert_eq!(got.len(), 4);
+        for (g, w) in got.iter().zip(&base) {
+            for key in ["loss", "grad_norm", "rewards/margins"] {
+                let (g, w) = (g[key].as_f64().unwrap(), w[key].as_f64().unwrap());
+                assert!((g - w).abs() <= 1e-4 * w.abs().max(1e-3), "{name}: step {key} {g} vs {w}");
+            }
+        }
+    }
+}

@@ -28,6 +28,7 @@ fn train_bench(args: &BenchTrainArgs, global: &GlobalArgs) -> Result<()> {
     let loaded = super::load_model(&args.model.model, global)?;
     let reference = objective.needs_reference().then(|| loaded.model.clone());
     let mut policy = loaded.model.clone();
+    policy.set_gradient_checkpointing(args.gradient_checkpointing);
     let params: usize = policy.named_weights().iter().map(|(_, t)| t.elem_count()).sum();
     let opt_vars = match args.lora_r {
         Some(r) => {
@@ -90,6 +91,8 @@ fn train_bench(args: &BenchTrainArgs, global: &GlobalArgs) -> Result<()> {
         "batch_size": args.batch_size,
         "seq_len": args.seq_len,
         "lora_r": args.lora_r,
+        "kernels": global.kernels.to_string(),
+        "gradient_checkpointing": args.gradient_checkpointing,
         "steps_timed": times.len(),
         "seconds_per_step": median,
         "tokens_per_second": tokens / median,

@@ -102,6 +102,9 @@ pub fn resolve(args: &TrainArgs, global: &GlobalArgs) -> Result<TrainConfig> {
     if args.packing {
         put("run.packing", toml::Value::Boolean(true));
     }
+    if args.gradient_checkpointing {
+        put("run.gradient_checkpointing", toml::Value::Boolean(true));
+    }
     if args.group_by_length {
         put("run.group_by_length", toml::Value::Boolean(true));
     }

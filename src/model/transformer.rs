@@ -6,7 +6,10 @@
 //!
 //! Shapes: B = batch, T = new positions, S = cached + new positions, V = vocabulary.
 
-use candle::{DType, Device, Result, Tensor, Var, D};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use candle::{CpuStorage, CustomOp1, DType, Device, Layout, Result, Shape, Tensor, TensorId, Var, D};
 
 use super::config::ModelConfig;
 use super::fused::{self, AttentionPattern, Kernels};
@@ -119,6 +122,9 @@ pub struct CausalLm {
     score: Option<Tensor>,
     inv_freq: Vec<f32>,
     kernels: Kernels,
+    /// Weight gradients of checkpointed blocks, deposited by their backward; `None` when
+    /// activation checkpointing is off.
+    checkpoint_grads: Option<Arc<Mutex<HashMap<TensorId, Tensor>>>>,
 }
 
 impl CausalLm {
@@ -154,7 +160,7 @@ impl CausalLm {
         };
         let score = if config.num_labels.is_some() { Some(w.tensor("score.weight")?) } else { None };
         let inv_freq = ops::rope_inv_freq(config.head_dim, config.rope_theta, config.rope_scaling.as_ref());
-        Ok(Self { config, embed_tokens, layers, norm, lm_head, score, inv_freq, kernels: Kernels::default() })
+        Ok(Self { config, embed_tokens, layers, norm, lm_head, score, inv_freq, kernels: Kernels::default(), checkpoint_grads: None })
     }
 
     /// The resolved configuration.
@@ -180,6 +186,20 @@ impl CausalLm {
     /// Choose the kernels of later forward passes.
     pub fn set_kernels(&mut self, kernels: Kernels) {
         self.kernels = kernels;
+    }
+
+    /// Turn per-layer activation checkpointing on or off: a training forward keeps only each
+    /// block's input and recomputes the block during the backward (less memory, one more
+    /// forward of every block). Weight gradients of the blocks then arrive through
+    /// [`CausalLm::take_checkpoint_grads`], not through the `GradStore`.
+    pub fn set_gradient_checkpointing(&mut self, on: bool) {
+        self.checkpoint_grads = on.then(|| Arc::new(Mutex::new(HashMap::new())));
+    }
+
+    /// Gradients the checkpointed blocks' backward passes computed since the last call, by
+    /// tensor id (empty without checkpointing).
+    pub fn take_checkpoint_grads(&self) -> HashMap<TensorId, Tensor> {
+        self.checkpoint_grads.as_ref().map(|g| std::mem::take(&mut *g.lock().expect("gradient sink lock"))).unwrap_or_default()
     }
 
     /// Whether a forward pass without a KV cache takes the fused kernels.
@@ -402,22 +422,91 @@ impl CausalLm {
         };
         let (cos, sin) = ops::rope_tables(&self.inv_freq, positions, self.dtype())?;
         let mut x = self.embed_tokens.embedding_rows(ids)?;
-        match cache {
-            None if self.fused() => {
-                let full = AttentionPattern::new(opts.attention_mask, b, t, None)?;
-                let sliding = self.config.sliding_window.map(|w| AttentionPattern::new(opts.attention_mask, b, t, Some(w))).transpose()?;
-                for (i, layer) in self.layers.iter().enumerate() {
-                    let pattern = match &sliding {
-                        Some(p) if i >= self.config.first_sliding_layer => p,
-                        _ => &full,
-                    };
-                    x = self.fused_block(layer, &x, &cos, &sin, pattern)?;
-                }
-                return fused::rms_norm(&x, &self.norm, self.config.rms_norm_eps);
-            }
-            cache => x = self.plain_blocks(x, &cos, &sin, opts.attention_mask, cache)?,
+        if cache.is_some() {
+            x = self.plain_blocks(x, &cos, &sin, opts.attention_mask, cache)?;
+            return ops::rms_norm(&x, &self.norm, self.config.rms_norm_eps);
         }
-        ops::rms_norm(&x, &self.norm, self.config.rms_norm_eps)
+        let ctx = if self.fused() {
+            BlockContext::Fused {
+                cos,
+                sin,
+                full: AttentionPattern::new(opts.attention_mask, b, t, None)?,
+                sliding: self.config.sliding_window.map(|w| AttentionPattern::new(opts.attention_mask, b, t, Some(w))).transpose()?,
+            }
+        } else {
+            BlockContext::Plain {
+                cos,
+                sin,
+                full: ops::attention_mask(opts.attention_mask, b, t, 0, None, device)?,
+                sliding: self.config.sliding_window.map(|w| ops::attention_mask(opts.attention_mask, b, t, 0, Some(w), device)).transpose()?,
+            }
+        };
+        let checkpoint = match &self.checkpoint_grads {
+            Some(sink) if x.track_op() => Some((self.detached(), sink)),
+            _ => None,
+        };
+        for i in 0..self.layers.len() {
+            x = match &checkpoint {
+                None => self.block(i, &x, &ctx)?,
+                Some((frozen, sink)) => {
+                    let output = frozen.block(i, &x.detach(), &ctx)?;
+                    let op = CheckpointedBlock {
+                        model: self.clone(),
+                        layer: i,
+                        ctx: ctx.clone(),
+                        output: Mutex::new(Some(output)),
+                        sink: Arc::clone(sink),
+                    };
+                    x.apply_op1(op)?
+                }
+            };
+        }
+        match ctx {
+            BlockContext::Fused { .. } => fused::rms_norm(&x, &self.norm, self.config.rms_norm_eps),
+            BlockContext::Plain { .. } => ops::rms_norm(&x, &self.norm, self.config.rms_norm_eps),
+        }
+    }
+
+    /// Decoder block `i` without a cache, with the kernels `ctx` was made for.
+    fn block(&self, i: usize, x: &Tensor, ctx: &BlockContext) -> Result<Tensor> {
+        let layer = &self.layers[i];
+        let sliding_layer = i >= self.config.first_sliding_layer;
+        match ctx {
+            BlockContext::Fused { cos, sin, full, sliding } => {
+                let pattern = match sliding {
+                    Some(p) if sliding_layer => p,
+                    _ => full,
+                };
+                self.fused_block(layer, x, cos, sin, pattern)
+            }
+            BlockContext::Plain { cos, sin, full, sliding } => {
+                let mask = match sliding {
+                    Some(m) if sliding_layer => m,
+                    _ => full,
+                };
+                self.plain_block(i, x.clone(), cos, sin, mask, None)
+            }
+        }
+    }
+
+    /// The same weights outside autograd, adapters' dropout seeds kept (a checkpointed block's
+    /// forward must match its recomputation).
+    fn detached(&self) -> Self {
+        let mut view = self.clone();
+        view.visit_weights_mut(&mut |_, t| {
+            *t = t.detach();
+            Ok(())
+        })
+        .expect("detaching cannot fail");
+        view.visit_linears_mut(&mut |_, _, lin| {
+            if let Some(ad) = lin.lora.as_mut() {
+                ad.a = ad.a.detach();
+                ad.b = ad.b.detach();
+            }
+            Ok(())
+        })
+        .expect("detaching cannot fail");
+        view
     }
 
     /// One decoder block with the fused kernels (no cache): q/k/v stay `[B, T, heads, D]`.
@@ -438,7 +527,7 @@ impl CausalLm {
         &x + m.down_proj.forward(&fused::silu_mul(&gate, &up)?)?
     }
 
-    /// Every decoder block with the plain ops, appending to the cache if one is given.
+    /// Every decoder block with the plain ops, appending to the cache.
     fn plain_blocks(
         &self,
         mut x: Tensor,
@@ -447,47 +536,54 @@ impl CausalLm {
         key_padding: Option<&Tensor>,
         mut cache: Option<&mut KvCache>,
     ) -> Result<Tensor> {
-        let cfg = &self.config;
         let (b, t, _) = x.dims3()?;
         let past = cache.as_ref().map_or(0, |c| c.len());
         let device = x.device().clone();
         let full_mask = ops::attention_mask(key_padding, b, t, past, None, &device)?;
-        let sliding_mask = match cfg.sliding_window {
+        let sliding_mask = match self.config.sliding_window {
             Some(w) => Some(ops::attention_mask(key_padding, b, t, past, Some(w), &device)?),
             None => None,
         };
-        let (h, kv, hd) = (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim);
-        for (i, layer) in self.layers.iter().enumerate() {
-            let residual = &x;
-            let normed = ops::rms_norm(&x, &layer.input_layernorm, cfg.rms_norm_eps)?;
-            let a = &layer.self_attn;
-            // [B, T, heads * D] -> [B, heads, T, D]
-            let split = |y: Tensor, heads: usize| y.reshape((b, t, heads, hd))?.transpose(1, 2);
-            let [q, k, v] = Linear::forward_group(&normed, [&a.q_proj, &a.k_proj, &a.v_proj])?;
-            let q = ops::apply_rope(&split(q, h)?, cos, sin)?;
-            let k = ops::apply_rope(&split(k, kv)?, cos, sin)?;
-            let v = split(v, kv)?;
-            let (k, v) = match cache.as_deref_mut() {
-                Some(c) => c.append(i, &k, &v)?,
-                None => (k, v),
-            };
+        for i in 0..self.layers.len() {
             let mask = match &sliding_mask {
-                Some(m) if i >= cfg.first_sliding_layer => m,
+                Some(m) if i >= self.config.first_sliding_layer => m,
                 _ => &full_mask,
             };
-            let attn = ops::attention(&q, &k, &v, mask, cfg.kv_groups())?; // [B, H, T, D]
-            let attn = attn.transpose(1, 2)?.reshape((b, t, h * hd))?;
-            x = (residual + a.o_proj.forward(&attn)?)?;
-            let normed = ops::rms_norm(&x, &layer.post_attention_layernorm, cfg.rms_norm_eps)?;
-            let m = &layer.mlp;
-            let [gate, up] = Linear::forward_group(&normed, [&m.gate_proj, &m.up_proj])?;
-            let gated = ops::silu_mul(&gate, &up)?;
-            x = (&x + m.down_proj.forward(&gated)?)?;
+            x = self.plain_block(i, x, cos, sin, mask, cache.as_deref_mut())?;
         }
         if let Some(c) = cache {
             c.advance(t);
         }
         Ok(x)
+    }
+
+    /// Decoder block `i` with the plain ops and an additive mask, appending its keys and
+    /// values to the cache if one is given.
+    fn plain_block(&self, i: usize, x: Tensor, cos: &Tensor, sin: &Tensor, mask: &Tensor, cache: Option<&mut KvCache>) -> Result<Tensor> {
+        let cfg = &self.config;
+        let layer = &self.layers[i];
+        let (b, t, _) = x.dims3()?;
+        let (h, kv, hd) = (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim);
+        let normed = ops::rms_norm(&x, &layer.input_layernorm, cfg.rms_norm_eps)?;
+        let a = &layer.self_attn;
+        // [B, T, heads * D] -> [B, heads, T, D]
+        let split = |y: Tensor, heads: usize| y.reshape((b, t, heads, hd))?.transpose(1, 2);
+        let [q, k, v] = Linear::forward_group(&normed, [&a.q_proj, &a.k_proj, &a.v_proj])?;
+        let q = ops::apply_rope(&split(q, h)?, cos, sin)?;
+        let k = ops::apply_rope(&split(k, kv)?, cos, sin)?;
+        let v = split(v, kv)?;
+        let (k, v) = match cache {
+            Some(c) => c.append(i, &k, &v)?,
+            None => (k, v),
+        };
+        let attn = ops::attention(&q, &k, &v, mask, cfg.kv_groups())?; // [B, H, T, D]
+        let attn = attn.transpose(1, 2)?.reshape((b, t, h * hd))?;
+        let x = (x + a.o_proj.forward(&attn)?)?;
+        let normed = ops::rms_norm(&x, &layer.post_attention_layernorm, cfg.rms_norm_eps)?;
+        let m = &layer.mlp;
+        let [gate, up] = Linear::forward_group(&normed, [&m.gate_proj, &m.up_proj])?;
+        let gated = ops::silu_mul(&gate, &up)?;
+        &x + m.down_proj.forward(&gated)?
     }
 
     /// Next-token logits `[B, T, V]` at every position.
@@ -552,6 +648,82 @@ impl CausalLm {
     /// A fresh, empty KV cache for this model.
     pub fn new_cache(&self) -> KvCache {
         KvCache::new(self.config.num_hidden_layers)
+    }
+}
+
+/// What every block of one forward pass shares: RoPE tables and who attends to whom, in the
+/// form the chosen kernels take.
+#[derive(Debug, Clone)]
+enum BlockContext {
+    Fused { cos: Tensor, sin: Tensor, full: AttentionPattern, sliding: Option<AttentionPattern> },
+    Plain { cos: Tensor, sin: Tensor, full: Tensor, sliding: Option<Tensor> },
+}
+
+/// A decoder block whose forward ran outside autograd: the graph holds only its input. Its
+/// backward recomputes the block with gradients, passes the input's gradient on and deposits
+/// the weights' gradients in the model's sink.
+struct CheckpointedBlock {
+    model: CausalLm,
+    layer: usize,
+    ctx: BlockContext,
+    /// The block's output, handed over once by the forward.
+    output: Mutex<Option<Tensor>>,
+    sink: Arc<Mutex<HashMap<TensorId, Tensor>>>,
+}
+
+impl CustomOp1 for CheckpointedBlock {
+    fn name(&self) -> &'static str {
+        "checkpointed-block"
+    }
+
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+        let output = self.output.lock().expect("output lock").take().ok_or_else(|| candle::Error::Msg("checkpointed block applied twice".into()))?;
+        let (storage, layout) = output.storage_and_layout();
+        let candle::Storage::Cpu(cpu) = &*storage else { candle::bail!("gradient checkpointing runs on the CPU") };
+        // The output is a fresh tensor (a residual sum) that owns its whole storage.
+        if !layout.is_contiguous() || layout.start_offset() != 0 {
+            candle::bail!("checkpointed block output is not a whole contiguous tensor");
+        }
+        Ok((cpu.clone(), output.shape().clone()))
+    }
+
+    fn bwd(&self, x: &Tensor, _: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let input = Var::from_tensor(&x.detach())?;
+        let y = self.model.block(self.layer, input.as_tensor(), &self.ctx)?;
+        let grads = (y * grad)?.sum_all()?.backward()?;
+        let mut sink = self.sink.lock().expect("gradient sink lock");
+        self.model.layers[self.layer].visit_trainable(&mut |t| {
+            if let Some(g) = grads.get(t) {
+                let total = match sink.remove(&t.id()) {
+                    Some(prev) => (prev + g)?,
+                    None => g.clone(),
+                };
+                sink.insert(t.id(), total);
+            }
+            Ok(())
+        })?;
+        Ok(grads.get(input.as_tensor()).cloned())
+    }
+}
+
+impl Block {
+    /// Visit every tensor of the block that may be trainable (weights, biases, norms, adapters).
+    fn visit_trainable(&self, f: &mut dyn FnMut(&Tensor) -> Result<()>) -> Result<()> {
+        f(&self.input_layernorm)?;
+        f(&self.post_attention_layernorm)?;
+        let a = &self.self_attn;
+        let m = &self.mlp;
+        for lin in [&a.q_proj, &a.k_proj, &a.v_proj, &a.o_proj, &m.gate_proj, &m.up_proj, &m.down_proj] {
+            f(&lin.weight)?;
+            if let Some(b) = &lin.bias {
+                f(b)?;
+            }
+            if let Some(ad) = &lin.lora {
+                f(&ad.a)?;
+                f(&ad.b)?;
+            }
+        }
+        Ok(())
     }
 }
 

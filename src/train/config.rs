@@ -145,6 +145,10 @@ pub struct RunSection {
     /// Batch examples of similar length (transformers' `group_by_length`).
     #[serde(default)]
     pub group_by_length: bool,
+    /// Recompute each decoder block in the backward instead of keeping its activations
+    /// (transformers' `gradient_checkpointing`): less memory, one more forward per step.
+    #[serde(default)]
+    pub gradient_checkpointing: bool,
     /// SFT: pack several sequences into each row of `data.max_length` tokens (best-fit
     /// decreasing; sequences never attend to each other, positions restart per sequence).
     #[serde(default)]

@@ -296,6 +296,7 @@ pub fn train(cfg: &TrainConfig, opts: &RunOptions) -> Result<RunSummary> {
     };
     drop(start);
     policy.model.set_kernels(cfg.model.kernels);
+    policy.model.set_gradient_checkpointing(cfg.run.gradient_checkpointing);
 
     let mut items = load_items(&cfg.data.train, cfg, objective.data_need(), &policy)?;
     let mut eval_items = match &cfg.data.eval {
@@ -502,11 +503,13 @@ pub fn accumulate(
         add_metrics(&mut acc.metrics, out.metrics);
         acc.tokens += batch.iter().map(|i| i.tokens()).sum::<usize>();
         let g = out.loss.backward()?;
+        // Checkpointed blocks hand their weights' gradients over separately.
+        let mut checkpointed = policy.take_checkpoint_grads();
         for (sum, var) in acc.grads.iter_mut().zip(opt.vars()) {
-            if let Some(gv) = g.get(var.as_tensor()) {
+            for gv in [g.get(var.as_tensor()).cloned(), checkpointed.remove(&var.as_tensor().id())].into_iter().flatten() {
                 *sum = Some(match sum.take() {
                     Some(prev) => (prev + gv)?,
-                    None => gv.clone(),
+                    None => gv,
                 });
             }
         }
