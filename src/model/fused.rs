@@ -560,16 +560,27 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, pattern: AttentionPattern, 
 // ---------------------------------------------------------------------------------------
 // LM head + log-softmax + gather
 
-/// Rows of logits one chunk holds; `LOGIT_CHUNK x V` floats is all the logit memory used.
+/// Rows of logits one chunk holds; `LOGIT_CHUNK x V` floats is all the logit memory used
+/// when the probabilities are not kept.
 const LOGIT_CHUNK: usize = 128;
 
+/// The forward keeps the softmax of every row for the backward while it needs at most this
+/// many bytes (one LM-head GEMM and a vocabulary of exponentials fewer per row); beyond it the
+/// backward recomputes them chunk by chunk.
+const KEEP_PROBABILITIES_BYTES: usize = 512 << 20;
+
 /// `logp[n] = log_softmax(hidden[n] · Wᵀ)[target[n]]` without materialising the `[N, V]`
-/// logits: chunks of rows are projected, reduced and dropped; the backward recomputes each
-/// chunk's logits and turns them into `onehot − softmax` in place.
+/// logits: chunks of rows are projected, reduced and dropped (or kept as probabilities when
+/// small enough, see [`KEEP_PROBABILITIES_BYTES`]). The backward turns each chunk's
+/// probabilities into `onehot − softmax` in place.
 struct LmHeadLogps {
     targets: Vec<u32>,
+    /// Whether a backward will follow and the probabilities fit the budget.
+    keep: bool,
     /// Log-sum-exp of each row's logits, saved by the forward.
     lse: Mutex<Vec<f32>>,
+    /// Softmax of every row `[N, V]`, saved by the forward when `keep`.
+    probabilities: Mutex<Option<Vec<f32>>>,
 }
 
 impl LmHeadLogps {
@@ -590,54 +601,80 @@ impl CustomOp2 for LmHeadLogps {
         let (n, hsize) = l1.shape().dims2()?;
         let (hidden, w) = (slice(s1, l1)?, slice(s2, l2)?);
         let vocab = w.len() / hsize;
-        let mut logits = vec![0f32; LOGIT_CHUNK.min(n) * vocab];
+        let mut buffer = vec![0f32; if self.keep { n } else { LOGIT_CHUNK.min(n) } * vocab];
         let mut out = vec![0f32; n];
         let mut lse = vec![0f32; n];
         for r0 in (0..n).step_by(LOGIT_CHUNK) {
             let rows = LOGIT_CHUNK.min(n - r0);
-            Self::logits(hidden, w, hsize, r0, rows, &mut logits);
-            logits[..rows * vocab]
-                .par_chunks(vocab)
+            let logits = if self.keep { &mut buffer[r0 * vocab..(r0 + rows) * vocab] } else { &mut buffer[..rows * vocab] };
+            Self::logits(hidden, w, hsize, r0, rows, logits);
+            logits
+                .par_chunks_mut(vocab)
                 .zip(out[r0..r0 + rows].par_iter_mut().zip(lse[r0..r0 + rows].par_iter_mut()))
                 .enumerate()
                 .for_each(|(r, (row, (o, l)))| {
                     let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                    let sum: f32 = row.iter().map(|&x| (x - max).exp()).sum();
+                    let target_logit = row[self.targets[r0 + r] as usize];
+                    let sum: f32 = if self.keep {
+                        // Turn the row into its softmax while summing.
+                        let sum = row.iter_mut().map(|x| {
+                            *x = (*x - max).exp();
+                            *x
+                        });
+                        let sum: f32 = sum.sum();
+                        row.iter_mut().for_each(|x| *x /= sum);
+                        sum
+                    } else {
+                        row.iter().map(|&x| (x - max).exp()).sum()
+                    };
                     *l = max + sum.ln();
-                    *o = row[self.targets[r0 + r] as usize] - *l;
+                    *o = target_logit - *l;
                 });
         }
         *self.lse.lock().expect("lse lock") = lse;
+        if self.keep {
+            *self.probabilities.lock().expect("probabilities lock") = Some(buffer);
+        }
         Ok((CpuStorage::F32(out), Shape::from(n)))
     }
 
     fn bwd(&self, hidden: &Tensor, w: &Tensor, _: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let (n, hsize) = hidden.dims2()?;
         let lse = self.lse.lock().expect("lse lock").clone();
+        let mut kept = self.probabilities.lock().expect("probabilities lock").take();
         let track_w = w.track_op();
         let (dh, dw) = with_values(&[hidden, w, grad], |s| {
             let (hid, w, g) = (s[0], s[1], s[2]);
             let vocab = w.len() / hsize;
             let threads = rayon::current_num_threads();
-            let mut logits = vec![0f32; LOGIT_CHUNK.min(n) * vocab];
+            let mut scratch = if kept.is_some() { Vec::new() } else { vec![0f32; LOGIT_CHUNK.min(n) * vocab] };
             let mut dh = vec![0f32; n * hsize];
             let mut dw = if track_w { vec![0f32; vocab * hsize] } else { Vec::new() };
             for r0 in (0..n).step_by(LOGIT_CHUNK) {
                 let rows = LOGIT_CHUNK.min(n - r0);
-                Self::logits(hid, w, hsize, r0, rows, &mut logits);
-                // dlogits = g · (onehot − softmax)
-                logits[..rows * vocab].par_chunks_mut(vocab).enumerate().for_each(|(r, row)| {
-                    let (gr, l) = (g[r0 + r], lse[r0 + r]);
-                    for x in row.iter_mut() {
-                        *x = -gr * (*x - l).exp();
+                let chunk = match kept.as_mut() {
+                    Some(p) => &mut p[r0 * vocab..(r0 + rows) * vocab],
+                    None => {
+                        Self::logits(hid, w, hsize, r0, rows, &mut scratch);
+                        let chunk = &mut scratch[..rows * vocab];
+                        chunk.par_chunks_mut(vocab).enumerate().for_each(|(r, row)| {
+                            let l = lse[r0 + r];
+                            row.iter_mut().for_each(|x| *x = (*x - l).exp());
+                        });
+                        chunk
                     }
+                };
+                // dlogits = g · (onehot − softmax)
+                chunk.par_chunks_mut(vocab).enumerate().for_each(|(r, row)| {
+                    let gr = g[r0 + r];
+                    row.iter_mut().for_each(|x| *x *= -gr);
                     row[self.targets[r0 + r] as usize] += gr;
                 });
                 // dh[chunk] = dlogits · W
-                gemm(rows, hsize, vocab, (logits.as_ptr(), vocab as isize, 1), (w.as_ptr(), hsize as isize, 1), (dh[r0 * hsize..].as_mut_ptr(), hsize as isize, 1), false, threads);
+                gemm(rows, hsize, vocab, (chunk.as_ptr(), vocab as isize, 1), (w.as_ptr(), hsize as isize, 1), (dh[r0 * hsize..].as_mut_ptr(), hsize as isize, 1), false, threads);
                 if track_w {
                     // dW += dlogitsᵀ · hidden[chunk]
-                    gemm(vocab, hsize, rows, (logits.as_ptr(), 1, vocab as isize), (hid[r0 * hsize..].as_ptr(), hsize as isize, 1), (dw.as_mut_ptr(), hsize as isize, 1), true, threads);
+                    gemm(vocab, hsize, rows, (chunk.as_ptr(), 1, vocab as isize), (hid[r0 * hsize..].as_ptr(), hsize as isize, 1), (dw.as_mut_ptr(), hsize as isize, 1), true, threads);
                 }
             }
             (dh, dw)
@@ -650,7 +687,14 @@ impl CustomOp2 for LmHeadLogps {
 /// Log-probability of `targets[n]` under `log_softmax(hidden[n] · weightᵀ)`, for hidden
 /// `[N, H]` and an output projection `[V, H]`, chunked over rows (f32 CPU tensors).
 pub fn lm_head_logps(hidden: &Tensor, weight: &Tensor, targets: &[u32]) -> Result<Tensor> {
-    let op = LmHeadLogps { targets: targets.to_vec(), lse: Mutex::new(Vec::new()) };
+    lm_head_logps_within(hidden, weight, targets, KEEP_PROBABILITIES_BYTES)
+}
+
+/// [`lm_head_logps`] keeping the probabilities for the backward only within `budget` bytes.
+fn lm_head_logps_within(hidden: &Tensor, weight: &Tensor, targets: &[u32], budget: usize) -> Result<Tensor> {
+    let bytes = targets.len() * weight.dim(0)? * 4;
+    let keep = (hidden.track_op() || weight.track_op()) && bytes <= budget;
+    let op = LmHeadLogps { targets: targets.to_vec(), keep, lse: Mutex::new(Vec::new()), probabilities: Mutex::new(None) };
     hidden.contiguous()?.apply_op2(&weight.contiguous()?, op)
 }
 
@@ -841,14 +885,17 @@ mod tests {
         let (n, hs, v) = (300, 16, 50);
         let targets: Vec<u32> = (0..n as u32).map(|i| (i * 7) % v as u32).collect();
         let tt = Tensor::from_vec(targets.clone(), (1, n), &Device::Cpu).unwrap();
-        check_op(
-            &[randn(9, &[n, hs]), randn(10, &[v, hs])],
-            |x| lm_head_logps(&x[0], &x[1], &targets).unwrap(),
-            |x| {
-                let logits = x[0].matmul(&x[1].t().unwrap()).unwrap().unsqueeze(0).unwrap();
-                ops::gather_token_logps(&logits, &tt).unwrap().squeeze(0).unwrap()
-            },
-            2e-5,
-        );
+        // Probabilities kept by the forward, and recomputed chunk by chunk in the backward.
+        for budget in [KEEP_PROBABILITIES_BYTES, 0] {
+            check_op(
+                &[randn(9, &[n, hs]), randn(10, &[v, hs])],
+                |x| lm_head_logps_within(&x[0], &x[1], &targets, budget).unwrap(),
+                |x| {
+                    let logits = x[0].matmul(&x[1].t().unwrap()).unwrap().unsqueeze(0).unwrap();
+                    ops::gather_token_logps(&logits, &tt).unwrap().squeeze(0).unwrap()
+                },
+                2e-5,
+            );
+        }
     }
 }
