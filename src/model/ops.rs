@@ -127,11 +127,41 @@ fn dot_block(w: &[f32], inner: usize, x: &[f32], rows: usize, out: &mut [f32]) {
     }
 }
 
-/// AVX2 kernel of [`dot_block`]: four rows of `w` at a time against each row of `x`, so every
-/// load of `x` serves four FMAs and `w` streams through once.
+/// AVX2 kernel of [`dot_block`]: a block of four rows of `w` against up to three rows of `x`
+/// at a time (twelve accumulators), so each load of `w` serves up to three FMAs and each load
+/// of `x` four, and `w` streams through once.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn dot_block_avx2(w: &[f32], inner: usize, x: &[f32], rows: usize, out: &mut [f32]) {
+    let n_out = out.len() / rows;
+    let row = |o: usize| &w[o.min(n_out - 1) * inner..(o.min(n_out - 1) + 1) * inner];
+    let xrow = |r: usize| &x[r * inner..(r + 1) * inner];
+    for o in (0..n_out).step_by(4) {
+        let ws = [row(o), row(o + 1), row(o + 2), row(o + 3)];
+        let mut put = |r: usize, sums: &[[f32; 4]]| {
+            for (i, s) in sums.iter().enumerate() {
+                for (j, &v) in s.iter().enumerate().take(n_out - o) {
+                    out[(o + j) * rows + r + i] = v;
+                }
+            }
+        };
+        let mut r = 0;
+        while r < rows {
+            match rows - r {
+                1 => put(r, &dot_4_by::<1>(ws, [xrow(r)], inner)),
+                2 => put(r, &dot_4_by::<2>(ws, [xrow(r), xrow(r + 1)], inner)),
+                _ => put(r, &dot_4_by::<3>(ws, [xrow(r), xrow(r + 1), xrow(r + 2)], inner)),
+            }
+            r += (rows - r).min(3);
+        }
+    }
+}
+
+/// Dot products of four `w` rows with `R` `x` rows (`[r][j] = x_r · w_j`).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+unsafe fn dot_4_by<const R: usize>(ws: [&[f32]; 4], xs: [&[f32]; R], inner: usize) -> [[f32; 4]; R] {
     use std::arch::x86_64::*;
     #[inline(always)]
     unsafe fn hsum(v: __m256) -> f32 {
@@ -140,35 +170,24 @@ unsafe fn dot_block_avx2(w: &[f32], inner: usize, x: &[f32], rows: usize, out: &
         let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
         _mm_cvtss_f32(s)
     }
-    let n_out = out.len() / rows;
-    let row = |o: usize| &w[o.min(n_out - 1) * inner..(o.min(n_out - 1) + 1) * inner];
-    for o in (0..n_out).step_by(4) {
-        let (w0, w1, w2, w3) = (row(o), row(o + 1), row(o + 2), row(o + 3));
-        for r in 0..rows {
-            let xr = &x[r * inner..(r + 1) * inner];
-            let (mut a0, mut a1, mut a2, mut a3) =
-                (_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps());
-            let chunks = xr
-                .chunks_exact(8)
-                .zip(w0.chunks_exact(8))
-                .zip(w1.chunks_exact(8))
-                .zip(w2.chunks_exact(8))
-                .zip(w3.chunks_exact(8));
-            for ((((xc, c0), c1), c2), c3) in chunks {
-                let xv = _mm256_loadu_ps(xc.as_ptr());
-                a0 = _mm256_fmadd_ps(_mm256_loadu_ps(c0.as_ptr()), xv, a0);
-                a1 = _mm256_fmadd_ps(_mm256_loadu_ps(c1.as_ptr()), xv, a1);
-                a2 = _mm256_fmadd_ps(_mm256_loadu_ps(c2.as_ptr()), xv, a2);
-                a3 = _mm256_fmadd_ps(_mm256_loadu_ps(c3.as_ptr()), xv, a3);
-            }
-            let tail = inner / 8 * 8;
-            let rest = |wr: &[f32]| -> f32 { wr[tail..].iter().zip(&xr[tail..]).map(|(a, b)| a * b).sum() };
-            let sums = [hsum(a0) + rest(w0), hsum(a1) + rest(w1), hsum(a2) + rest(w2), hsum(a3) + rest(w3)];
-            for (j, &v) in sums.iter().enumerate().take(n_out - o) {
-                out[(o + j) * rows + r] = v;
+    let mut acc = [[_mm256_setzero_ps(); 4]; R];
+    let body = inner / 8 * 8;
+    for k in (0..body).step_by(8) {
+        let wv = ws.map(|w| _mm256_loadu_ps(w.as_ptr().add(k)));
+        for (acc_r, x) in acc.iter_mut().zip(xs) {
+            let xv = _mm256_loadu_ps(x.as_ptr().add(k));
+            for (a, &wj) in acc_r.iter_mut().zip(&wv) {
+                *a = _mm256_fmadd_ps(wj, xv, *a);
             }
         }
     }
+    let mut out = [[0f32; 4]; R];
+    for ((o, acc_r), x) in out.iter_mut().zip(&acc).zip(xs) {
+        for ((v, &a), w) in o.iter_mut().zip(acc_r).zip(ws) {
+            *v = hsum(a) + w[body..].iter().zip(&x[body..]).map(|(a, b)| a * b).sum::<f32>();
+        }
+    }
+    out
 }
 
 /// RMSNorm as transformers computes it: normalise in f32, cast back, then scale.
@@ -514,14 +533,17 @@ mod tests {
 
     #[test]
     fn matvec_path_equals_matmul() {
-        let x = Tensor::randn(0f32, 1., (3, 37), &Device::Cpu).unwrap();
-        let w = Tensor::randn(0f32, 1., (130, 37), &Device::Cpu).unwrap();
-        let w2 = Tensor::randn(0f32, 1., (7, 37), &Device::Cpu).unwrap();
-        let fast = matvec_group(&x, &[&w, &w2]).unwrap();
-        for (got, w) in fast.iter().zip([&w, &w2]) {
-            let slow = x.matmul(&w.t().unwrap()).unwrap();
-            let diff = (got - slow).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
-            assert!(diff < 1e-4, "{diff}");
+        // Row counts covering the kernel's blocks of 1, 2 and 3 rows of x.
+        for rows in [1, 2, 3, 4, 5, 7, 16] {
+            let x = Tensor::randn(0f32, 1., (rows, 37), &Device::Cpu).unwrap();
+            let w = Tensor::randn(0f32, 1., (130, 37), &Device::Cpu).unwrap();
+            let w2 = Tensor::randn(0f32, 1., (7, 37), &Device::Cpu).unwrap();
+            let fast = matvec_group(&x, &[&w, &w2]).unwrap();
+            for (got, w) in fast.iter().zip([&w, &w2]) {
+                let slow = x.matmul(&w.t().unwrap()).unwrap();
+                let diff = (got - slow).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+                assert!(diff < 1e-4, "{rows} rows: {diff}");
+            }
         }
     }
 
