@@ -385,21 +385,8 @@ impl CausalLm {
     /// A copy that shares the weights' storage but is outside autograd: it sees every
     /// optimizer update, and its forward passes build no graph (evaluation, sampling).
     pub fn frozen_view(&self) -> Self {
-        let mut view = self.clone();
-        view.visit_weights_mut(&mut |_, t| {
-            *t = t.detach();
-            Ok(())
-        })
-        .expect("detaching cannot fail");
-        view.visit_linears_mut(&mut |_, _, lin| {
-            if let Some(ad) = lin.lora.as_mut() {
-                ad.a = ad.a.detach();
-                ad.b = ad.b.detach();
-                ad.dropout_seed = None;
-            }
-            Ok(())
-        })
-        .expect("detaching cannot fail");
+        let mut view = self.detached();
+        view.set_lora_dropout_step(None);
         view
     }
 

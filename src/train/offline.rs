@@ -20,7 +20,7 @@ use super::config::TrainConfig;
 use super::optim::{clip_grad_norm, lr_at, AdamW, AdamWConfig};
 use crate::data::{collate, collate_packed, pack_best_fit, read_jsonl, Example, SequenceTokenizer, TokenizedSequence, Truncation};
 use crate::load::{self, LoadedModel};
-use crate::model::CausalLm;
+use crate::model::{fused, CausalLm};
 use crate::scoring::{completion_logps, row_sequences};
 
 /// One training example after tokenization.
@@ -496,6 +496,7 @@ pub fn accumulate(
         tokens: micro.iter().flatten().map(|i| i.loss_tokens()).sum::<usize>() as f64,
     };
     let mut acc = Accumulated { loss: 0.0, metrics: Vec::new(), tokens: 0, grads: vec![None; opt.vars().count()] };
+    let in_place = policy.kernels() == crate::model::Kernels::Fused;
     for batch in micro {
         let input = objective_input(policy, reference, batch, pad)?;
         let out = objective.compute(&input, &scale)?;
@@ -508,6 +509,12 @@ pub fn accumulate(
         for (sum, var) in acc.grads.iter_mut().zip(opt.vars()) {
             for gv in [g.get(var.as_tensor()).cloned(), checkpointed.remove(&var.as_tensor().id())].into_iter().flatten() {
                 *sum = Some(match sum.take() {
+                    // Every gradient candle's backward returns is a fresh sum that nothing
+                    // else holds, so the first micro-batch's can take the others in place.
+                    Some(prev) if in_place && fused::supports(&[&prev, &gv]) && prev.is_contiguous() => {
+                        fused::add_in_place(&prev, &gv)?;
+                        prev
+                    }
                     Some(prev) => (prev + gv)?,
                     None => gv,
                 });
