@@ -421,3 +421,31 @@ fn gradient_checkpointing_and_plain_kernels_train_the_same_model() {
         }
     }
 }
+
+/// `--dtype bf16` trains in mixed precision: f32 master weights (the checkpoint stays f32),
+/// bf16-rounded matmuls. Its losses follow the f32 run's closely but not exactly.
+#[test]
+fn bf16_trains_in_mixed_precision_close_to_f32() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("pairs.jsonl");
+    write_examples(&data);
+    let run = |name: &str, extra: &[&str]| {
+        let out = dir.path().join(name);
+        let mut args = vec!["--max-steps", "4"];
+        args.extend_from_slice(extra);
+        let o = train_command(&data, &out, &args).output().unwrap();
+        assert!(o.status.success(), "{name}: {}", String::from_utf8_lossy(&o.stderr));
+        (metrics(&out), out)
+    };
+    let (f32_metrics, _) = run("f32", &[]);
+    let (bf16_metrics, bf16_run) = run("bf16", &["--dtype", "bf16"]);
+    let mut differs = false;
+    for (g, w) in bf16_metrics.iter().zip(&f32_metrics) {
+        let (g, w) = (g["loss"].as_f64().unwrap(), w["loss"].as_f64().unwrap());
+        assert!((g - w).abs() < 2e-2, "bf16 loss {g} vs f32 {w}");
+        differs |= g != w;
+    }
+    assert!(differs, "bf16 rounding changed nothing: the matmuls did not run in bf16");
+    let weights = candle::safetensors::load(bf16_run.join("final/model.safetensors"), &Device::Cpu).unwrap();
+    assert!(weights.values().all(|t| t.dtype() == DType::F32), "master weights are saved in f32");
+}

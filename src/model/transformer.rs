@@ -42,6 +42,7 @@ impl Loader<'_> {
             weight: self.tensor(&format!("{prefix}.weight"))?,
             bias: if bias { Some(self.tensor(&format!("{prefix}.bias"))?) } else { None },
             lora: None,
+            round_input: None,
         })
     }
 }
@@ -55,6 +56,8 @@ pub struct Linear {
     pub bias: Option<Tensor>,
     /// A LoRA adapter added to the output, if any.
     pub lora: Option<LoraAdapter>,
+    /// Mixed precision: round the input to this dtype (and back) before the product.
+    round_input: Option<DType>,
 }
 
 impl Linear {
@@ -65,6 +68,14 @@ impl Linear {
 
     /// Apply several projections to the same input in one pass (adapters added after).
     fn forward_group<const N: usize>(x: &Tensor, layers: [&Linear; N]) -> Result<[Tensor; N]> {
+        let rounded;
+        let x = match layers[0].round_input {
+            Some(dtype) => {
+                rounded = round_to(x, dtype)?;
+                &rounded
+            }
+            None => x,
+        };
         let projections: Vec<(&Tensor, Option<&Tensor>)> = layers.iter().map(|l| (&l.weight, l.bias.as_ref())).collect();
         let mut ys = ops::linear_group(x, &projections)?;
         for (y, layer) in ys.iter_mut().zip(layers) {
@@ -122,6 +133,8 @@ pub struct CausalLm {
     score: Option<Tensor>,
     inv_freq: Vec<f32>,
     kernels: Kernels,
+    /// Mixed precision: the dtype the matmuls' operands are rounded to (f32 master weights).
+    matmul_precision: Option<DType>,
     /// Weight gradients of checkpointed blocks, deposited by their backward; `None` when
     /// activation checkpointing is off.
     checkpoint_grads: Option<Arc<Mutex<HashMap<TensorId, Tensor>>>>,
@@ -160,7 +173,7 @@ impl CausalLm {
         };
         let score = if config.num_labels.is_some() { Some(w.tensor("score.weight")?) } else { None };
         let inv_freq = ops::rope_inv_freq(config.head_dim, config.rope_theta, config.rope_scaling.as_ref());
-        Ok(Self { config, embed_tokens, layers, norm, lm_head, score, inv_freq, kernels: Kernels::default(), checkpoint_grads: None })
+        Ok(Self { config, embed_tokens, layers, norm, lm_head, score, inv_freq, kernels: Kernels::default(), matmul_precision: None, checkpoint_grads: None })
     }
 
     /// The resolved configuration.
@@ -186,6 +199,34 @@ impl CausalLm {
     /// Choose the kernels of later forward passes.
     pub fn set_kernels(&mut self, kernels: Kernels) {
         self.kernels = kernels;
+    }
+
+    /// Mixed precision (`Some(BF16)`): with f32 weights, round every projection's input and
+    /// weight to bf16 before the product, as bf16 hardware units (AMX, tensor cores) and
+    /// PyTorch's autocast see them, while the weights, their gradients' accumulation, norms,
+    /// softmaxes and the log-softmax of the loss stay in f32. Gradients flow back through the
+    /// rounding to the f32 weights.
+    pub fn set_matmul_precision(&mut self, precision: Option<DType>) {
+        self.matmul_precision = precision;
+    }
+
+    /// The model as one mixed-precision forward sees it: projection weights rounded (a
+    /// differentiable cast of the f32 weights) and inputs marked for rounding. `None` without
+    /// mixed precision.
+    fn rounded_view(&self) -> Result<Option<Self>> {
+        let Some(dtype) = self.matmul_precision else { return Ok(None) };
+        if self.checkpoint_grads.is_some() {
+            candle::bail!("gradient checkpointing with bf16 mixed precision is not supported; use one or the other");
+        }
+        let mut view = self.clone();
+        view.matmul_precision = None;
+        view.visit_linears_mut(&mut |_, _, lin| {
+            lin.weight = round_to(&lin.weight, dtype)?;
+            lin.round_input = Some(dtype);
+            Ok(())
+        })?;
+        view.lm_head = Some(round_to(self.lm_head.as_ref().unwrap_or(&self.embed_tokens), dtype)?);
+        Ok(Some(view))
     }
 
     /// Turn per-layer activation checkpointing on or off: a training forward keeps only each
@@ -393,6 +434,9 @@ impl CausalLm {
     /// Hidden states after the final norm, `[B, T, hidden]`, for token ids `[B, T]` (u32).
     /// With a cache, the new positions are appended after the cached ones.
     pub fn forward_hidden(&self, ids: &Tensor, opts: ForwardOptions, cache: Option<&mut KvCache>) -> Result<Tensor> {
+        if let Some(view) = self.rounded_view()? {
+            return view.forward_hidden(ids, opts, cache);
+        }
         let (b, t) = ids.dims2()?;
         let past = cache.as_ref().map_or(0, |c| c.len());
         let device = ids.device();
@@ -599,6 +643,10 @@ impl CausalLm {
     /// the LM head, log-softmax and gather; `[N]`, f32. The fused kernels never hold more than
     /// a chunk of rows' vocabulary logits.
     pub fn target_logps(&self, hidden: &Tensor, targets: &[u32]) -> Result<Tensor> {
+        if let Some(view) = self.rounded_view()? {
+            let dtype = self.matmul_precision.expect("a rounded view implies a precision");
+            return view.target_logps(&round_to(hidden, dtype)?, targets);
+        }
         let head = self.lm_head.as_ref().unwrap_or(&self.embed_tokens);
         if self.kernels == Kernels::Fused && fused::supports(&[hidden, head]) {
             return fused::lm_head_logps(hidden, head, targets);
@@ -712,6 +760,11 @@ impl Block {
         }
         Ok(())
     }
+}
+
+/// `t` rounded to `dtype` and back (differentiable: the gradient is rounded the same way).
+fn round_to(t: &Tensor, dtype: DType) -> Result<Tensor> {
+    t.to_dtype(dtype)?.to_dtype(t.dtype())
 }
 
 /// Row lookup that keeps a gradient path to the table (candle's `index_select` has a backward).

@@ -258,7 +258,12 @@ fn epoch_order(n: usize, seed: u64, epoch: u64, batch_size: usize, lengths: Opti
 pub fn train(cfg: &TrainConfig, opts: &RunOptions) -> Result<RunSummary> {
     let run_dir = &cfg.run.output;
     let device = load::parse_device(&cfg.model.device)?;
-    let dtype = load::parse_dtype(&cfg.model.dtype)?;
+    // bf16 trains in mixed precision: f32 master weights and optimizer state, bf16 matmuls.
+    let compute_dtype = load::parse_dtype(&cfg.model.dtype)?;
+    let (dtype, matmul_precision) = match compute_dtype {
+        DType::BF16 => (DType::F32, Some(DType::BF16)),
+        other => (other, None),
+    };
     let objective = &cfg.objective;
     let resume_from = if opts.resume { checkpoint::latest(run_dir)? } else { None };
     if opts.resume && resume_from.is_none() {
@@ -290,6 +295,7 @@ pub fn train(cfg: &TrainConfig, opts: &RunOptions) -> Result<RunSummary> {
             None => start.model.without_adapters(),
         };
         reference.set_kernels(cfg.model.kernels);
+        reference.set_matmul_precision(matmul_precision);
         Some(reference)
     } else {
         None
@@ -297,6 +303,7 @@ pub fn train(cfg: &TrainConfig, opts: &RunOptions) -> Result<RunSummary> {
     drop(start);
     policy.model.set_kernels(cfg.model.kernels);
     policy.model.set_gradient_checkpointing(cfg.run.gradient_checkpointing);
+    policy.model.set_matmul_precision(matmul_precision);
 
     let mut items = load_items(&cfg.data.train, cfg, objective.data_need(), &policy)?;
     let mut eval_items = match &cfg.data.eval {
