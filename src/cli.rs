@@ -19,7 +19,7 @@ pub struct Cli {
 }
 
 /// Options every subcommand takes.
-#[derive(Debug, Args)]
+#[derive(Debug, Clone, Args)]
 pub struct GlobalArgs {
     /// Device to run on: cpu, cuda, cuda:N, metal or auto.
     #[arg(long, global = true, default_value = "cpu", env = "CANDOR_DEVICE", help_heading = "Global options")]

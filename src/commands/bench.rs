@@ -25,7 +25,11 @@ fn train_bench(args: &BenchTrainArgs, global: &GlobalArgs) -> Result<()> {
     use candor_alignment::{DataNeed, Objective};
 
     let objective = Objective::default_for(&args.objective)?;
-    let loaded = super::load_model(&args.model.model, global)?;
+    // bf16 trains as `candor train` does: f32 master weights, bf16 matmul operands.
+    let mixed = global.dtype == "bf16";
+    let f32_global = GlobalArgs { dtype: "f32".into(), ..global.clone() };
+    let mut loaded = super::load_model(&args.model.model, if mixed { &f32_global } else { global })?;
+    loaded.model.set_matmul_precision(mixed.then_some(candle::DType::BF16));
     let reference = objective.needs_reference().then(|| loaded.model.clone());
     let mut policy = loaded.model.clone();
     policy.set_gradient_checkpointing(args.gradient_checkpointing);
