@@ -394,21 +394,26 @@ fn packed_sft_has_the_loss_of_unpacked_sft() {
     assert!(packed["tokens_per_second"].as_f64().unwrap() > 0.0);
 }
 
+/// Four DPO steps on the tiny Llama into `dir/name` with extra flags: the metrics and the run.
+fn four_steps(dir: &Path, name: &str, extra: &[&str]) -> (Vec<serde_json::Value>, std::path::PathBuf) {
+    let data = dir.join("pairs.jsonl");
+    if !data.exists() {
+        write_examples(&data);
+    }
+    let out = dir.join(name);
+    let mut args = vec!["--max-steps", "4"];
+    args.extend_from_slice(extra);
+    let o = train_command(&data, &out, &args).output().unwrap();
+    assert!(o.status.success(), "{name}: {}", String::from_utf8_lossy(&o.stderr));
+    (metrics(&out), out)
+}
+
 /// `--gradient-checkpointing` and `--kernels plain` change how a step is computed, not what it
 /// computes: the metrics of four steps match the default run's.
 #[test]
 fn gradient_checkpointing_and_plain_kernels_train_the_same_model() {
     let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("pairs.jsonl");
-    write_examples(&data);
-    let run = |name: &str, extra: &[&str]| {
-        let out = dir.path().join(name);
-        let mut args = vec!["--max-steps", "4"];
-        args.extend_from_slice(extra);
-        let o = train_command(&data, &out, &args).output().unwrap();
-        assert!(o.status.success(), "{name}: {}", String::from_utf8_lossy(&o.stderr));
-        metrics(&out)
-    };
+    let run = |name: &str, extra: &[&str]| four_steps(dir.path(), name, extra).0;
     let base = run("base", &[]);
     for (name, extra) in [("checkpointed", &["--gradient-checkpointing"][..]), ("plain", &["--kernels", "plain"][..])] {
         let got = run(name, extra);
@@ -427,18 +432,8 @@ fn gradient_checkpointing_and_plain_kernels_train_the_same_model() {
 #[test]
 fn bf16_trains_in_mixed_precision_close_to_f32() {
     let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("pairs.jsonl");
-    write_examples(&data);
-    let run = |name: &str, extra: &[&str]| {
-        let out = dir.path().join(name);
-        let mut args = vec!["--max-steps", "4"];
-        args.extend_from_slice(extra);
-        let o = train_command(&data, &out, &args).output().unwrap();
-        assert!(o.status.success(), "{name}: {}", String::from_utf8_lossy(&o.stderr));
-        (metrics(&out), out)
-    };
-    let (f32_metrics, _) = run("f32", &[]);
-    let (bf16_metrics, bf16_run) = run("bf16", &["--dtype", "bf16"]);
+    let (f32_metrics, _) = four_steps(dir.path(), "f32", &[]);
+    let (bf16_metrics, bf16_run) = four_steps(dir.path(), "bf16", &["--dtype", "bf16"]);
     let mut differs = false;
     for (g, w) in bf16_metrics.iter().zip(&f32_metrics) {
         let (g, w) = (g["loss"].as_f64().unwrap(), w["loss"].as_f64().unwrap());

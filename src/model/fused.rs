@@ -84,7 +84,7 @@ struct SharedMut(*mut f32);
 unsafe impl Send for SharedMut {}
 unsafe impl Sync for SharedMut {}
 
-/// `c = a · b (+ c when accumulate)`, single-threaded, with explicit row/column strides:
+/// `c = a · b (+ c when accumulate)` on `threads` threads, with explicit row/column strides:
 /// `a` is m×k, `b` is k×n, `c` is m×n.
 #[allow(clippy::too_many_arguments)]
 fn gemm(
