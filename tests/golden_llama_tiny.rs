@@ -323,3 +323,39 @@ fn gradient_checkpointing_gives_the_same_gradients() {
         }
     }
 }
+
+/// bf16 mixed precision anchored to the starting weights: after an update far below half a
+/// bf16 step the policy's rounded weights equal the reference's, so their log-probs agree
+/// exactly; rounding the current weights instead flips weights near a rounding boundary.
+#[test]
+fn anchored_bf16_rounding_ignores_updates_below_half_a_bf16_step() {
+    let exp = expected();
+    let (ids, attn, label_mask) = fixture_batch(&exp);
+    let batch = candor::data::Batch { input_ids: ids, attention_mask: attn, loss_mask: label_mask, positions: None };
+    let start = load("llama-tiny/policy");
+    let mut reference = start.model.clone();
+    reference.set_matmul_precision(Some(candle::DType::BF16));
+    let logps = |m: &candor::model::CausalLm| completion_logps(m, &batch).unwrap().to_vec1::<f32>().unwrap();
+    let want = logps(&reference);
+    for anchored in [true, false] {
+        let mut policy = start.model.clone();
+        policy
+            .visit_linears_mut(&mut |_, _, lin| {
+                // A 1e-6 relative nudge of the projections: far below bf16's 2^-8 spacing, yet
+                // it crosses some rounding boundaries.
+                lin.weight = (&lin.weight * (1.0 + 1e-6))?;
+                Ok(())
+            })
+            .unwrap();
+        policy.set_matmul_precision(Some(candle::DType::BF16));
+        if anchored {
+            policy.anchor_rounding(&start.model);
+        }
+        let got = logps(&policy);
+        if anchored {
+            assert_eq!(got, want, "anchored rounding moved the policy");
+        } else {
+            assert_ne!(got, want, "plain rounding was expected to flip some weights");
+        }
+    }
+}

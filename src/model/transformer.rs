@@ -135,6 +135,9 @@ pub struct CausalLm {
     kernels: Kernels,
     /// Mixed precision: the dtype the matmuls' operands are rounded to (f32 master weights).
     matmul_precision: Option<DType>,
+    /// The starting weights (projections in visit order, then the output head) that rounding
+    /// is anchored to, if any.
+    rounding_anchors: Option<Arc<Vec<Tensor>>>,
     /// Weight gradients of checkpointed blocks, deposited by their backward; `None` when
     /// activation checkpointing is off.
     checkpoint_grads: Option<Arc<Mutex<HashMap<TensorId, Tensor>>>>,
@@ -173,7 +176,7 @@ impl CausalLm {
         };
         let score = if config.num_labels.is_some() { Some(w.tensor("score.weight")?) } else { None };
         let inv_freq = ops::rope_inv_freq(config.head_dim, config.rope_theta, config.rope_scaling.as_ref());
-        Ok(Self { config, embed_tokens, layers, norm, lm_head, score, inv_freq, kernels: Kernels::default(), matmul_precision: None, checkpoint_grads: None })
+        Ok(Self { config, embed_tokens, layers, norm, lm_head, score, inv_freq, kernels: Kernels::default(), matmul_precision: None, rounding_anchors: None, checkpoint_grads: None })
     }
 
     /// The resolved configuration.
@@ -210,6 +213,24 @@ impl CausalLm {
         self.matmul_precision = precision;
     }
 
+    /// Anchor mixed-precision rounding to `start`'s weights (the reference of a DPO run): a
+    /// weight is rounded as `round(round(W₀) + (W − W₀))`, so it moves to a neighbouring bf16
+    /// value only once its f32 update amounts to half a bf16 step. Plain rounding of `W` would
+    /// flip every weight near a rounding boundary at the first tiny update, and the policy's
+    /// log-ratio against the reference (rounded from `W₀`) would pick up that noise.
+    pub fn anchor_rounding(&mut self, start: &CausalLm) {
+        let mut anchors = Vec::new();
+        let mut start = start.clone();
+        start
+            .visit_linears_mut(&mut |_, _, lin| {
+                anchors.push(lin.weight.detach());
+                Ok(())
+            })
+            .expect("collecting weights cannot fail");
+        anchors.push(start.lm_head.as_ref().unwrap_or(&start.embed_tokens).detach());
+        self.rounding_anchors = Some(Arc::new(anchors));
+    }
+
     /// The model as one mixed-precision forward sees it: projection weights rounded (a
     /// differentiable cast of the f32 weights) and inputs marked for rounding. `None` without
     /// mixed precision.
@@ -218,14 +239,21 @@ impl CausalLm {
         if self.checkpoint_grads.is_some() {
             candle::bail!("gradient checkpointing with bf16 mixed precision is not supported; use one or the other");
         }
+        let anchors = self.rounding_anchors.clone();
+        let round = |i: usize, w: &Tensor| match &anchors {
+            Some(a) => round_to(&(round_to(&a[i], dtype)? + (w - &a[i])?)?, dtype),
+            None => round_to(w, dtype),
+        };
         let mut view = self.clone();
         view.matmul_precision = None;
+        let mut index = 0;
         view.visit_linears_mut(&mut |_, _, lin| {
-            lin.weight = round_to(&lin.weight, dtype)?;
+            lin.weight = round(index, &lin.weight)?;
             lin.round_input = Some(dtype);
+            index += 1;
             Ok(())
         })?;
-        view.lm_head = Some(round_to(self.lm_head.as_ref().unwrap_or(&self.embed_tokens), dtype)?);
+        view.lm_head = Some(round(index, self.lm_head.as_ref().unwrap_or(&self.embed_tokens))?);
         Ok(Some(view))
     }
 

@@ -300,6 +300,9 @@ pub fn train(cfg: &TrainConfig, opts: &RunOptions) -> Result<RunSummary> {
     } else {
         None
     };
+    if matmul_precision.is_some() {
+        policy.model.anchor_rounding(&start.model);
+    }
     drop(start);
     policy.model.set_kernels(cfg.model.kernels);
     policy.model.set_gradient_checkpointing(cfg.run.gradient_checkpointing);
