@@ -7,6 +7,7 @@
 use candle::{DType, Device, Result, Tensor, D};
 
 use super::config::Llama3RopeScaling;
+use super::fused::with_values;
 
 /// At most this many rows take the matrix-vector path of [`linear`] (decoding).
 const FEW_ROWS: usize = 16;
@@ -51,19 +52,6 @@ fn plain_cpu_f32(t: &Tensor) -> bool {
     !t.track_op() && t.dtype() == DType::F32 && t.device().is_cpu()
 }
 
-/// Run `f` over the f32 values of several tensors (each made contiguous) without copying.
-fn with_f32_slices<R>(ts: &[Tensor], f: impl FnOnce(&[&[f32]]) -> R) -> Result<R> {
-    let ts: Vec<Tensor> = ts.iter().map(|t| t.contiguous()).collect::<Result<_>>()?;
-    let guards: Vec<_> = ts.iter().map(|t| t.storage_and_layout()).collect();
-    let mut slices = Vec::with_capacity(ts.len());
-    for (t, (storage, layout)) in ts.iter().zip(&guards) {
-        let candle::Storage::Cpu(cpu) = &**storage else { candle::bail!("CPU fast path called with a non-CPU tensor") };
-        let start = layout.start_offset();
-        slices.push(&cpu.as_slice::<f32>()?[start..start + t.elem_count()]);
-    }
-    Ok(f(&slices))
-}
-
 /// `x [R, in] @ w_i[out_i, in]^T` for every `w_i`, on the CPU, for small R. The rows of all
 /// the matrices are split into one contiguous range per thread; each thread computes their
 /// dot products with every row of `x`, so each weight is read once.
@@ -75,8 +63,7 @@ fn matvec_group(x: &Tensor, ws: &[&Tensor]) -> Result<Vec<Tensor>> {
     let parts = super::spin_pool::parts();
     // One contiguous range of rows per thread, rounded to the kernel's 4 rows.
     let block = total.div_ceil(parts).div_ceil(4) * 4;
-    let owned: Vec<Tensor> = ws.iter().map(|w| (*w).clone()).collect();
-    let y = with_f32_slices(&owned, |slices| {
+    let y = with_values(ws, |slices| {
         let mut y = vec![0f32; rows * total];
         let chunks: Vec<std::sync::Mutex<&mut [f32]>> = y.chunks_mut(block * rows).map(std::sync::Mutex::new).collect();
         super::spin_pool::run(&|part| {
@@ -194,7 +181,7 @@ unsafe fn dot_4_by<const R: usize>(ws: [&[f32]; 4], xs: [&[f32]; R], inner: usiz
 pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
     if plain_cpu_f32(x) && plain_cpu_f32(weight) {
         let h = weight.dim(0)?;
-        let out = with_f32_slices(&[x.clone(), weight.clone()], |s| {
+        let out = with_values(&[x, weight], |s| {
             let (xs, ws) = (s[0], s[1]);
             let mut out = vec![0f32; xs.len()];
             for (row, o) in xs.chunks_exact(h).zip(out.chunks_exact_mut(h)) {
@@ -218,7 +205,7 @@ pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
 /// SwiGLU's `silu(gate) * up`.
 pub fn silu_mul(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
     if plain_cpu_f32(gate) && plain_cpu_f32(up) {
-        let out = with_f32_slices(&[gate.clone(), up.clone()], |s| {
+        let out = with_values(&[gate, up], |s| {
             s[0].iter().zip(s[1]).map(|(&g, &u)| g / (1.0 + (-g).exp()) * u).collect::<Vec<f32>>()
         })?;
         return Tensor::from_vec(out, gate.shape(), gate.device());
@@ -291,7 +278,7 @@ pub fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     let d = x.dim(D::Minus1)?;
     if plain_cpu_f32(x) && plain_cpu_f32(cos) && plain_cpu_f32(sin) {
         let (b, h, t, _) = x.dims4()?;
-        let out = with_f32_slices(&[x.clone(), cos.clone(), sin.clone()], |s| {
+        let out = with_values(&[x, cos, sin], |s| {
             let (xs, cs, ss) = (s[0], s[1], s[2]);
             let half = d / 2;
             let mut out = vec![0f32; xs.len()];
@@ -408,7 +395,7 @@ fn attention_few_queries(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor, grou
     let (k, v) = (rows_contiguous(k)?, rows_contiguous(v)?);
     let (k_batch, k_head) = (k.stride()[0], k.stride()[1]);
     let (v_batch, v_head) = (v.stride()[0], v.stride()[1]);
-    let out = with_f32_slices(&[q.clone(), mask.clone()], |qm| {
+    let out = with_values(&[&q, &mask], |qm| {
         with_storage_f32(&k, |ks| {
             with_storage_f32(&v, |vs| {
                 let (qs, ms) = (qm[0], qm[1]);

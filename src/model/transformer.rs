@@ -135,9 +135,8 @@ pub struct CausalLm {
     kernels: Kernels,
     /// Mixed precision: the dtype the matmuls' operands are rounded to (f32 master weights).
     matmul_precision: Option<DType>,
-    /// The starting weights (projections in visit order, then the output head) that rounding
-    /// is anchored to, if any.
-    rounding_anchors: Option<Arc<Vec<Tensor>>>,
+    /// The starting weights, by transformers name, that rounding is anchored to, if any.
+    rounding_anchors: Option<Arc<HashMap<String, Tensor>>>,
     /// Weight gradients of checkpointed blocks, deposited by their backward; `None` when
     /// activation checkpointing is off.
     checkpoint_grads: Option<Arc<Mutex<HashMap<TensorId, Tensor>>>>,
@@ -219,41 +218,33 @@ impl CausalLm {
     /// flip every weight near a rounding boundary at the first tiny update, and the policy's
     /// log-ratio against the reference (rounded from `W₀`) would pick up that noise.
     pub fn anchor_rounding(&mut self, start: &CausalLm) {
-        let mut anchors = Vec::new();
-        let mut start = start.clone();
-        start
-            .visit_linears_mut(&mut |_, _, lin| {
-                anchors.push(lin.weight.detach());
-                Ok(())
-            })
-            .expect("collecting weights cannot fail");
-        anchors.push(start.lm_head.as_ref().unwrap_or(&start.embed_tokens).detach());
+        let anchors = start.named_weights().into_iter().map(|(name, t)| (name, t.detach())).collect();
         self.rounding_anchors = Some(Arc::new(anchors));
     }
 
-    /// The model as one mixed-precision forward sees it: projection weights rounded (a
-    /// differentiable cast of the f32 weights) and inputs marked for rounding. `None` without
-    /// mixed precision.
+    /// Weight `name` as a mixed-precision product sees it: rounded to `dtype`, anchored to its
+    /// starting value when [`CausalLm::anchor_rounding`] recorded one (differentiable).
+    fn rounded_weight(&self, name: &str, w: &Tensor, dtype: DType) -> Result<Tensor> {
+        match self.rounding_anchors.as_ref().and_then(|a| a.get(name)) {
+            Some(w0) => round_to(&(round_to(w0, dtype)? + (w - w0)?)?, dtype),
+            None => round_to(w, dtype),
+        }
+    }
+
+    /// The model as one mixed-precision forward of the blocks sees it: projection weights
+    /// rounded and their inputs marked for rounding. `None` without mixed precision.
     fn rounded_view(&self) -> Result<Option<Self>> {
         let Some(dtype) = self.matmul_precision else { return Ok(None) };
         if self.checkpoint_grads.is_some() {
             candle::bail!("gradient checkpointing with bf16 mixed precision is not supported; use one or the other");
         }
-        let anchors = self.rounding_anchors.clone();
-        let round = |i: usize, w: &Tensor| match &anchors {
-            Some(a) => round_to(&(round_to(&a[i], dtype)? + (w - &a[i])?)?, dtype),
-            None => round_to(w, dtype),
-        };
         let mut view = self.clone();
         view.matmul_precision = None;
-        let mut index = 0;
-        view.visit_linears_mut(&mut |_, _, lin| {
-            lin.weight = round(index, &lin.weight)?;
+        view.visit_linears_mut(&mut |module, _, lin| {
+            lin.weight = self.rounded_weight(&format!("{module}.weight"), &lin.weight, dtype)?;
             lin.round_input = Some(dtype);
-            index += 1;
             Ok(())
         })?;
-        view.lm_head = Some(round(index, self.lm_head.as_ref().unwrap_or(&self.embed_tokens))?);
         Ok(Some(view))
     }
 
@@ -671,16 +662,19 @@ impl CausalLm {
     /// the LM head, log-softmax and gather; `[N]`, f32. The fused kernels never hold more than
     /// a chunk of rows' vocabulary logits.
     pub fn target_logps(&self, hidden: &Tensor, targets: &[u32]) -> Result<Tensor> {
-        if let Some(view) = self.rounded_view()? {
-            let dtype = self.matmul_precision.expect("a rounded view implies a precision");
-            return view.target_logps(&round_to(hidden, dtype)?, targets);
-        }
-        let head = self.lm_head.as_ref().unwrap_or(&self.embed_tokens);
-        if self.kernels == Kernels::Fused && fused::supports(&[hidden, head]) {
-            return fused::lm_head_logps(hidden, head, targets);
+        let (head_name, head) = match &self.lm_head {
+            Some(w) => ("lm_head.weight", w),
+            None => ("model.embed_tokens.weight", &self.embed_tokens),
+        };
+        let (hidden, head) = match self.matmul_precision {
+            Some(dtype) => (round_to(hidden, dtype)?, self.rounded_weight(head_name, head, dtype)?),
+            None => (hidden.clone(), head.clone()),
+        };
+        if self.kernels == Kernels::Fused && fused::supports(&[&hidden, &head]) {
+            return fused::lm_head_logps(&hidden, &head, targets);
         }
         let n = targets.len();
-        let logits = self.lm_logits(&hidden.unsqueeze(0)?)?;
+        let logits = ops::linear(&hidden.unsqueeze(0)?, &head, None)?;
         ops::gather_token_logps(&logits, &Tensor::from_slice(targets, (1, n), hidden.device())?)?.squeeze(0)
     }
 
