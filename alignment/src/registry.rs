@@ -3,7 +3,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::objectives::{copg, dno, dpo, hindsight, inpo, nft, rdpo, reward, rpo, sft, spo, text2grad, ObjectiveOutput, PairLogps, PairScores, SequenceLogps, StepScale};
+use crate::objectives::{copg, dac_kl, dno, dpo, hindsight, inpo, kd, kdrl, nft, sinkd, rdpo, reward, rpo, sft, spo, text2grad, ObjectiveOutput, PairLogps, PairScores, SequenceLogps, StepScale};
 use crate::{AlignError, Result};
 
 /// A training objective and its hyper-parameters (TOML: `[objective] name = "dpo"`, ...).
@@ -34,6 +34,14 @@ pub enum Objective {
     Nft(nft::NftConfig),
     /// Text2Grad: span-level rewards from natural-language critiques, token-level PPO (online).
     Text2grad(text2grad::Text2GradConfig),
+    /// Knowledge distillation: forward KL, reverse KL or GKD's generalized JSD to a teacher.
+    Kd(kd::KdConfig),
+    /// SinKD: Sinkhorn distance between teacher and student distributions (+ KD and CE).
+    Sinkd(sinkd::SinkdConfig),
+    /// DAC-KL: KL on the teacher's adaptively clipped high-density region (+ SFT and spans).
+    DacKl(dac_kl::DacKlConfig),
+    /// KDRL: GRPO on verifier rewards plus a reverse-KL pull towards a teacher (online).
+    Kdrl(kdrl::KdrlConfig),
 }
 
 /// What a batch must hold for an objective.
@@ -51,6 +59,10 @@ pub enum DataNeed {
     Rollouts,
     /// The policy's own samples with per-token advantages, returns and rollout values (PPO).
     TokenRewards,
+    /// Single completions scored by a frozen teacher over the whole vocabulary (distillation).
+    Distill,
+    /// The policy's own samples with group advantages and the teacher's token log-probs (KDRL).
+    TeacherRollouts,
 }
 
 /// Extra classification heads an objective trains beside the policy (`[heads, classes, hidden]`).
@@ -77,6 +89,10 @@ pub enum ObjectiveInput {
     Tokens(nft::NftTokens),
     /// For [`DataNeed::TokenRewards`].
     Ppo(text2grad::PpoTokens),
+    /// For [`DataNeed::Distill`].
+    Distill(kd::DistillTokens),
+    /// For [`DataNeed::TeacherRollouts`].
+    Kdrl(kdrl::KdrlTokens),
 }
 
 impl Objective {
@@ -94,6 +110,10 @@ impl Objective {
         ("dno", "online: Direct Nash Optimization, best-vs-worst judged samples against the previous iterate"),
         ("nft", "online: Negative-aware Fine-Tuning on verifier-labelled samples"),
         ("text2grad", "online: span-level rewards from natural-language critiques, token-level PPO with a value head"),
+        ("kd", "distillation: forward KL (--beta 0), reverse KL (1) or generalized JSD to a frozen teacher"),
+        ("sinkd", "distillation: Sinkhorn distance between teacher and student distributions, with KD and CE"),
+        ("dac_kl", "distillation: KL on the teacher's adaptively clipped high-density region, with SFT and span terms"),
+        ("kdrl", "online: GRPO on verifier rewards plus a reverse-KL pull towards a teacher (k2/k3, annealed, reward-masked)"),
     ];
 
     /// The registry name.
@@ -111,6 +131,10 @@ impl Objective {
             Objective::Dno(_) => "dno",
             Objective::Nft(_) => "nft",
             Objective::Text2grad(_) => "text2grad",
+            Objective::Kd(_) => "kd",
+            Objective::Sinkd(_) => "sinkd",
+            Objective::DacKl(_) => "dac_kl",
+            Objective::Kdrl(_) => "kdrl",
         }
     }
 
@@ -129,6 +153,10 @@ impl Objective {
             "dno" => Objective::Dno(Default::default()),
             "nft" => Objective::Nft(Default::default()),
             "text2grad" => Objective::Text2grad(Default::default()),
+            "kd" => Objective::Kd(Default::default()),
+            "sinkd" => Objective::Sinkd(Default::default()),
+            "dac_kl" => Objective::DacKl(Default::default()),
+            "kdrl" => Objective::Kdrl(Default::default()),
             other => {
                 let names: Vec<&str> = Self::NAMES.iter().map(|n| n.0).collect();
                 return Err(AlignError::InvalidConfig {
@@ -149,13 +177,28 @@ impl Objective {
             Objective::Hindsight(_) => DataNeed::Hindsight,
             Objective::Nft(_) => DataNeed::Rollouts,
             Objective::Text2grad(_) => DataNeed::TokenRewards,
+            Objective::Kd(_) | Objective::Sinkd(_) | Objective::DacKl(_) => DataNeed::Distill,
+            Objective::Kdrl(_) => DataNeed::TeacherRollouts,
         }
     }
 
     /// Whether the objective learns from the policy's own samples, round by round (the online
     /// loop), rather than from a fixed dataset.
     pub fn is_online(&self) -> bool {
-        matches!(self, Objective::Inpo(_) | Objective::Dno(_) | Objective::Nft(_) | Objective::Text2grad(_))
+        matches!(self, Objective::Inpo(_) | Objective::Dno(_) | Objective::Nft(_) | Objective::Text2grad(_) | Objective::Kdrl(_))
+    }
+
+    /// Whether a frozen teacher (`[distill] teacher`) scores the data.
+    pub fn needs_teacher(&self) -> bool {
+        matches!(self.data_need(), DataNeed::Distill | DataNeed::TeacherRollouts)
+    }
+
+    /// DAC-KL's clipping network: its parameters' names and shapes, trained beside the policy.
+    pub fn clip_net(&self) -> Option<[(&'static str, Vec<usize>); 4]> {
+        match self {
+            Objective::DacKl(c) if c.clip_net => Some(dac_kl::clip_net_shapes(c)),
+            _ => None,
+        }
     }
 
     /// Whether the policy carries a scalar value head (`v_head.summary`, TRL's layout) trained
@@ -195,6 +238,7 @@ impl Objective {
     pub fn needs_reference(&self) -> bool {
         match self {
             Objective::Sft(_) | Objective::Hindsight(_) | Objective::Reward(_) | Objective::Dno(_) | Objective::Nft(_) => false,
+            Objective::Kd(_) | Objective::Sinkd(_) | Objective::DacKl(_) | Objective::Kdrl(_) => false,
             Objective::Dpo(c) => !c.reference_free,
             Objective::Inpo(c) => c.tau > 0.0,
             Objective::Text2grad(_) => true,
@@ -217,6 +261,10 @@ impl Objective {
             Objective::Dno(c) => c.validate(),
             Objective::Nft(c) => c.validate(),
             Objective::Text2grad(c) => c.validate(),
+            Objective::Kd(c) => c.validate(),
+            Objective::Sinkd(c) => c.validate(),
+            Objective::DacKl(c) => c.validate(),
+            Objective::Kdrl(c) => c.validate(),
         }
     }
 
@@ -240,12 +288,18 @@ impl Objective {
             (Objective::Dno(c), ObjectiveInput::Pairs(x)) => dno::loss(x, c, scale),
             (Objective::Nft(c), ObjectiveInput::Tokens(x)) => nft::loss(x, c, scale),
             (Objective::Text2grad(c), ObjectiveInput::Ppo(x)) => text2grad::loss(x, c, scale),
+            (Objective::Kd(c), ObjectiveInput::Distill(x)) => kd::loss(x, c, scale),
+            (Objective::Sinkd(c), ObjectiveInput::Distill(x)) => sinkd::loss(x, c, scale),
+            (Objective::DacKl(c), ObjectiveInput::Distill(x)) => dac_kl::loss(x, c, scale),
+            (Objective::Kdrl(c), ObjectiveInput::Kdrl(x)) => kdrl::loss(x, c, scale),
             _ => Err(wrong(match self.data_need() {
                 DataNeed::Sequences | DataNeed::Hindsight => "single sequences",
                 DataNeed::Pairs => "preference pairs",
                 DataNeed::ScoredPairs => "scored preference pairs",
                 DataNeed::Rollouts => "verifier-labelled samples with their sampling log-probs",
                 DataNeed::TokenRewards => "samples with token advantages and returns",
+                DataNeed::Distill => "completions scored by the teacher",
+                DataNeed::TeacherRollouts => "samples with group advantages and teacher log-probs",
             })),
         }
     }

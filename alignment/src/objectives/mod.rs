@@ -6,15 +6,19 @@
 //! the full batch (TRL's `num_items_in_batch` for token means).
 
 pub mod copg;
+pub mod dac_kl;
 pub mod dno;
 pub mod dpo;
 pub mod hindsight;
 pub mod inpo;
+pub mod kd;
+pub mod kdrl;
 pub mod nft;
 pub mod rdpo;
 pub mod reward;
 pub mod rpo;
 pub mod sft;
+pub mod sinkd;
 pub mod spo;
 pub mod text2grad;
 
