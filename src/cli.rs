@@ -49,7 +49,8 @@ pub enum Command {
     #[command(after_help = "Examples:\n  candor logprobs --model default --data pairs.jsonl\n  candor logprobs --model ./my-model --data pairs.jsonl --output logps.jsonl --batch-size 4")]
     Logprobs(LogprobsArgs),
     /// Fine-tune a model with an objective from the registry (sft, dpo, rdpo, rpo, spo, copg,
-    /// hindsight, reward).
+    /// hindsight, reward, the online inpo, dno, nft, text2grad, kdrl, and the distillation
+    /// kd, sinkd, dac_kl).
     #[command(after_help = "Examples:\n  candor train --config configs/dpo.toml\n  candor train --objective sft --model default --data data/sft/train.jsonl --output runs/sft --max-steps 50\n  candor train --config configs/dpo.toml --set objective.beta=0.2 --lr 1e-6\n  candor train --resume runs/dpo")]
     Train(Box<TrainArgs>),
     /// Rewards of every row of a dataset under a reward model, one JSON line per row, in order.
@@ -75,6 +76,36 @@ pub enum Command {
     /// Measure load time and generation throughput.
     #[command(subcommand)]
     Bench(BenchCommand),
+    /// Build a distillation student from a teacher.
+    #[command(subcommand)]
+    Student(StudentCommand),
+}
+
+/// `candor student ...`.
+#[derive(Debug, Subcommand)]
+pub enum StudentCommand {
+    /// A smaller model with the teacher's tokenizer: a subset of its decoder layers, exported in
+    /// transformers layout.
+    #[command(after_help = "Examples:\n  candor student init --from default --num-layers 15 --output students/smollm2-15l\n  candor student init --from ./teacher --keep-layers 0,2,4,6,8,10 --output students/six")]
+    Init(StudentInitArgs),
+}
+
+/// `candor student init`.
+#[derive(Debug, Args)]
+#[command(group(clap::ArgGroup::new("layers").required(true).args(["keep_layers", "num_layers"])))]
+pub struct StudentInitArgs {
+    /// The teacher: directory, `.gguf`, hub id or `default`.
+    #[arg(long)]
+    pub from: String,
+    /// Decoder layers to keep, comma-separated, strictly increasing (0-based).
+    #[arg(long, value_delimiter = ',')]
+    pub keep_layers: Option<Vec<usize>>,
+    /// Keep this many evenly spaced layers, the first and last included.
+    #[arg(long)]
+    pub num_layers: Option<usize>,
+    /// Where to write the transformers directory.
+    #[arg(long, short = 'o')]
+    pub output: PathBuf,
 }
 
 /// `candor fetch`.
@@ -293,7 +324,7 @@ pub struct TrainArgs {
     #[arg(long, short = 'q')]
     pub quiet: bool,
     /// The objective (`candor-alignment`'s registry): sft, dpo, rdpo, rpo, spo, copg,
-    /// hindsight, reward, and the online inpo, dno, nft.
+    /// hindsight, reward, kd, sinkd, dac_kl, and the online inpo, dno, nft, text2grad, kdrl.
     #[arg(long)]
     pub objective: Option<String>,
     /// The policy to train: directory, `.gguf`, hub id or `default`.
@@ -437,6 +468,22 @@ pub struct TrainArgs {
     /// Modules that get adapters, comma-separated (default q_proj,v_proj).
     #[arg(long, value_delimiter = ',')]
     pub lora_targets: Option<Vec<String>>,
+    /// Distillation: the frozen teacher (default: `default`).
+    #[arg(long)]
+    pub teacher: Option<String>,
+    /// Distillation: score the fixed training and eval sequences with the teacher once and
+    /// cache its final hidden states in the run directory.
+    #[arg(long)]
+    pub teacher_logits_cache: bool,
+    /// Distillation: where the sequences come from (dataset, teacher, student).
+    #[arg(long)]
+    pub distill_source: Option<String>,
+    /// Distillation: cut the student from `--model` keeping this many evenly spaced layers.
+    #[arg(long)]
+    pub student_num_layers: Option<usize>,
+    /// Distillation: softmax temperature of teacher and student.
+    #[arg(long)]
+    pub temperature: Option<f64>,
 }
 
 /// `candor export`. The global `--dtype` (f32, bf16, f16) is the dtype of the written weights.

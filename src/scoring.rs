@@ -53,6 +53,39 @@ pub fn completion_token_kl(policy: &CausalLm, p_hidden: &Tensor, reference: &Cau
     Tensor::cat(&parts, 0)
 }
 
+/// Every completion position of a batch, in [`completion_token_logps`]'s order.
+pub struct CompletionStates {
+    /// The final hidden state predicting each completion token `[N, H]` (differentiable).
+    pub hidden: Tensor,
+    /// The token predicted there.
+    pub targets: Vec<u32>,
+    /// The batch row each position belongs to.
+    pub rows: Vec<u32>,
+}
+
+/// The final hidden states at every completion position of a batch: one forward pass, the
+/// vocabulary-wide head left to the caller (distillation reads whole distributions).
+pub fn completion_states(model: &CausalLm, batch: &Batch) -> candle::Result<CompletionStates> {
+    let tokens = ScoredTokens::of(batch, None)?;
+    let t = batch.input_ids.dim(1)? as u32;
+    Ok(CompletionStates { hidden: tokens.hidden(model, batch)?, rows: tokens.positions.iter().map(|p| p / t).collect(), targets: tokens.targets })
+}
+
+/// Log-probs `[N, V]` of `model`'s LM head over hidden states `[N, H]`, without gradient,
+/// `chunk` rows at a time written into one buffer: the batch's full-vocabulary distribution
+/// exists once, plus one chunk's logits.
+pub fn chunked_vocab_logps(model: &CausalLm, states: &Tensor, chunk: usize) -> candle::Result<Tensor> {
+    let (n, _) = states.dims2()?;
+    let v = model.config().vocab_size;
+    let mut buffer: Vec<f32> = Vec::with_capacity(n * v);
+    for start in (0..n).step_by(chunk.max(1)) {
+        let len = chunk.min(n - start);
+        let part = candor_alignment::tensor_ops::log_softmax(&model.lm_logits(&states.narrow(0, start, len)?.detach())?)?;
+        buffer.extend(part.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?);
+    }
+    Tensor::from_vec(buffer, (n, v), states.device())
+}
+
 /// The completion tokens of a batch: where each is predicted and what it is.
 struct ScoredTokens {
     /// Flat `row * T + position` of the hidden state predicting each token.
@@ -87,20 +120,26 @@ impl ScoredTokens {
         Ok(out)
     }
 
-    /// The tokens' log-probs `[N]` and the hidden states `[N, H]` predicting them: only those
-    /// hidden states reach the LM head.
-    fn logps_and_hidden(&self, model: &CausalLm, batch: &Batch) -> candle::Result<(Tensor, Tensor)> {
+    /// The hidden states `[N, H]` predicting the tokens.
+    fn hidden(&self, model: &CausalLm, batch: &Batch) -> candle::Result<Tensor> {
         let (b, t) = batch.input_ids.dims2()?;
-        let n = self.positions.len();
         let device = batch.input_ids.device();
         let h = model.config().hidden_size;
-        if n == 0 {
-            return Ok((Tensor::zeros(0, DType::F32, device)?, Tensor::zeros((0, h), DType::F32, device)?));
+        if self.positions.is_empty() {
+            return Tensor::zeros((0, h), DType::F32, device);
         }
         let opts = ForwardOptions { attention_mask: Some(&batch.attention_mask), positions: batch.positions.as_ref() };
         let hidden = model.forward_hidden(&batch.input_ids, opts, None)?;
-        let hidden = hidden.reshape((b * t, h))?;
-        let scored = hidden.index_select(&Tensor::new(self.positions.as_slice(), device)?, 0)?; // [N, H]
+        hidden.reshape((b * t, h))?.index_select(&Tensor::new(self.positions.as_slice(), device)?, 0)
+    }
+
+    /// The tokens' log-probs `[N]` and the hidden states `[N, H]` predicting them: only those
+    /// hidden states reach the LM head.
+    fn logps_and_hidden(&self, model: &CausalLm, batch: &Batch) -> candle::Result<(Tensor, Tensor)> {
+        let scored = self.hidden(model, batch)?;
+        if self.positions.is_empty() {
+            return Ok((Tensor::zeros(0, DType::F32, scored.device())?, scored));
+        }
         Ok((model.target_logps(&scored, &self.targets)?, scored))
     }
 }

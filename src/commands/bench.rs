@@ -21,14 +21,14 @@ pub fn run(cmd: &BenchCommand, global: &GlobalArgs) -> Result<()> {
 fn train_bench(args: &BenchTrainArgs, global: &GlobalArgs) -> Result<()> {
     use crate::data::TokenizedSequence;
     use crate::train::inputs::StepModels;
-    use crate::train::items::{Item, PairItem, RolloutItem};
+    use crate::train::items::{DistillItem, Item, PairItem, RolloutItem};
     use crate::train::trainer::accumulate;
     use crate::train::optim::{clip_grad_norm, AdamW, AdamWConfig};
     use candor_alignment::{DataNeed, Objective};
 
     let objective = Objective::default_for(&args.objective)?;
-    if objective.degree_heads().is_some() || objective.needs_pair_rewards() || objective.needs_value_head() {
-        bail!("`bench train` measures objectives that need nothing beyond token ids (sft, dpo, rdpo, rpo, hindsight, reward, inpo, dno, nft); `{}` needs per-row data or extra heads", objective.name());
+    if objective.degree_heads().is_some() || objective.needs_pair_rewards() || objective.needs_value_head() || objective.clip_net().is_some() {
+        bail!("`bench train` measures objectives that need nothing beyond token ids (sft, dpo, rdpo, rpo, hindsight, reward, inpo, dno, nft, kd, sinkd, kdrl); `{}` needs per-row data or extra heads", objective.name());
     }
     // bf16 trains as `candor train` does: f32 master weights, bf16 matmul operands.
     let mixed = global.dtype == "bf16";
@@ -36,6 +36,8 @@ fn train_bench(args: &BenchTrainArgs, global: &GlobalArgs) -> Result<()> {
     let mut loaded = super::load_model(&args.model.model, if mixed { &f32_global } else { global })?;
     loaded.model.set_matmul_precision(mixed.then_some(candle::DType::BF16));
     let reference = objective.needs_reference().then(|| loaded.model.clone());
+    // Distillation: the model teaches a copy of itself (same cost as any same-size teacher).
+    let teacher = objective.needs_teacher().then(|| loaded.model.frozen_view());
     let mut policy = loaded.model.clone();
     if objective.data_need() == DataNeed::ScoredPairs {
         policy.add_score_head(1, 0, 0)?;
@@ -74,18 +76,21 @@ fn train_bench(args: &BenchTrainArgs, global: &GlobalArgs) -> Result<()> {
                 pair.previous = objective.needs_previous_iterate().then_some((0.0, 0.0));
                 Item::Pair(pair)
             }
-            DataNeed::Rollouts | DataNeed::TokenRewards => {
+            DataNeed::Rollouts | DataNeed::TokenRewards | DataNeed::TeacherRollouts => {
                 let sequence = sequence();
                 let old_logps = vec![-1.0; sequence.completion_tokens()];
-                Item::Rollout(RolloutItem { sequence, old_logps, accuracy: 0.5, correct: row % 2 == 0 })
+                let teacher_logps = vec![-1.5; sequence.completion_tokens()];
+                let correct = row % 2 == 0;
+                Item::Rollout(RolloutItem { sequence, old_logps, accuracy: 0.5, correct, advantage: if correct { 1.0 } else { -1.0 }, teacher_logps, kd: !correct })
             }
+            DataNeed::Distill => Item::Distill(DistillItem { sequence: sequence(), teacher_states: None }),
         })
         .collect();
     let micro = vec![items.iter().collect::<Vec<_>>()];
     let mut times = Vec::new();
     for step in 0..=args.steps {
         let start = Instant::now();
-        let models = StepModels { policy: &policy, reference: reference.as_ref(), heads: &[], pad: 0 };
+        let models = StepModels { policy: &policy, reference: reference.as_ref(), teacher: teacher.as_ref(), heads: &[], pad: 0, progress: 0.0 };
         let mut acc = accumulate(&objective, models, &micro, &opt)?;
         clip_grad_norm(&mut acc.grads, 1.0)?;
         opt.step(&acc.grads, 1e-6)?;
@@ -96,14 +101,15 @@ fn train_bench(args: &BenchTrainArgs, global: &GlobalArgs) -> Result<()> {
     times.sort_by(f64::total_cmp);
     let median = times[times.len() / 2];
     let rows = match objective.data_need() {
-        DataNeed::Sequences | DataNeed::Hindsight | DataNeed::Rollouts | DataNeed::TokenRewards => args.batch_size,
+        DataNeed::Sequences | DataNeed::Hindsight | DataNeed::Rollouts | DataNeed::TokenRewards | DataNeed::TeacherRollouts | DataNeed::Distill => args.batch_size,
         DataNeed::Pairs | DataNeed::ScoredPairs => 2 * args.batch_size,
     };
     let tokens = (rows * args.seq_len) as f64;
     // 6·N·T for the policy's forward + backward (4·N·T with LoRA: no weight gradients),
-    // 2·N·T for a reference forward.
+    // 2·N·T for a reference or teacher forward.
     let policy_flops = if args.lora_r.is_some() { 4.0 } else { 6.0 };
-    let flops = tokens * params as f64 * (policy_flops + if reference.is_some() { 2.0 } else { 0.0 });
+    let frozen_forwards = [reference.is_some(), teacher.is_some()].iter().filter(|&&f| f).count() as f64;
+    let flops = tokens * params as f64 * (policy_flops + 2.0 * frozen_forwards);
     let report = json!({
         "bench": "train",
         "model": loaded.origin,

@@ -10,6 +10,7 @@ pub mod logprobs;
 pub mod plot;
 pub mod run;
 pub mod score;
+pub mod student;
 pub mod train;
 
 use std::io::Write;
@@ -35,6 +36,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Plot(args) => plot::run(&args),
         Command::Run(args) => run::run(&args, &cli.global),
         Command::Bench(cmd) => bench::run(&cmd, &cli.global),
+        Command::Student(cmd) => student::run(&cmd, &cli.global),
     }
 }
 

@@ -117,6 +117,21 @@ pub fn resolve(args: &TrainArgs, global: &GlobalArgs) -> Result<TrainConfig> {
     if let Some(v) = &args.teacher_outputs {
         put("online.teacher_outputs", path(v));
     }
+    if let Some(v) = &args.teacher {
+        put("distill.teacher", s(v));
+    }
+    if let Some(v) = &args.distill_source {
+        put("distill.source", s(v));
+    }
+    if args.teacher_logits_cache {
+        put("distill.teacher_logits_cache", toml::Value::Boolean(true));
+    }
+    if let Some(v) = args.student_num_layers {
+        put("distill.student_num_layers", int(v as u64));
+    }
+    if let Some(v) = args.temperature {
+        put("objective.temperature", float(v));
+    }
     if let Some(v) = &args.base_objective {
         put("objective.base_objective", s(v));
     }

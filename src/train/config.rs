@@ -33,6 +33,71 @@ pub struct TrainConfig {
     /// Rounds of sampling, judging and training for online objectives (`[online]`).
     #[serde(default)]
     pub online: Option<OnlineSection>,
+    /// Distillation: the teacher, where the training sequences come from, the student's size.
+    #[serde(default)]
+    pub distill: Option<DistillSection>,
+}
+
+/// Where a distillation run's training sequences come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DistillSource {
+    /// The dataset's own completions (`prompt`/`completion`, `messages`, `text`): off-policy.
+    #[default]
+    Dataset,
+    /// The teacher's answers to the dataset's prompts, generated once (sequence-level KD,
+    /// TRL's `seq_kd`), cached as `teacher_outputs.jsonl` in the run directory.
+    Teacher,
+    /// The student's own answers, sampled afresh every step (on-policy, GKD's `lmbda = 1`).
+    Student,
+}
+
+/// `[distill]`: the teacher and the data of knowledge-distillation objectives (and KDRL's
+/// teacher).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DistillSection {
+    /// The teacher model (a spec like `model.model`; `default` = SmolLM2-135M-Instruct). When it
+    /// names the same model as `model.model`, the one load serves both.
+    #[serde(default = "default_model")]
+    pub teacher: String,
+    /// Where the training sequences come from.
+    #[serde(default)]
+    pub source: DistillSource,
+    /// Build the student from `model.model` by keeping these decoder layers (strictly
+    /// increasing indices), unless resuming.
+    #[serde(default)]
+    pub student_layers: Option<Vec<usize>>,
+    /// Build the student by keeping this many evenly spaced layers (first and last included).
+    #[serde(default)]
+    pub student_num_layers: Option<usize>,
+    /// Score the fixed training and eval sequences with the teacher once and keep its final
+    /// hidden states (exact logits, one LM-head matmul away) in `teacher_cache/` of the run.
+    #[serde(default)]
+    pub teacher_logits_cache: bool,
+    /// Tokens to generate per answer (`source = teacher | student`).
+    #[serde(default = "default_online_new_tokens")]
+    pub max_new_tokens: usize,
+    /// Sampling temperature of generated answers.
+    #[serde(default = "default_temperature")]
+    pub temperature: f64,
+    /// Nucleus sampling threshold of generated answers.
+    #[serde(default = "default_top_p")]
+    pub top_p: f64,
+    /// Answers generated per forward pass.
+    #[serde(default = "default_sampling_batch")]
+    pub sampling_batch_size: usize,
+    /// MGSR's sequence-level correction (SCRG) of student answers: at the position where the
+    /// student's token differs from the teacher's choice and the two distributions differ
+    /// most (KL), put the teacher's token and let the student write the rest again.
+    #[serde(default)]
+    pub scrg: bool,
+}
+
+impl Default for DistillSection {
+    fn default() -> Self {
+        toml::from_str("").expect("every field has a default")
+    }
 }
 
 /// `[online]`: the online loop's rounds (INPO, DNO, NFT).
@@ -251,6 +316,9 @@ pub struct RunSection {
     /// Evaluate on `data.eval` every N steps (0 = only at the end).
     #[serde(default)]
     pub eval_every: u64,
+    /// Also evaluate before the first step (transformers' `eval_on_start`), logged as step 0.
+    #[serde(default)]
+    pub eval_on_start: bool,
 }
 
 fn default_model() -> String {
@@ -342,7 +410,7 @@ impl TrainConfig {
         }
         match (&self.online, self.objective.is_online()) {
             (None, true) => bail!("objective `{}` learns from its own samples: set `online.prompts` (`--prompts FILE`)", self.objective.name()),
-            (Some(_), false) => bail!("`[online]` applies to online objectives (inpo, dno, nft, text2grad), not `{}`", self.objective.name()),
+            (Some(_), false) => bail!("`[online]` applies to online objectives (inpo, dno, nft, text2grad, kdrl), not `{}`", self.objective.name()),
             (Some(o), true) => {
                 let fewest_samples = if matches!(self.objective, Objective::Text2grad(_)) { 1 } else { 2 };
                 if o.rounds == 0 || o.samples_per_prompt < fewest_samples || o.epochs_per_round == 0 || o.sampling_batch_size == 0 {
@@ -354,8 +422,8 @@ impl TrainConfig {
                 if self.data.train.is_some() || self.data.eval.is_some() {
                     bail!("`{}` learns from its own samples of `online.prompts`; `data.train` / `data.eval` are not read (measure the result with `candor eval winrate`)", self.objective.name());
                 }
-                if matches!(self.objective, Objective::Nft(_)) && !o.judge.starts_with("verifier:") {
-                    bail!("`nft` learns from right and wrong answers: its judge must be a `verifier:` (got `{}`)", o.judge);
+                if matches!(self.objective, Objective::Nft(_) | Objective::Kdrl(_)) && !o.judge.starts_with("verifier:") {
+                    bail!("`{}` learns from right and wrong answers: its judge must be a `verifier:` (got `{}`)", self.objective.name(), o.judge);
                 }
             }
             (None, false) => {
@@ -363,6 +431,24 @@ impl TrainConfig {
                     bail!("set `data.train` (`--data FILE`)");
                 }
             }
+        }
+        match (&self.distill, self.objective.needs_teacher()) {
+            (Some(_), false) => bail!("`[distill]` applies to distillation objectives (kd, sinkd, dac_kl, kdrl), not `{}`", self.objective.name()),
+            (Some(d), true) => {
+                if d.student_layers.is_some() && d.student_num_layers.is_some() {
+                    bail!("set one of `distill.student_layers` and `distill.student_num_layers`, not both");
+                }
+                if self.objective.is_online() && (d.source != DistillSource::Dataset || d.teacher_logits_cache || d.scrg) {
+                    bail!("`kdrl` samples from the student every round; `distill.source`, `distill.teacher_logits_cache` and `distill.scrg` do not apply");
+                }
+                if d.scrg && d.source != DistillSource::Student {
+                    bail!("`distill.scrg` corrects the student's own answers: set `distill.source = \"student\"`");
+                }
+                if d.teacher_logits_cache && d.source == DistillSource::Student {
+                    bail!("`distill.teacher_logits_cache` scores a fixed set of sequences once; the student's answers change every step (`distill.source = \"student\"`)");
+                }
+            }
+            (None, _) => {}
         }
         if !(self.optim.lr > 0.0 && self.optim.lr.is_finite()) {
             bail!("`optim.lr` must be a positive number, got {}", self.optim.lr);

@@ -2,19 +2,22 @@
 //! (policy log-probs with gradient, the frozen reference's without, reward-head scores, SPO's
 //! pooled variant states), gathered into `candor-alignment`'s input types.
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use candle::{Device, Tensor};
 use candor_alignment::objectives::hindsight::ClassLogps;
 use candor_alignment::objectives::inpo::PreviousIterate;
+use candor_alignment::objectives::dac_kl::CLIP_NET;
+use candor_alignment::objectives::kd::DistillTokens;
+use candor_alignment::objectives::kdrl::KdrlTokens;
 use candor_alignment::objectives::nft::NftTokens;
 use candor_alignment::objectives::text2grad::PpoTokens;
 use candor_alignment::objectives::spo::DegreeBatch;
 use candor_alignment::{DataNeed, ObjectiveInput, PairLogps, PairScores, SequenceLogps};
 
-use super::items::{Item, PairItem, PpoItem, RolloutItem};
+use super::items::{DistillItem, Item, PairItem, PpoItem, RolloutItem};
 use crate::data::{collate, collate_packed, Batch, TokenizedSequence};
 use crate::model::CausalLm;
-use crate::scoring::{completion_logps, completion_logps_by_class, completion_token_logps, completion_token_logps_and_hidden};
+use crate::scoring::{chunked_vocab_logps, completion_states, completion_logps_by_class, completion_token_logps, completion_logps, completion_token_logps_and_hidden};
 
 /// The models (and extra trainable tensors) of one step.
 #[derive(Clone, Copy)]
@@ -23,10 +26,15 @@ pub struct StepModels<'a> {
     pub policy: &'a CausalLm,
     /// The frozen reference, when the objective needs one and it is not precomputed.
     pub reference: Option<&'a CausalLm>,
-    /// Tensors trained beside the policy, by name (SPO's degree heads, PPO's value head).
+    /// The frozen teacher of distillation objectives.
+    pub teacher: Option<&'a CausalLm>,
+    /// Tensors trained beside the policy, by name (SPO's degree heads, PPO's value head,
+    /// DAC-KL's clipping network).
     pub heads: &'a [(String, candle::Var)],
     /// The padding id.
     pub pad: u32,
+    /// How far training has gone, `step / total` (KDRL's β schedule).
+    pub progress: f64,
 }
 
 impl<'a> StepModels<'a> {
@@ -35,7 +43,7 @@ impl<'a> StepModels<'a> {
     where
         Self: 'b,
     {
-        StepModels { policy, reference: self.reference, heads: self.heads, pad: self.pad }
+        StepModels { policy, ..*self }
     }
 
     /// The extra head `name`, if the objective trains one.
@@ -78,6 +86,7 @@ pub fn forward_logps(model: &CausalLm, items: &[&Item], pad: u32) -> Result<Vec<
         Item::Pair(_) => pair_batch(items, pad, device)?,
         Item::Rollout(_) => collate(&rollouts(items).iter().map(|r| &r.sequence).collect::<Vec<_>>(), pad, device)?,
         Item::Ppo(_) => collate(&ppo_items(items).iter().map(|p| &p.sequence).collect::<Vec<_>>(), pad, device)?,
+        Item::Distill(_) => collate(&distill_items(items).iter().map(|d| &d.sequence).collect::<Vec<_>>(), pad, device)?,
     };
     let sums = completion_logps(model, &batch)?;
     Ok(match items[0] {
@@ -156,6 +165,65 @@ fn ppo_tokens(models: StepModels, items: &[&Item]) -> Result<PpoTokens> {
     })
 }
 
+fn distill_items<'a>(items: &[&'a Item]) -> Vec<&'a DistillItem> {
+    of_kind(items, |i| if let Item::Distill(x) = i { Some(x) } else { None })
+}
+
+/// Positions the teacher's head scores at once: one chunk of full-vocabulary logits beside the
+/// micro-batch's log-prob buffer.
+const TEACHER_CHUNK: usize = 256;
+
+/// The distillation inputs of a micro-batch: the student's logits at every completion position
+/// (with gradient) and the teacher's log-probs there (chunked, from its cached states when
+/// the items carry them).
+fn distill_tokens(models: StepModels, items: &[&Item]) -> Result<DistillTokens> {
+    let StepModels { policy, pad, .. } = models;
+    let teacher = models.teacher.context("distillation needs the teacher model")?;
+    let device = policy.device();
+    let ds = distill_items(items);
+    let batch = collate(&ds.iter().map(|d| &d.sequence).collect::<Vec<_>>(), pad, device)?;
+    let student = completion_states(policy, &batch)?;
+    let teacher_states = match ds.iter().map(|d| d.teacher_states.clone()).collect::<Option<Vec<Tensor>>>() {
+        Some(cached) => Tensor::cat(&cached, 0)?,
+        None => completion_states(teacher, &batch)?.hidden,
+    };
+    if teacher_states.dim(0)? != student.targets.len() {
+        anyhow::bail!("the teacher's cached states cover {} positions, the batch has {}", teacher_states.dim(0)?, student.targets.len());
+    }
+    let clip_net = models.head(CLIP_NET[0]).map(|_| CLIP_NET.map(|n| models.head(n).expect("the clipping network is whole").clone()));
+    Ok(DistillTokens {
+        student_logits: policy.lm_logits(&student.hidden)?,
+        teacher_logps: chunked_vocab_logps(teacher, &teacher_states, TEACHER_CHUNK)?,
+        targets: Tensor::new(student.targets, device)?,
+        rows: Tensor::new(student.rows, device)?,
+        clip_net,
+    })
+}
+
+/// KDRL's per-token inputs of a micro-batch of samples.
+fn kdrl_tokens(models: StepModels, items: &[&Item]) -> Result<KdrlTokens> {
+    let StepModels { policy, pad, .. } = models;
+    let device = policy.device();
+    let rs = rollouts(items);
+    let batch = collate(&rs.iter().map(|r| &r.sequence).collect::<Vec<_>>(), pad, device)?;
+    let policy_logps = completion_token_logps(policy, &batch)?;
+    let flat = |f: &dyn Fn(&RolloutItem) -> Vec<f32>| Tensor::new(rs.iter().flat_map(|r| f(r)).collect::<Vec<f32>>(), device);
+    let repeat = |f: &dyn Fn(&RolloutItem) -> f32| flat(&|r| vec![f(r); r.old_logps.len()]);
+    let old = flat(&|r| r.old_logps.clone())?;
+    let teacher = flat(&|r| r.teacher_logps.clone())?;
+    if old.dim(0)? != policy_logps.dim(0)? || teacher.dim(0)? != policy_logps.dim(0)? {
+        anyhow::bail!("{} sampling and {} teacher log-probs for {} answer tokens", old.dim(0)?, teacher.dim(0)?, policy_logps.dim(0)?);
+    }
+    Ok(KdrlTokens {
+        policy: policy_logps,
+        old,
+        teacher,
+        advantages: repeat(&|r| r.advantage)?,
+        kd_mask: repeat(&|r| f32::from(u8::from(r.kd)))?,
+        progress: models.progress,
+    })
+}
+
 fn sequences<'a>(items: &[&'a Item]) -> Vec<&'a TokenizedSequence> {
     of_kind(items, |i| if let Item::Sequence(x) = i { Some(x) } else { None })
 }
@@ -183,6 +251,12 @@ pub fn objective_input(models: StepModels, need: DataNeed, items: &[&Item]) -> R
     }
     if need == DataNeed::TokenRewards {
         return Ok(ObjectiveInput::Ppo(ppo_tokens(models, items)?));
+    }
+    if need == DataNeed::Distill {
+        return Ok(ObjectiveInput::Distill(distill_tokens(models, items)?));
+    }
+    if need == DataNeed::TeacherRollouts {
+        return Ok(ObjectiveInput::Kdrl(kdrl_tokens(models, items)?));
     }
     if let Item::Sequence(_) | Item::Packed(_) = items[0] {
         let policy_logps = forward_logps(policy, items, pad)?.remove(0);

@@ -28,6 +28,18 @@ pub enum Item {
     Rollout(RolloutItem),
     /// One of the policy's own samples with token advantages (PPO).
     Ppo(PpoItem),
+    /// A sequence a distillation objective reads the teacher's distributions on.
+    Distill(DistillItem),
+}
+
+/// A distillation sequence, with the teacher's cached final hidden states at its completion
+/// positions when `distill.teacher_logits_cache` is on.
+#[derive(Debug, Clone)]
+pub struct DistillItem {
+    /// Prompt + completion.
+    pub sequence: TokenizedSequence,
+    /// `[completion tokens, hidden]` of the teacher, if cached.
+    pub teacher_states: Option<candle::Tensor>,
 }
 
 /// A sampled answer with what a PPO update needs of it, one value per answer token.
@@ -56,6 +68,12 @@ pub struct RolloutItem {
     pub accuracy: f32,
     /// Whether the verifier accepted the answer.
     pub correct: bool,
+    /// KDRL: the answer's group-normalised advantage.
+    pub advantage: f32,
+    /// KDRL: the teacher's log-prob of each answer token (empty for NFT).
+    pub teacher_logps: Vec<f32>,
+    /// KDRL: whether the KD term applies to the answer (reward-guided masking).
+    pub kd: bool,
 }
 
 /// A preference pair and what objectives may need beyond its two sequences.
@@ -95,6 +113,7 @@ impl Item {
             Item::Pair(p) => p.chosen.completion_tokens(),
             Item::Rollout(r) => r.sequence.completion_tokens(),
             Item::Ppo(p) => p.sequence.completion_tokens(),
+            Item::Distill(d) => d.sequence.completion_tokens(),
         }
     }
 
@@ -106,6 +125,7 @@ impl Item {
             Item::Pair(p) => p.chosen.ids.len() + p.rejected.ids.len() + p.variants.iter().map(|v| v.0.ids.len()).sum::<usize>(),
             Item::Rollout(r) => r.sequence.ids.len(),
             Item::Ppo(p) => p.sequence.ids.len(),
+            Item::Distill(d) => d.sequence.ids.len(),
         }
     }
 }
@@ -184,7 +204,7 @@ fn item_of_row(tok: &SequenceTokenizer, objective: &Objective, seed: u64, row: &
     let name = objective.name();
     let need = objective.data_need();
     Ok(match (need, &row.example) {
-        (DataNeed::Rollouts | DataNeed::TokenRewards, _) => bail!("objective `{name}` learns from its own samples, not from dataset rows: give prompts with `--prompts`"),
+        (DataNeed::Rollouts | DataNeed::TokenRewards | DataNeed::TeacherRollouts, _) => bail!("objective `{name}` learns from its own samples, not from dataset rows: give prompts with `--prompts`"),
         (DataNeed::Pairs | DataNeed::ScoredPairs, Example::Preference { prompt, chosen, rejected }) => {
             let mut pair = PairItem::new(tok.prompt_completion(prompt, chosen)?, tok.prompt_completion(prompt, rejected)?);
             pair.rewards = pair_rewards(row, objective.needs_pair_rewards() && !judged)?;
@@ -216,10 +236,11 @@ fn item_of_row(tok: &SequenceTokenizer, objective: &Objective, seed: u64, row: &
         (DataNeed::Pairs | DataNeed::ScoredPairs | DataNeed::Hindsight, other) => {
             bail!("objective `{name}` needs preference rows (`prompt`/`chosen`/`rejected`), got a {} row", other.kind())
         }
-        (DataNeed::Sequences, Example::Preference { .. } | Example::Prompt { .. }) => {
+        (DataNeed::Sequences | DataNeed::Distill, Example::Preference { .. } | Example::Prompt { .. }) => {
             bail!("objective `{name}` needs prompt-completion, `messages` or `text` rows, got a {} row", row.example.kind())
         }
         (DataNeed::Sequences, _) => Item::Sequence(crate::scoring::row_sequences(tok, &row.example)?.remove(0).1),
+        (DataNeed::Distill, _) => Item::Distill(DistillItem { sequence: crate::scoring::row_sequences(tok, &row.example)?.remove(0).1, teacher_states: None }),
     })
 }
 

@@ -94,6 +94,9 @@ pub fn train(cfg: &TrainConfig, opts: &RunOptions) -> Result<RunSummary> {
     if cfg.objective.is_online() {
         return super::online::train(cfg, opts);
     }
+    if cfg.objective.data_need() == candor_alignment::DataNeed::Distill {
+        return super::distill::train(cfg, opts);
+    }
     let mut trainer = Trainer::start(cfg, opts)?;
     let objective = &cfg.objective;
     let train_path = cfg.data.train.as_ref().with_context(|| format!("objective `{}` needs `data.train`", objective.name()))?;
@@ -122,19 +125,27 @@ pub fn train(cfg: &TrainConfig, opts: &RunOptions) -> Result<RunSummary> {
         }
     }
 
-    let r = &cfg.run;
+    train_on(&mut trainer, &items, eval_items.as_deref())?;
+    trainer.finish()
+}
+
+/// The steps over a fixed set of items: epochs of seeded shuffles (or `run.max_steps`),
+/// evaluating on `eval` as configured.
+pub(super) fn train_on(trainer: &mut Trainer, items: &[Item], eval: Option<&[Item]>) -> Result<()> {
+    let r = &trainer.cfg.run;
     let micro_per_epoch = items.len().div_ceil(r.batch_size) as u64;
     let steps_per_epoch = micro_per_epoch.div_ceil(r.grad_accum as u64);
     let total = r.max_steps.unwrap_or(steps_per_epoch * r.epochs as u64);
     trainer.set_total(total);
+    trainer.evaluate_on_start(eval)?;
     let lengths: Option<Vec<usize>> = r.group_by_length.then(|| items.iter().map(Item::tokens).collect());
     let mut orders = BatchOrders::new(r.seed, r.batch_size, lengths);
     while trainer.step < total {
-        let (micro, epoch) = micro_batches(&items, trainer.step, r, &mut orders);
+        let (micro, epoch) = micro_batches(items, trainer.step, r, &mut orders);
         let extra = Map::from_iter([("epoch".to_string(), Value::from(epoch))]);
-        trainer.step(&micro, extra, eval_items.as_deref(), false)?;
+        trainer.step(&micro, extra, eval, false)?;
     }
-    trainer.finish()
+    Ok(())
 }
 
 /// Fill every pair's reference log-probs, from `cache` when it holds one value per pair,

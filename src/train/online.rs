@@ -15,6 +15,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use candle::Tensor;
+use candor_alignment::objectives::kdrl::group_advantages;
 use candor_alignment::objectives::nft::question_accuracy;
 use candor_alignment::objectives::text2grad::{adapt_kl_coef, gae, token_rewards, whiten, KlPenalty, Text2GradConfig};
 use candor_alignment::{DataNeed, Objective};
@@ -71,6 +72,15 @@ struct RoundRollout {
     old_logps: Vec<f32>,
     accuracy: f32,
     correct: bool,
+    /// KDRL: the group-normalised advantage.
+    #[serde(default)]
+    advantage: f32,
+    /// KDRL: the teacher's log-prob of each answer token.
+    #[serde(default)]
+    teacher_logps: Vec<f32>,
+    /// KDRL: whether the KD term applies (reward-guided masking).
+    #[serde(default)]
+    kd: bool,
 }
 
 /// A critiqued sample for PPO: per answer token, the rollout's records and the advantages.
@@ -141,7 +151,7 @@ pub fn train(cfg: &TrainConfig, opts: &RunOptions) -> Result<RunSummary> {
 
     let per_round = if online.prompts_per_round == 0 { prompts.len() } else { online.prompts_per_round.min(prompts.len()) };
     let most_items = match cfg.objective.data_need() {
-        DataNeed::Rollouts | DataNeed::TokenRewards => per_round * online.samples_per_prompt,
+        DataNeed::Rollouts | DataNeed::TokenRewards | DataNeed::TeacherRollouts => per_round * online.samples_per_prompt,
         _ => per_round,
     };
     // The schedule's horizon: the most steps the rounds can take (pairs and questions that
@@ -175,7 +185,7 @@ pub fn train(cfg: &TrainConfig, opts: &RunOptions) -> Result<RunSummary> {
 }
 
 /// The chat-formatted prompt ids, keeping the last `max_prompt_length` tokens.
-fn tokenize_prompts(model: &LoadedModel, prompts: &[EvalPrompt], max_prompt_length: Option<usize>) -> Result<Vec<Vec<u32>>> {
+pub(super) fn tokenize_prompts(model: &LoadedModel, prompts: &[EvalPrompt], max_prompt_length: Option<usize>) -> Result<Vec<Vec<u32>>> {
     let tok = crate::data::SequenceTokenizer { tokenizer: &model.tokenizer, chat_template: model.chat_template.as_ref(), truncation: Default::default() };
     prompts
         .iter()
@@ -320,7 +330,7 @@ fn build_round(trainer: &mut Trainer, round: u64, sources: &RoundSources, previo
                 let correct: Vec<bool> = pool.iter().map(|s| s.score > 0.5).collect();
                 if let Some(accuracy) = question_accuracy(&correct) {
                     for (j, &c) in correct.iter().enumerate() {
-                        rollouts.push(RoundRollout { prompt: i, sample: j, old_logps: Vec::new(), accuracy: accuracy as f32, correct: c });
+                        rollouts.push(RoundRollout { prompt: i, sample: j, old_logps: Vec::new(), accuracy: accuracy as f32, correct: c, advantage: 0.0, teacher_logps: Vec::new(), kd: false });
                     }
                 }
             }
@@ -328,6 +338,26 @@ fn build_round(trainer: &mut Trainer, round: u64, sources: &RoundSources, previo
             let records = per_token(&seqs, cfg.run.batch_size, trainer.pad, frozen.device(), |b| Ok([completion_token_logps(&frozen, b)?]))?;
             for (r, [logps]) in rollouts.iter_mut().zip(records) {
                 r.old_logps = logps;
+            }
+        }
+        Objective::Kdrl(kdrl) => {
+            // GRPO's group advantages from the verifier; the teacher scores the student's own
+            // tokens (KD on the sampled path); answers the verifier accepts may skip the KD term.
+            for (i, pool) in pools.iter().enumerate() {
+                let scores: Vec<f64> = pool.iter().map(|s| s.score).collect();
+                let accuracy = scores.iter().filter(|&&s| s > 0.5).count() as f32 / scores.len() as f32;
+                for (j, a) in group_advantages(&scores).into_iter().enumerate() {
+                    let correct = scores[j] > 0.5;
+                    rollouts.push(RoundRollout { prompt: i, sample: j, old_logps: Vec::new(), accuracy, correct, advantage: a as f32, teacher_logps: Vec::new(), kd: kdrl.applies_kd(correct) });
+                }
+            }
+            say(format!("round {}: scoring the samples under the old policy and the teacher", round + 1));
+            let teacher = trainer.teacher.as_ref().context("kdrl needs the teacher (`[distill] teacher`)")?;
+            let seqs: Vec<TokenizedSequence> = rollouts.iter().map(|r| sequence(r.prompt, &pools[r.prompt][r.sample])).collect();
+            let records = per_token(&seqs, cfg.run.batch_size, trainer.pad, frozen.device(), |b| Ok([completion_token_logps(&frozen, b)?, completion_token_logps(teacher, b)?]))?;
+            for (r, [old, by_teacher]) in rollouts.iter_mut().zip(records) {
+                r.old_logps = old;
+                r.teacher_logps = by_teacher;
             }
         }
         Objective::Text2grad(t2g) => {
@@ -485,7 +515,7 @@ fn per_token<const Q: usize>(seqs: &[TokenizedSequence], batch_size: usize, pad:
 }
 
 /// Prompt + sampled answer, the answer being the completion.
-fn answer_sequence(prompt: &[u32], answer: &[u32]) -> TokenizedSequence {
+pub(super) fn answer_sequence(prompt: &[u32], answer: &[u32]) -> TokenizedSequence {
     let mut mask = vec![0u8; prompt.len()];
     mask.resize(prompt.len() + answer.len(), 1);
     TokenizedSequence::new([prompt, answer].concat(), mask)
@@ -508,7 +538,17 @@ fn round_items(data: &RoundData, prompt_ids: &[Vec<u32>]) -> Vec<Item> {
         return data
             .rollouts
             .iter()
-            .map(|r| Item::Rollout(RolloutItem { sequence: sequence(r.prompt, r.sample), old_logps: r.old_logps.clone(), accuracy: r.accuracy, correct: r.correct }))
+            .map(|r| {
+                Item::Rollout(RolloutItem {
+                    sequence: sequence(r.prompt, r.sample),
+                    old_logps: r.old_logps.clone(),
+                    accuracy: r.accuracy,
+                    correct: r.correct,
+                    advantage: r.advantage,
+                    teacher_logps: r.teacher_logps.clone(),
+                    kd: r.kd,
+                })
+            })
             .collect();
     }
     data.pairs

@@ -30,6 +30,8 @@ pub struct Trainer<'c> {
     /// The frozen reference, when the objective needs one (taken out once its log-probs are
     /// precomputed).
     pub reference: Option<CausalLm>,
+    /// The frozen teacher of distillation objectives (never a variable of the optimizer).
+    pub teacher: Option<CausalLm>,
     /// Tensors trained beside the policy and checkpointed in [`HEADS_FILE`]: SPO's degree heads,
     /// PPO's value head.
     heads: Vec<(String, Var)>,
@@ -68,7 +70,33 @@ impl<'c> Trainer<'c> {
         std::fs::write(run_dir.join("config.toml"), cfg.to_toml()?)?;
 
         // Models: the policy (from the checkpoint when resuming) and the frozen reference.
-        let start = load::load_model(&cfg.model.model, dtype, &device).with_context(|| format!("failed to load model `{}`", cfg.model.model))?;
+        let mut start = load::load_model(&cfg.model.model, dtype, &device).with_context(|| format!("failed to load model `{}`", cfg.model.model))?;
+        let distill = cfg.distill.clone().unwrap_or_default();
+        // Distillation: the frozen teacher (the same load when it is the same model), then the
+        // student cut out of `model.model` when asked (a checkpoint already holds the student).
+        let teacher = if objective.needs_teacher() {
+            let mut teacher = if distill.teacher == cfg.model.model {
+                start.model.frozen_view()
+            } else {
+                let t = load::load_model(&distill.teacher, dtype, &device).with_context(|| format!("failed to load the teacher `{}`", distill.teacher))?;
+                check_same_tokenizer(&start, &t)?;
+                t.model
+            };
+            teacher.set_kernels(cfg.model.kernels);
+            teacher.set_matmul_precision(matmul_precision);
+            Some(teacher)
+        } else {
+            None
+        };
+        let total_layers = start.model.config().num_hidden_layers;
+        let keep = match (&distill.student_layers, distill.student_num_layers) {
+            (Some(layers), _) => Some(layers.clone()),
+            (None, Some(n)) => Some(CausalLm::evenly_spaced_layers(total_layers, n)?),
+            (None, None) => None,
+        };
+        if let Some(keep) = keep.filter(|_| objective.needs_teacher()) {
+            start.model.keep_layers(&keep).context("`distill.student_layers`")?;
+        }
         let mut policy = match (&resume_from, &cfg.lora) {
             (Some((_, dir)), None) => load::load_hf_dir(dir, dtype, &device)?,
             (Some((_, dir)), Some(_)) => {
@@ -155,12 +183,13 @@ impl<'c> Trainer<'c> {
         }
         let metrics_file = std::fs::OpenOptions::new().create(true).append(true).open(run_dir.join("metrics.jsonl"))?;
         let pad = policy.tokenizer.pad_id();
-        Ok(Self { cfg, policy, reference, heads, opt, step, total: 0, metrics_file, bar: None, quiet: opts.quiet, pad, last_checkpoint: None })
+        Ok(Self { cfg, policy, reference, teacher, heads, opt, step, total: 0, metrics_file, bar: None, quiet: opts.quiet, pad, last_checkpoint: None })
     }
 
     /// The models of a step.
     pub fn models(&self) -> StepModels<'_> {
-        StepModels { policy: &self.policy.model, reference: self.reference.as_ref(), heads: &self.heads, pad: self.pad }
+        let progress = if self.total == 0 { 0.0 } else { self.step as f64 / self.total as f64 };
+        StepModels { policy: &self.policy.model, reference: self.reference.as_ref(), teacher: self.teacher.as_ref(), heads: &self.heads, pad: self.pad, progress }
     }
 
     /// Set the run's length in steps (the schedule's horizon) and show the progress bar.
@@ -176,6 +205,24 @@ impl<'c> Trainer<'c> {
         });
         bar.set_length(total);
         bar.set_position(self.step);
+    }
+
+    /// With `run.eval_on_start`, evaluate on `eval` before the first step and log it as step 0
+    /// (the untrained model's numbers, for the before/after comparison).
+    pub fn evaluate_on_start(&mut self, eval: Option<&[Item]>) -> Result<()> {
+        let Some(eval) = eval.filter(|_| self.cfg.run.eval_on_start && self.step == 0) else {
+            return Ok(());
+        };
+        let (eval_loss, eval_metrics) = evaluate(&self.cfg.objective, self.models(), eval, self.cfg.run.batch_size)?;
+        let mut line = Map::new();
+        line.insert("step".into(), 0.into());
+        line.insert("eval_loss".into(), eval_loss.into());
+        for (k, v) in eval_metrics {
+            line.insert(format!("eval_{k}"), v.into());
+        }
+        writeln!(self.metrics_file, "{}", Value::Object(line))?;
+        self.metrics_file.flush()?;
+        Ok(())
     }
 
     /// The progress bar, if one is shown (for the online loop's sampling messages).
@@ -370,6 +417,20 @@ fn new_heads(objective: &candor_alignment::Objective, hidden: usize, seed: u64, 
         let values: Vec<f32> = (0..spec.heads * spec.classes * hidden).map(|_| normal.sample(&mut rng)).collect();
         heads.push((DEGREE_HEADS.to_string(), Tensor::from_vec(values, (spec.heads, spec.classes, hidden), device)?));
     }
+    if let Some(shapes) = objective.clip_net() {
+        // DAC-KL's clipping network: small weights, the lower bound starting at half its range
+        // and the upper one near 1 (everything but the tail kept).
+        let normal = rand_distr::Normal::new(0f32, 0.02).expect("valid normal");
+        for (name, shape) in shapes {
+            let n: usize = shape.iter().product();
+            let values: Vec<f32> = match name {
+                _ if name == candor_alignment::objectives::dac_kl::CLIP_NET[3] => vec![0.0, 4.0],
+                _ if name.contains(".b") => vec![0.0; n],
+                _ => (0..n).map(|_| normal.sample(&mut rng)).collect(),
+            };
+            heads.push((name.to_string(), Tensor::from_vec(values, shape, device)?));
+        }
+    }
     if objective.needs_value_head() {
         let bound = 1.0 / (hidden as f32).sqrt();
         let uniform = rand_distr::Uniform::new(-bound, bound).expect("valid range");
@@ -378,6 +439,23 @@ fn new_heads(objective: &candor_alignment::Objective, hidden: usize, seed: u64, 
         heads.push((VALUE_HEAD[1].to_string(), Tensor::new(&[uniform.sample(&mut rng)], device)?));
     }
     Ok(heads)
+}
+
+/// A teacher and student must read and write the same token ids.
+fn check_same_tokenizer(student: &LoadedModel, teacher: &LoadedModel) -> Result<()> {
+    let (s, t) = (&student.tokenizer, &teacher.tokenizer);
+    let probe = "Distillation needs one tokenizer: 12 + 30 = 42, ünïcödé, \n\tcode();";
+    let (vs, vt) = (student.model.config().vocab_size, teacher.model.config().vocab_size);
+    if s.vocab_size() != t.vocab_size() || vs != vt || s.encode(probe, false)? != t.encode(probe, false)? {
+        bail!(
+            "the teacher `{}` and the student `{}` do not share a tokenizer (vocabularies {} and {}, model vocab sizes {vt} and {vs}); distillation compares next-token distributions id by id, so both must use the same one",
+            teacher.origin,
+            student.origin,
+            t.vocab_size(),
+            s.vocab_size()
+        );
+    }
+    Ok(())
 }
 
 fn load_heads(dir: &Path, device: &candle::Device) -> Result<std::collections::HashMap<String, Tensor>> {

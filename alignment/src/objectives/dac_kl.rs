@@ -168,13 +168,12 @@ impl DacKlConfig {
 /// The clipping network's parameter names and shapes `(w1 [hidden, k], b1 [hidden],
 /// w2 [2, hidden], b2 [2])`, as trained beside the student and checkpointed with it.
 pub fn clip_net_shapes(cfg: &DacKlConfig) -> [(&'static str, Vec<usize>); 4] {
-    [
-        ("dac_kl.clip_net.w1", vec![cfg.hidden, cfg.top_k]),
-        ("dac_kl.clip_net.b1", vec![cfg.hidden]),
-        ("dac_kl.clip_net.w2", vec![2, cfg.hidden]),
-        ("dac_kl.clip_net.b2", vec![2]),
-    ]
+    let [w1, b1, w2, b2] = CLIP_NET;
+    [(w1, vec![cfg.hidden, cfg.top_k]), (b1, vec![cfg.hidden]), (w2, vec![2, cfg.hidden]), (b2, vec![2])]
 }
+
+/// The clipping network's parameter names, in [`DistillTokens::clip_net`]'s order.
+pub const CLIP_NET: [&str; 4] = ["dac_kl.clip_net.w1", "dac_kl.clip_net.b1", "dac_kl.clip_net.w2", "dac_kl.clip_net.b2"];
 
 /// KL between `log_p` and `log_q` renormalised on the kept set `mask` (soft, in [0, 1]), per
 /// row `[N]`, and the kept masses `(M_p, M_q)`.
