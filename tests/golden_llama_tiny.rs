@@ -365,3 +365,55 @@ fn anchored_bf16_rounding_ignores_updates_below_half_a_bf16_step() {
         }
     }
 }
+
+/// Distillation inputs of the fixture batch (or its first `rows` rows): the policy as student,
+/// the reference as teacher, the teacher's log-probs chunked as in training.
+fn distill_tokens(rows: usize) -> candor_alignment::objectives::kd::DistillTokens {
+    use candor::scoring::{chunked_vocab_logps, completion_states};
+    let exp = expected();
+    let (student, teacher) = (load("llama-tiny/policy"), load("llama-tiny/reference"));
+    let seqs = batch_sequences(&student, &exp);
+    let refs: Vec<&TokenizedSequence> = seqs.iter().take(rows).collect();
+    let batch = collate(&refs, 0, &Device::Cpu).unwrap();
+    let s = completion_states(&student.model, &batch).unwrap();
+    let t = completion_states(&teacher.model, &batch).unwrap();
+    candor_alignment::objectives::kd::DistillTokens {
+        student_logits: student.model.lm_logits(&s.hidden).unwrap(),
+        // A chunk of 3 positions: the buffer is filled across several chunks.
+        teacher_logps: chunked_vocab_logps(&teacher.model, &t.hidden, 3).unwrap(),
+        targets: Tensor::new(s.targets, &Device::Cpu).unwrap(),
+        rows: Tensor::new(s.rows, &Device::Cpu).unwrap(),
+        clip_net: None,
+    }
+}
+
+#[test]
+fn kd_divergences_match_pytorch() {
+    use candor_alignment::objectives::kd::{self, KdConfig};
+    let exp = &expected()["kd"];
+    let b = exp_rows();
+    for (rows, want) in [(2 * b, exp.clone()), (b, exp["chosen_rows_only"].clone())] {
+        let x = distill_tokens(rows);
+        let n = x.targets.dim(0).unwrap();
+        for (beta, key) in [(0.0, "forward_kl"), (1.0, "reverse_kl"), (0.5, "js")] {
+            let cfg = KdConfig { beta, temperature: 1.0, scale_by_temperature_squared: false };
+            let got = kd::loss(&x, &cfg, &StepScale::single(rows, n as f64)).unwrap().loss.to_scalar::<f32>().unwrap() as f64;
+            let want = want[key].as_f64().unwrap();
+            assert!((got - want).abs() < 1e-5, "{rows} rows, {key}: {got} vs {want}");
+        }
+    }
+    // Row 0's per-token forward KL, position by position.
+    let x = distill_tokens(1);
+    let student = candor_alignment::tensor_ops::log_softmax(&x.student_logits).unwrap();
+    let per_token: Vec<f32> = kd::kl_per_token(&x.teacher_logps, &student).unwrap().to_vec1().unwrap();
+    let want = f64s(&exp["per_token_row0_forward_kl"]);
+    assert_eq!(per_token.len(), want.len());
+    for (g, w) in per_token.iter().zip(&want) {
+        assert!((*g as f64 - w).abs() < 1e-5, "{per_token:?} vs {want:?}");
+    }
+}
+
+/// Pairs in the fixture batch.
+fn exp_rows() -> usize {
+    expected()["examples"].as_array().unwrap().len()
+}
