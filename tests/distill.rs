@@ -63,6 +63,11 @@ fn every_distillation_objective_closes_the_gap_on_the_tiny_llama() {
     assert!(!run.join("final/heads.safetensors").exists());
     let lower = series(&metrics(&run), "dac_kl/lower");
     assert!(lower.first() != lower.last(), "the lower bound should move: {lower:?}");
+    // A LoRA student: only its adapters learn, and the teacher stays what it was.
+    let lines = distill_run("kd", dir.path(), "lora", &["--lora-r", "4", "--lora-targets", "q_proj,v_proj,up_proj,down_proj"]);
+    let (before, after) = held_out_kl(&lines);
+    assert!(after < before, "LoRA: {before} -> {after}");
+    assert!(dir.path().join("lora/final/adapter/adapter_model.safetensors").exists());
 }
 
 #[test]
@@ -207,4 +212,26 @@ fn sinkd_on_smollm2_halves_a_15_layer_students_held_out_kl() {
 #[test]
 fn dac_kl_on_smollm2_halves_a_15_layer_students_held_out_kl() {
     smollm2_student("configs/dac_kl.toml");
+}
+
+/// A CI-sized KDRL run on SmolLM2 with a 15-layer student and a strong, constant KD weight: the
+/// reverse-KL estimate on the student's own samples falls from round to round.
+#[test]
+fn kdrl_on_smollm2_pulls_a_15_layer_student_toward_its_teacher() {
+    let dir = common::scratch();
+    let prompts = dir.path().join("prompts.jsonl");
+    head_lines("data/preference/train.jsonl", 8, &prompts);
+    let run = dir.path().join("run");
+    candor_train(&[
+        "--config", "configs/kdrl.toml", "--prompts", prompts.to_str().unwrap(), "--output", run.to_str().unwrap(), "--save-only-model",
+        "--student-num-layers", "15", "--rounds", "3", "--lr", "1e-4", "--set", "online.prompts_per_round=0", "--set", "online.max_new_tokens=24",
+        "--set", "objective.beta_start=1.0", "--set", "objective.beta_schedule=\"constant\"", "--set", "objective.kd_masking=\"none\"",
+    ]);
+    let lines = metrics(&run);
+    let by_round = |r: u64| -> f64 {
+        let kl: Vec<f64> = lines.iter().filter(|l| l["round"] == r).map(|l| l["kdrl/kl"].as_f64().unwrap()).collect();
+        kl.iter().sum::<f64>() / kl.len() as f64
+    };
+    let (first, last) = (by_round(1), by_round(3));
+    assert!(last < 0.8 * first, "k2 to the teacher on the student's samples should fall: {first} -> {last}");
 }

@@ -435,8 +435,12 @@ impl TrainConfig {
         match (&self.distill, self.objective.needs_teacher()) {
             (Some(_), false) => bail!("`[distill]` applies to distillation objectives (kd, sinkd, dac_kl, kdrl), not `{}`", self.objective.name()),
             (Some(d), true) => {
+                let cuts_student = d.student_layers.is_some() || d.student_num_layers.is_some();
                 if d.student_layers.is_some() && d.student_num_layers.is_some() {
                     bail!("set one of `distill.student_layers` and `distill.student_num_layers`, not both");
+                }
+                if cuts_student && self.lora.is_some() {
+                    bail!("a LoRA adapter belongs to the model it was trained on, and a student cut by `distill.student_*` exists only inside this run: cut it first (`candor student init --from {} --num-layers N --output DIR`), then train LoRA on `--model DIR`", self.model.model);
                 }
                 if self.objective.is_online() && (d.source != DistillSource::Dataset || d.teacher_logits_cache || d.scrg) {
                     bail!("`kdrl` samples from the student every round; `distill.source`, `distill.teacher_logits_cache` and `distill.scrg` do not apply");
