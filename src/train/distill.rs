@@ -18,7 +18,7 @@ use serde_json::{Map, Value};
 
 use super::config::{DistillSection, DistillSource, TrainConfig};
 use super::items::{load_items, DistillItem, Item};
-use super::offline::{micro_batches, train_on, BatchOrders};
+use super::offline::{micro_batches, planned_steps, train_on, BatchOrders};
 use super::online::{answer_sequence, tokenize_prompts};
 use super::trainer::Trainer;
 use super::{RunOptions, RunSummary};
@@ -65,6 +65,16 @@ fn distill_item(sequence: TokenizedSequence) -> Item {
     Item::Distill(DistillItem { sequence, teacher_states: None })
 }
 
+/// Prompt + answer items of the non-empty answers.
+fn answer_items(prompts: &[Vec<u32>], answers: &[Vec<u32>]) -> Vec<Item> {
+    prompts.iter().zip(answers).filter(|(_, a)| !a.is_empty()).map(|(p, a)| distill_item(answer_sequence(p, a))).collect()
+}
+
+/// One sampled answer's tokens per prompt.
+fn answer_each(model: &CausalLm, prompts: &[Vec<u32>], stop: &[u32], pad: u32, cfg: &SamplingConfig, batch_size: usize) -> Result<Vec<Vec<u32>>> {
+    Ok(sample_groups(model, prompts, 1, stop, pad, cfg, batch_size, |_| {})?.into_iter().map(|mut g| g.remove(0).tokens).collect())
+}
+
 fn sampling(distill: &DistillSection, seed: u64) -> SamplingConfig {
     SamplingConfig { max_new_tokens: distill.max_new_tokens, temperature: distill.temperature, top_p: distill.top_p, top_k: 0, seed }
 }
@@ -87,8 +97,7 @@ fn teacher_answers(trainer: &Trainer, distill: &DistillSection, path: &Path, cac
             if let Some(bar) = trainer.bar() {
                 bar.set_message(format!("the teacher answers {} prompts", ids.len()));
             }
-            let groups = sample_groups(teacher, &ids, 1, &trainer.policy.eos_token_ids, trainer.pad, &sampling(distill, cfg.run.seed), distill.sampling_batch_size, |_| {})?;
-            let answers: Vec<Vec<u32>> = groups.into_iter().map(|mut g| g.remove(0).tokens).collect();
+            let answers = answer_each(teacher, &ids, &trainer.policy.eos_token_ids, trainer.pad, &sampling(distill, cfg.run.seed), distill.sampling_batch_size)?;
             let mut lines = String::new();
             for (p, a) in prompts.iter().zip(&answers) {
                 let completion = trainer.policy.tokenizer.decode(a, true)?;
@@ -99,7 +108,7 @@ fn teacher_answers(trainer: &Trainer, distill: &DistillSection, path: &Path, cac
             answers
         }
     };
-    Ok(ids.iter().zip(&answers).filter(|(_, a)| !a.is_empty()).map(|(p, a)| distill_item(answer_sequence(p, a))).collect())
+    Ok(answer_items(&ids, &answers))
 }
 
 /// Fill every item's teacher states from `cache` when it holds exactly these sequences, else by
@@ -153,30 +162,28 @@ fn distill_sequence(item: &Item) -> Result<&TokenizedSequence> {
 }
 
 /// On-policy distillation (GKD with λ = 1): every step the student answers the step's prompts
-/// (seeded by the run seed and the step, so a resumed run samples the same answers), SCRG
+/// (seeded by the run seed and the micro-batch, so a resumed run samples the same answers), SCRG
 /// corrects them when asked, and the step trains on the answers.
 fn train_on_policy(trainer: &mut Trainer, distill: &DistillSection, prompts: &[Item], eval: Option<&[Item]>) -> Result<()> {
     let cfg = trainer.cfg;
     let r = &cfg.run;
-    let micro_per_epoch = prompts.len().div_ceil(r.batch_size) as u64;
-    let total = r.max_steps.unwrap_or(micro_per_epoch.div_ceil(r.grad_accum as u64) * r.epochs as u64);
+    let total = planned_steps(prompts.len(), r);
     trainer.set_total(total);
     trainer.evaluate_on_start(eval)?;
     let mut orders = BatchOrders::new(r.seed, r.batch_size, None);
     while trainer.step < total {
         let (micro, epoch) = micro_batches(prompts, trainer.step, r, &mut orders);
-        let seed = r.seed ^ (trainer.step + 1).wrapping_mul(0xA24B_AED4_963E_E407);
+        let student = trainer.policy.model.frozen_view();
         let mut answered: Vec<Vec<Item>> = Vec::with_capacity(micro.len());
-        for batch in &micro {
+        for (j, batch) in micro.iter().enumerate() {
+            let seed = r.seed ^ (trainer.step * r.grad_accum as u64 + j as u64 + 1).wrapping_mul(0xA24B_AED4_963E_E407);
             let ids: Vec<Vec<u32>> = batch.iter().map(|i| distill_sequence(i).map(|s| s.ids.clone())).collect::<Result<_>>()?;
-            let student = trainer.policy.model.frozen_view();
-            let groups = sample_groups(&student, &ids, 1, &trainer.policy.eos_token_ids, trainer.pad, &sampling(distill, seed), distill.sampling_batch_size, |_| {})?;
-            let mut answers: Vec<Vec<u32>> = groups.into_iter().map(|mut g| g.remove(0).tokens).collect();
+            let mut answers = answer_each(&student, &ids, &trainer.policy.eos_token_ids, trainer.pad, &sampling(distill, seed), distill.sampling_batch_size)?;
             if distill.scrg {
                 let teacher = trainer.teacher.as_ref().context("SCRG needs the teacher")?;
                 answers = scrg(&student, teacher, &ids, answers, distill, seed, trainer.pad, &trainer.policy.eos_token_ids)?;
             }
-            answered.push(ids.iter().zip(&answers).filter(|(_, a)| !a.is_empty()).map(|(p, a)| distill_item(answer_sequence(p, a))).collect());
+            answered.push(answer_items(&ids, &answers));
         }
         let refs: Vec<Vec<&Item>> = answered.iter().map(|b| b.iter().collect()).filter(|b: &Vec<&Item>| !b.is_empty()).collect();
         let extra = Map::from_iter([("epoch".to_string(), Value::from(epoch))]);
@@ -222,10 +229,10 @@ fn scrg(student: &CausalLm, teacher: &CausalLm, prompts: &[Vec<u32>], answers: V
     let budget = distill.max_new_tokens - open.iter().map(|(_, p)| p.len()).min().expect("non-empty");
     let ids: Vec<Vec<u32>> = open.iter().map(|(i, p)| [prompts[*i].as_slice(), p].concat()).collect();
     let cfg = SamplingConfig { max_new_tokens: budget, ..sampling(distill, seed.rotate_left(7)) };
-    let rest = sample_groups(student, &ids, 1, stop, pad, &cfg, distill.sampling_batch_size, |_| {})?;
-    for ((i, p), mut g) in open.into_iter().zip(rest) {
+    let rest = answer_each(student, &ids, stop, pad, &cfg, distill.sampling_batch_size)?;
+    for ((i, p), tokens) in open.into_iter().zip(rest) {
         let mut answer = p.clone();
-        answer.extend(g.remove(0).tokens);
+        answer.extend(tokens);
         answer.truncate(distill.max_new_tokens);
         out[*i] = answer;
     }

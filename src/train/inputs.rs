@@ -116,23 +116,38 @@ fn rollouts<'a>(items: &[&'a Item]) -> Vec<&'a RolloutItem> {
     of_kind(items, |i| if let Item::Rollout(x) = i { Some(x) } else { None })
 }
 
+/// A micro-batch of samples, token by token: the policy's log-prob of each answer token (with
+/// gradient), π_old's recorded one, and per-answer values repeated over the answer's tokens.
+struct SampledTokens<'a> {
+    samples: Vec<&'a RolloutItem>,
+    policy: Tensor,
+    old: Tensor,
+}
+
+impl<'a> SampledTokens<'a> {
+    fn of(policy: &CausalLm, items: &[&'a Item], pad: u32) -> Result<Self> {
+        let device = policy.device();
+        let samples = rollouts(items);
+        let batch = collate(&samples.iter().map(|r| &r.sequence).collect::<Vec<_>>(), pad, device)?;
+        let policy_logps = completion_token_logps(policy, &batch)?;
+        let old: Vec<f32> = samples.iter().flat_map(|r| r.old_logps.iter().copied()).collect();
+        if old.len() != policy_logps.dim(0)? {
+            anyhow::bail!("{} sampling log-probs for {} answer tokens", old.len(), policy_logps.dim(0)?);
+        }
+        Ok(Self { old: Tensor::new(old, device)?, policy: policy_logps, samples })
+    }
+
+    /// `f` of each answer, repeated over its tokens `[T]`.
+    fn repeated(&self, f: impl Fn(&RolloutItem) -> f32) -> Result<Tensor> {
+        let values: Vec<f32> = self.samples.iter().flat_map(|r| std::iter::repeat_n(f(r), r.old_logps.len())).collect();
+        Ok(Tensor::new(values, self.policy.device())?)
+    }
+}
+
 /// NFT's per-token inputs of a micro-batch of samples.
 fn rollout_tokens(policy: &CausalLm, items: &[&Item], pad: u32) -> Result<NftTokens> {
-    let device = policy.device();
-    let rs = rollouts(items);
-    let batch = collate(&rs.iter().map(|r| &r.sequence).collect::<Vec<_>>(), pad, device)?;
-    let policy_logps = completion_token_logps(policy, &batch)?;
-    let per_token = |f: &dyn Fn(&RolloutItem) -> f32| -> Vec<f32> { rs.iter().flat_map(|r| std::iter::repeat_n(f(r), r.old_logps.len())).collect() };
-    let old: Vec<f32> = rs.iter().flat_map(|r| r.old_logps.iter().copied()).collect();
-    if old.len() != policy_logps.dim(0)? {
-        anyhow::bail!("{} sampling log-probs for {} answer tokens", old.len(), policy_logps.dim(0)?);
-    }
-    Ok(NftTokens {
-        policy: policy_logps,
-        old: Tensor::new(old, device)?,
-        accuracy: Tensor::new(per_token(&|r| r.accuracy), device)?,
-        correct: Tensor::new(per_token(&|r| f32::from(u8::from(r.correct))), device)?,
-    })
+    let t = SampledTokens::of(policy, items, pad)?;
+    Ok(NftTokens { accuracy: t.repeated(|r| r.accuracy)?, correct: t.repeated(|r| f32::from(u8::from(r.correct)))?, policy: t.policy, old: t.old })
 }
 
 fn ppo_items<'a>(items: &[&'a Item]) -> Vec<&'a PpoItem> {
@@ -202,25 +217,18 @@ fn distill_tokens(models: StepModels, items: &[&Item]) -> Result<DistillTokens> 
 
 /// KDRL's per-token inputs of a micro-batch of samples.
 fn kdrl_tokens(models: StepModels, items: &[&Item]) -> Result<KdrlTokens> {
-    let StepModels { policy, pad, .. } = models;
-    let device = policy.device();
-    let rs = rollouts(items);
-    let batch = collate(&rs.iter().map(|r| &r.sequence).collect::<Vec<_>>(), pad, device)?;
-    let policy_logps = completion_token_logps(policy, &batch)?;
-    let flat = |f: &dyn Fn(&RolloutItem) -> Vec<f32>| Tensor::new(rs.iter().flat_map(|r| f(r)).collect::<Vec<f32>>(), device);
-    let repeat = |f: &dyn Fn(&RolloutItem) -> f32| flat(&|r| vec![f(r); r.old_logps.len()]);
-    let old = flat(&|r| r.old_logps.clone())?;
-    let teacher = flat(&|r| r.teacher_logps.clone())?;
-    if old.dim(0)? != policy_logps.dim(0)? || teacher.dim(0)? != policy_logps.dim(0)? {
-        anyhow::bail!("{} sampling and {} teacher log-probs for {} answer tokens", old.dim(0)?, teacher.dim(0)?, policy_logps.dim(0)?);
+    let t = SampledTokens::of(models.policy, items, models.pad)?;
+    let teacher: Vec<f32> = t.samples.iter().flat_map(|r| r.teacher_logps.iter().copied()).collect();
+    if teacher.len() != t.policy.dim(0)? {
+        anyhow::bail!("{} teacher log-probs for {} answer tokens", teacher.len(), t.policy.dim(0)?);
     }
     Ok(KdrlTokens {
-        policy: policy_logps,
-        old,
-        teacher,
-        advantages: repeat(&|r| r.advantage)?,
-        kd_mask: repeat(&|r| f32::from(u8::from(r.kd)))?,
+        teacher: Tensor::new(teacher, t.policy.device())?,
+        advantages: t.repeated(|r| r.advantage)?,
+        kd_mask: t.repeated(|r| f32::from(u8::from(r.kd)))?,
         progress: models.progress,
+        policy: t.policy,
+        old: t.old,
     })
 }
 

@@ -129,13 +129,17 @@ pub fn train(cfg: &TrainConfig, opts: &RunOptions) -> Result<RunSummary> {
     trainer.finish()
 }
 
+/// Optimizer steps of a run over `n` examples: `run.max_steps`, else `run.epochs` passes.
+pub(super) fn planned_steps(n: usize, r: &RunSection) -> u64 {
+    let micro_per_epoch = n.div_ceil(r.batch_size) as u64;
+    r.max_steps.unwrap_or(micro_per_epoch.div_ceil(r.grad_accum as u64) * r.epochs as u64)
+}
+
 /// The steps over a fixed set of items: epochs of seeded shuffles (or `run.max_steps`),
 /// evaluating on `eval` as configured.
 pub(super) fn train_on(trainer: &mut Trainer, items: &[Item], eval: Option<&[Item]>) -> Result<()> {
     let r = &trainer.cfg.run;
-    let micro_per_epoch = items.len().div_ceil(r.batch_size) as u64;
-    let steps_per_epoch = micro_per_epoch.div_ceil(r.grad_accum as u64);
-    let total = r.max_steps.unwrap_or(steps_per_epoch * r.epochs as u64);
+    let total = planned_steps(items.len(), r);
     trainer.set_total(total);
     trainer.evaluate_on_start(eval)?;
     let lengths: Option<Vec<usize>> = r.group_by_length.then(|| items.iter().map(Item::tokens).collect());

@@ -213,13 +213,21 @@ impl<'c> Trainer<'c> {
         let Some(eval) = eval.filter(|_| self.cfg.run.eval_on_start && self.step == 0) else {
             return Ok(());
         };
+        let mut line = Map::from_iter([("step".to_string(), Value::from(0))]);
+        line.extend(self.evaluation(eval)?);
+        self.log(line)
+    }
+
+    /// `eval_loss` and the `eval_`-prefixed metrics of the held-out set.
+    fn evaluation(&self, eval: &[Item]) -> Result<Map<String, Value>> {
         let (eval_loss, eval_metrics) = evaluate(&self.cfg.objective, self.models(), eval, self.cfg.run.batch_size)?;
-        let mut line = Map::new();
-        line.insert("step".into(), 0.into());
-        line.insert("eval_loss".into(), eval_loss.into());
-        for (k, v) in eval_metrics {
-            line.insert(format!("eval_{k}"), v.into());
-        }
+        let mut fields = Map::from_iter([("eval_loss".to_string(), Value::from(eval_loss))]);
+        fields.extend(eval_metrics.into_iter().map(|(k, v)| (format!("eval_{k}"), Value::from(v))));
+        Ok(fields)
+    }
+
+    /// Append one line to `metrics.jsonl`.
+    fn log(&mut self, line: Map<String, Value>) -> Result<()> {
         writeln!(self.metrics_file, "{}", Value::Object(line))?;
         self.metrics_file.flush()?;
         Ok(())
@@ -268,19 +276,14 @@ impl<'c> Trainer<'c> {
         let is_last = self.step == self.total;
         if let Some(eval) = eval {
             if is_last || (r.eval_every > 0 && self.step.is_multiple_of(r.eval_every)) {
-                let (eval_loss, eval_metrics) = evaluate(objective, self.models(), eval, r.batch_size)?;
-                line.insert("eval_loss".into(), eval_loss.into());
-                for (k, v) in eval_metrics {
-                    line.insert(format!("eval_{k}"), v.into());
-                }
+                line.extend(self.evaluation(eval)?);
             }
         }
         if let Some(bar) = &self.bar {
             bar.set_position(self.step);
             bar.set_message(format!("loss {loss:.4} | {:.0} tok/s", tokens as f64 / secs));
         }
-        writeln!(self.metrics_file, "{}", Value::Object(line))?;
-        self.metrics_file.flush()?;
+        self.log(line)?;
         if checkpoint_now || is_last || (r.save_every > 0 && self.step.is_multiple_of(r.save_every)) {
             self.save_checkpoint()?;
         }
@@ -421,11 +424,12 @@ fn new_heads(objective: &candor_alignment::Objective, hidden: usize, seed: u64, 
         // DAC-KL's clipping network: small weights, the lower bound starting at half its range
         // and the upper one near 1 (everything but the tail kept).
         let normal = rand_distr::Normal::new(0f32, 0.02).expect("valid normal");
-        for (name, shape) in shapes {
+        for (i, (name, shape)) in shapes.into_iter().enumerate() {
             let n: usize = shape.iter().product();
-            let values: Vec<f32> = match name {
-                _ if name == candor_alignment::objectives::dac_kl::CLIP_NET[3] => vec![0.0, 4.0],
-                _ if name.contains(".b") => vec![0.0; n],
+            // In order: w1, b1, w2, b2.
+            let values: Vec<f32> = match i {
+                1 => vec![0.0; n],
+                3 => vec![0.0, 4.0],
                 _ => (0..n).map(|_| normal.sample(&mut rng)).collect(),
             };
             heads.push((name.to_string(), Tensor::from_vec(values, shape, device)?));
