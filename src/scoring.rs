@@ -38,7 +38,7 @@ pub fn completion_token_logps_and_hidden(model: &CausalLm, batch: &Batch) -> can
 /// (TRL's `kl_penalty = "full"`), without gradient, 256 positions at a time; `p_hidden` are the
 /// policy's states from [`completion_token_logps_and_hidden`] on the same batch.
 pub fn completion_token_kl(policy: &CausalLm, p_hidden: &Tensor, reference: &CausalLm, batch: &Batch) -> candle::Result<Tensor> {
-    let (_, q_hidden) = ScoredTokens::of(batch, None)?.logps_and_hidden(reference, batch)?;
+    let q_hidden = ScoredTokens::of(batch, None)?.hidden(reference, batch)?;
     let n = p_hidden.dim(0)?;
     let mut parts = Vec::new();
     for start in (0..n).step_by(256) {
