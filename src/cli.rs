@@ -43,29 +43,43 @@ pub enum Command {
     #[command(after_help = "Examples:\n  candor fetch\n  candor fetch smollm2-135m-instruct")]
     Fetch(FetchArgs),
     /// Generate completions for one prompt or a JSONL file of prompts.
-    #[command(after_help = "Examples:\n  candor generate --model default --chat --prompt \"What is the capital of France?\" --temperature 0\n  candor generate --model ./my-model --prompts prompts.jsonl --output out.jsonl --temperature 0.7 --top-p 0.9 --seed 1\n  candor generate --model HuggingFaceTB/SmolLM2-135M-Instruct --prompt \"Once upon a time\"")]
+    #[command(
+        after_help = "Examples:\n  candor generate --model default --chat --prompt \"What is the capital of France?\" --temperature 0\n  candor generate --model ./my-model --prompts prompts.jsonl --output out.jsonl --temperature 0.7 --top-p 0.9 --seed 1\n  candor generate --model HuggingFaceTB/SmolLM2-135M-Instruct --prompt \"Once upon a time\""
+    )]
     Generate(GenerateArgs),
     /// Summed completion log-probs of every row of a dataset (TRL's convention).
-    #[command(after_help = "Examples:\n  candor logprobs --model default --data pairs.jsonl\n  candor logprobs --model ./my-model --data pairs.jsonl --output logps.jsonl --batch-size 4")]
+    #[command(
+        after_help = "Examples:\n  candor logprobs --model default --data pairs.jsonl\n  candor logprobs --model ./my-model --data pairs.jsonl --output logps.jsonl --batch-size 4"
+    )]
     Logprobs(LogprobsArgs),
     /// Fine-tune a model with an objective from the registry (sft, dpo, rdpo, rpo, spo, copg,
     /// hindsight, reward, the online inpo, dno, nft, text2grad, kdrl, and the distillation
     /// kd, sinkd, dac_kl).
-    #[command(after_help = "Examples:\n  candor train --config configs/dpo.toml\n  candor train --objective sft --model default --data data/sft/train.jsonl --output runs/sft --max-steps 50\n  candor train --config configs/dpo.toml --set objective.beta=0.2 --lr 1e-6\n  candor train --resume runs/dpo")]
+    #[command(
+        after_help = "Examples:\n  candor train --config configs/dpo.toml\n  candor train --objective sft --model default --data data/sft/train.jsonl --output runs/sft --max-steps 50\n  candor train --config configs/dpo.toml --set objective.beta=0.2 --lr 1e-6\n  candor train --resume runs/dpo"
+    )]
     Train(Box<TrainArgs>),
     /// Rewards of every row of a dataset under a reward model, one JSON line per row, in order.
-    #[command(after_help = "Examples:\n  candor score --model runs/reward/final --data data/preference/test.jsonl\n  candor score --model runs/reward/final --data answers.jsonl --output rewards.jsonl")]
+    #[command(
+        after_help = "Examples:\n  candor score --model runs/reward/final --data data/preference/test.jsonl\n  candor score --model runs/reward/final --data answers.jsonl --output rewards.jsonl"
+    )]
     Score(ScoreArgs),
     /// Answers of a model critiqued word by word, written as SFT rows that teach a model to write
     /// such critiques (Text2Grad's natural-language reward model).
-    #[command(after_help = "Examples:\n  candor critique --model default --prompts data/preference/train.jsonl --output runs/critiques.jsonl\n  candor train --config configs/critic.toml   # SFT of a critique model on them\n  candor train --config configs/text2grad.toml --set objective.critic=\"llm:runs/critic/final\"")]
+    #[command(
+        after_help = "Examples:\n  candor critique --model default --prompts data/preference/train.jsonl --output runs/critiques.jsonl\n  candor train --config configs/critic.toml   # SFT of a critique model on them\n  candor train --config configs/text2grad.toml --set objective.critic=\"llm:runs/critic/final\""
+    )]
     Critique(CritiqueArgs),
     /// Write a checkpoint, run directory or any model as a transformers directory.
-    #[command(after_help = "Examples:\n  candor export --checkpoint runs/dpo/final --output my-model --dtype bf16\n  candor export --checkpoint runs/dpo --output my-model   # newest checkpoint of a run\n  candor export --checkpoint default --output smollm2-hf  # GGUF to transformers layout")]
+    #[command(
+        after_help = "Examples:\n  candor export --checkpoint runs/dpo/final --output my-model --dtype bf16\n  candor export --checkpoint runs/dpo --output my-model   # newest checkpoint of a run\n  candor export --checkpoint default --output smollm2-hf  # GGUF to transformers layout"
+    )]
     Export(ExportArgs),
     /// Score a model under a judge (verifier accuracy, mean reward), or its win-rate against a
     /// baseline (`candor eval winrate`).
-    #[command(after_help = "Examples:\n  candor eval --model runs/dpo/final --prompts data/preference/test.jsonl --judge verifier:auto\n  candor eval winrate --model runs/dpo/final --baseline default --prompts data/preference/test.jsonl --judge verifier:auto\n  candor eval winrate --model A --baseline B --prompts p.jsonl --judge openai:http://localhost:8080/v1 --judge-model qwen2.5-7b-instruct")]
+    #[command(
+        after_help = "Examples:\n  candor eval --model runs/dpo/final --prompts data/preference/test.jsonl --judge verifier:auto\n  candor eval winrate --model runs/dpo/final --baseline default --prompts data/preference/test.jsonl --judge verifier:auto\n  candor eval winrate --model A --baseline B --prompts p.jsonl --judge openai:http://localhost:8080/v1 --judge-model qwen2.5-7b-instruct"
+    )]
     Eval(Box<EvalArgs>),
     /// Draw a run's training curves (loss, reward margins, accuracy) from its `metrics.jsonl`.
     #[command(after_help = "Examples:\n  candor plot runs/dpo\n  candor plot runs/dpo --output dpo.svg")]
@@ -86,7 +100,9 @@ pub enum Command {
 pub enum StudentCommand {
     /// A smaller model with the teacher's tokenizer: a subset of its decoder layers, exported in
     /// transformers layout.
-    #[command(after_help = "Examples:\n  candor student init --from default --num-layers 15 --output students/smollm2-15l\n  candor student init --from ./teacher --keep-layers 0,2,4,6,8,10 --output students/six")]
+    #[command(
+        after_help = "Examples:\n  candor student init --from default --num-layers 15 --output students/smollm2-15l\n  candor student init --from ./teacher --keep-layers 0,2,4,6,8,10 --output students/six"
+    )]
     Init(StudentInitArgs),
 }
 
@@ -567,7 +583,9 @@ impl JudgeArgs {
             #[command(flatten)]
             judge: JudgeArgs,
         }
-        Only::try_parse_from(["candor".to_string(), format!("--judge={spec}")]).expect("the judge flags parse with their defaults").judge
+        Only::try_parse_from(["candor".to_string(), format!("--judge={spec}")])
+            .expect("the judge flags parse with their defaults")
+            .judge
     }
 
     /// The judge options these flags give.

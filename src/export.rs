@@ -42,7 +42,8 @@ pub fn write_hf_dir(
         .inner()
         .save(dir.join("tokenizer.json"), false)
         .map_err(|e| anyhow::anyhow!("cannot write tokenizer.json: {e}"))?;
-    let mut tok_config = json!({"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": config.max_position_embeddings});
+    let mut tok_config =
+        json!({"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": config.max_position_embeddings});
     if let Some((text, _)) = &tokenizer.bos {
         tok_config["bos_token"] = json!(text);
     }
@@ -84,7 +85,8 @@ fn write_weights(dir: &Path, weights: Vec<(String, Tensor)>, max_shard_bytes: us
     }
     let save = |file: &str, shard: Vec<(String, Tensor)>| -> Result<()> {
         let map: HashMap<String, Tensor> = shard.into_iter().collect();
-        candle::safetensors::save(&map, dir.join(file)).with_context(|| format!("cannot write `{}`", dir.join(file).display()))
+        candle::safetensors::save(&map, dir.join(file))
+            .with_context(|| format!("cannot write `{}`", dir.join(file).display()))
     };
     if shards.len() == 1 {
         return save("model.safetensors", shards.pop().expect("one shard"));
@@ -98,7 +100,10 @@ fn write_weights(dir: &Path, weights: Vec<(String, Tensor)>, max_shard_bytes: us
         }
         save(&file, shard)?;
     }
-    write_json(&dir.join("model.safetensors.index.json"), &json!({"metadata": {"total_size": total}, "weight_map": weight_map}))
+    write_json(
+        &dir.join("model.safetensors.index.json"),
+        &json!({"metadata": {"total_size": total}, "weight_map": weight_map}),
+    )
 }
 
 fn dtype_name(dtype: DType) -> &'static str {
@@ -110,5 +115,6 @@ fn dtype_name(dtype: DType) -> &'static str {
 }
 
 fn write_json(path: &Path, value: &serde_json::Value) -> Result<()> {
-    std::fs::write(path, serde_json::to_string_pretty(value)?).with_context(|| format!("cannot write `{}`", path.display()))
+    std::fs::write(path, serde_json::to_string_pretty(value)?)
+        .with_context(|| format!("cannot write `{}`", path.display()))
 }

@@ -6,14 +6,14 @@
 //! [`scoring`] (sequence log-probs), [`train`], [`judge`] and [`eval`] (win-rates), and the
 //! command-line layer in [`cli`] and [`commands`].
 
-pub mod model;
-pub mod load;
-pub mod data;
-pub mod generate;
-pub mod scoring;
-pub mod export;
-pub mod train;
-pub mod judge;
-pub mod eval;
 pub mod cli;
 pub mod commands;
+pub mod data;
+pub mod eval;
+pub mod export;
+pub mod generate;
+pub mod judge;
+pub mod load;
+pub mod model;
+pub mod scoring;
+pub mod train;

@@ -37,14 +37,22 @@ pub fn completion_token_logps_and_hidden(model: &CausalLm, batch: &Batch) -> can
 /// Per-token KL(π ‖ π_ref) over the whole vocabulary at every completion position `[N]`
 /// (TRL's `kl_penalty = "full"`), without gradient, 256 positions at a time; `p_hidden` are the
 /// policy's states from [`completion_token_logps_and_hidden`] on the same batch.
-pub fn completion_token_kl(policy: &CausalLm, p_hidden: &Tensor, reference: &CausalLm, batch: &Batch) -> candle::Result<Tensor> {
+pub fn completion_token_kl(
+    policy: &CausalLm,
+    p_hidden: &Tensor,
+    reference: &CausalLm,
+    batch: &Batch,
+) -> candle::Result<Tensor> {
     let q_hidden = ScoredTokens::of(batch, None)?.hidden(reference, batch)?;
     let n = p_hidden.dim(0)?;
     let mut parts = Vec::new();
     for start in (0..n).step_by(256) {
         let len = 256.min(n - start);
-        let logp = candor_alignment::tensor_ops::log_softmax(&policy.lm_logits(&p_hidden.narrow(0, start, len)?.detach())?)?;
-        let logq = candor_alignment::tensor_ops::log_softmax(&reference.lm_logits(&q_hidden.narrow(0, start, len)?.detach())?)?;
+        let logp =
+            candor_alignment::tensor_ops::log_softmax(&policy.lm_logits(&p_hidden.narrow(0, start, len)?.detach())?)?;
+        let logq = candor_alignment::tensor_ops::log_softmax(
+            &reference.lm_logits(&q_hidden.narrow(0, start, len)?.detach())?,
+        )?;
         parts.push((logp.exp()? * (&logp - logq)?)?.sum(D::Minus1)?);
     }
     if parts.is_empty() {
@@ -68,7 +76,11 @@ pub struct CompletionStates {
 pub fn completion_states(model: &CausalLm, batch: &Batch) -> candle::Result<CompletionStates> {
     let tokens = ScoredTokens::of(batch, None)?;
     let t = batch.input_ids.dim(1)? as u32;
-    Ok(CompletionStates { hidden: tokens.hidden(model, batch)?, rows: tokens.positions.iter().map(|p| p / t).collect(), targets: tokens.targets })
+    Ok(CompletionStates {
+        hidden: tokens.hidden(model, batch)?,
+        rows: tokens.positions.iter().map(|p| p / t).collect(),
+        targets: tokens.targets,
+    })
 }
 
 /// Log-probs `[N, V]` of `model`'s LM head over hidden states `[N, H]`, without gradient,
@@ -80,7 +92,8 @@ pub fn chunked_vocab_logps(model: &CausalLm, states: &Tensor, chunk: usize) -> c
     let mut buffer: Vec<f32> = Vec::with_capacity(n * v);
     for start in (0..n).step_by(chunk.max(1)) {
         let len = chunk.min(n - start);
-        let part = candor_alignment::tensor_ops::log_softmax(&model.lm_logits(&states.narrow(0, start, len)?.detach())?)?;
+        let part =
+            candor_alignment::tensor_ops::log_softmax(&model.lm_logits(&states.narrow(0, start, len)?.detach())?)?;
         buffer.extend(part.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?);
     }
     Tensor::from_vec(buffer, (n, v), states.device())
@@ -207,7 +220,8 @@ pub fn score_rewards(model: &CausalLm, seqs: &[TokenizedSequence], pad_id: u32, 
     for chunk in seqs.chunks(batch_size.max(1)) {
         let refs: Vec<&TokenizedSequence> = chunk.iter().collect();
         let batch = collate(&refs, pad_id, model.device())?;
-        let scores: Vec<f32> = model.sequence_scores(&batch.input_ids, Some(&batch.attention_mask))?.squeeze(1)?.to_vec1()?;
+        let scores: Vec<f32> =
+            model.sequence_scores(&batch.input_ids, Some(&batch.attention_mask))?.squeeze(1)?.to_vec1()?;
         out.extend(scores.into_iter().map(f64::from));
     }
     Ok(out)

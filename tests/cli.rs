@@ -43,8 +43,14 @@ fn quick_start_answer_matches_the_fixture() {
     let again = candor(&["fetch"]);
     assert_eq!(stdout(&again), stdout(&fetched), "fetch is idempotent");
     let o = candor(&[
-        "generate", "--model", "default", "--chat", "--prompt",
-        "What is the capital of France? Answer in one sentence.", "--temperature", "0",
+        "generate",
+        "--model",
+        "default",
+        "--chat",
+        "--prompt",
+        "What is the capital of France? Answer in one sentence.",
+        "--temperature",
+        "0",
     ]);
     assert!(o.status.success(), "{}", stderr(&o));
     let want = json("smollm2/reference.json")["greedy_40_text"].as_str().unwrap().to_string();
@@ -60,8 +66,16 @@ fn generate_from_a_prompts_file_carries_fields_through() {
     writeln!(f, r#"{{"prompt": [{{"role": "user", "content": "Count from one to twenty."}}], "id": "b"}}"#).unwrap();
     let out = dir.path().join("out.jsonl");
     let o = candor(&[
-        "generate", "--model", "default", "--chat", "--prompts", prompts.to_str().unwrap(),
-        "--max-new-tokens", "12", "--output", out.to_str().unwrap(),
+        "generate",
+        "--model",
+        "default",
+        "--chat",
+        "--prompts",
+        prompts.to_str().unwrap(),
+        "--max-new-tokens",
+        "12",
+        "--output",
+        out.to_str().unwrap(),
     ]);
     assert!(o.status.success(), "{}", stderr(&o));
     let rows = jsonl(&std::fs::read_to_string(&out).unwrap());
@@ -75,8 +89,19 @@ fn generate_from_a_prompts_file_carries_fields_through() {
     // Same seed, same samples; a different seed changes them.
     let sample = |seed: &str| {
         let o = candor(&[
-            "generate", "--model", "default", "--prompt", "Once upon a time", "--temperature", "1.0",
-            "--top-p", "0.95", "--seed", seed, "--max-new-tokens", "16",
+            "generate",
+            "--model",
+            "default",
+            "--prompt",
+            "Once upon a time",
+            "--temperature",
+            "1.0",
+            "--top-p",
+            "0.95",
+            "--seed",
+            seed,
+            "--max-new-tokens",
+            "16",
         ]);
         stdout(&o)
     };
@@ -95,7 +120,15 @@ fn logprobs_on_a_model_directory_match_transformers() {
     }
     writeln!(f, r#"{{"prompt": "Question: hi\nAnswer:", "completion": " yes"}}"#).unwrap();
     let model = fixture("llama-tiny/policy");
-    let o = candor(&["logprobs", "--model", model.to_str().unwrap(), "--data", data.to_str().unwrap(), "--batch-size", "2"]);
+    let o = candor(&[
+        "logprobs",
+        "--model",
+        model.to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+        "--batch-size",
+        "2",
+    ]);
     assert!(o.status.success(), "{}", stderr(&o));
     let rows = jsonl(&stdout(&o));
     assert_eq!(rows.len(), 4);
@@ -123,7 +156,17 @@ fn logprobs_on_gguf_agree_across_batch_sizes() {
         ),
     )
     .unwrap();
-    let run = |bs: &str| jsonl(&stdout(&candor(&["logprobs", "--model", "default", "--data", data.to_str().unwrap(), "--batch-size", bs])));
+    let run = |bs: &str| {
+        jsonl(&stdout(&candor(&[
+            "logprobs",
+            "--model",
+            "default",
+            "--data",
+            data.to_str().unwrap(),
+            "--batch-size",
+            bs,
+        ])))
+    };
     let (one, many) = (run("1"), run("8"));
     let a = one[0]["chosen_logps"].as_f64().unwrap();
     let b = many[0]["chosen_logps"].as_f64().unwrap();
@@ -136,14 +179,16 @@ fn logprobs_on_gguf_agree_across_batch_sizes() {
 fn bad_inputs_give_clear_errors_and_exit_code_2() {
     let dir = common::scratch();
     let data = dir.path().join("bad.jsonl");
-    std::fs::write(&data, "{\"prompt\": \"q\", \"completion\": \"a\"}\n{\"prompt\": \"q\", \"chosen\": \"a\"}\n").unwrap();
+    std::fs::write(&data, "{\"prompt\": \"q\", \"completion\": \"a\"}\n{\"prompt\": \"q\", \"chosen\": \"a\"}\n")
+        .unwrap();
     let model = fixture("llama-tiny/policy");
     let o = candor(&["logprobs", "--model", model.to_str().unwrap(), "--data", data.to_str().unwrap()]);
     assert_eq!(o.status.code(), Some(2));
     let err = stderr(&o);
     assert!(err.contains("bad.jsonl:2:") && err.contains("field `rejected`"), "{err}");
     // --skip-bad-rows reports and goes on.
-    let o = candor(&["logprobs", "--model", model.to_str().unwrap(), "--data", data.to_str().unwrap(), "--skip-bad-rows"]);
+    let o =
+        candor(&["logprobs", "--model", model.to_str().unwrap(), "--data", data.to_str().unwrap(), "--skip-bad-rows"]);
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(stderr(&o).contains("skipped 1 bad row"));
     assert_eq!(jsonl(&stdout(&o)).len(), 1);

@@ -50,7 +50,18 @@ fn parses_every_kind_in_both_forms() {
     ]);
     let d = read_jsonl(f.path(), false).unwrap();
     let kinds: Vec<&str> = d.rows.iter().map(|r| r.example.kind()).collect();
-    assert_eq!(kinds, ["preference", "prompt-completion", "unpaired", "conversation", "language-modeling", "prompt-only", "preference"]);
+    assert_eq!(
+        kinds,
+        [
+            "preference",
+            "prompt-completion",
+            "unpaired",
+            "conversation",
+            "language-modeling",
+            "prompt-only",
+            "preference"
+        ]
+    );
     assert_eq!(d.rows[0].fields["id"], 7);
     assert_eq!(d.rows[6].line, 8, "blank lines still count");
     assert!(matches!(&d.rows[2].example, Example::Unpaired { label: false, .. }));
@@ -136,7 +147,11 @@ fn truncation_keeps_prompt_end_and_the_chosen_side_of_the_sequence() {
     let base = SequenceTokenizer { tokenizer: &tok, chat_template: None, truncation: Truncation::default() };
     let full = base.prompt_completion(&prompt, &completion).unwrap();
     let n_prompt = full.completion_mask.iter().take_while(|&&m| m == 0).count();
-    let limited = |t: Truncation| SequenceTokenizer { tokenizer: &tok, chat_template: None, truncation: t }.prompt_completion(&prompt, &completion).unwrap();
+    let limited = |t: Truncation| {
+        SequenceTokenizer { tokenizer: &tok, chat_template: None, truncation: t }
+            .prompt_completion(&prompt, &completion)
+            .unwrap()
+    };
     let p = limited(Truncation { max_prompt_length: Some(3), ..Default::default() });
     assert_eq!(p.ids[..3], full.ids[n_prompt - 3..n_prompt], "prompt keeps its last tokens");
     assert_eq!(p.ids[3..], full.ids[n_prompt..]);
@@ -155,10 +170,12 @@ fn conversational_rows_go_through_the_chat_template() {
     let seq = st.prompt_completion(&prompt, &Text::Chat(vec![assistant("hello")])).unwrap();
     let text = tok.decode(&seq.ids, false).unwrap();
     assert_eq!(text, "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\nhello<|im_end|>\n");
-    let completion: Vec<u32> = seq.ids.iter().zip(&seq.completion_mask).filter(|(_, &m)| m == 1).map(|(&i, _)| i).collect();
+    let completion: Vec<u32> =
+        seq.ids.iter().zip(&seq.completion_mask).filter(|(_, &m)| m == 1).map(|(&i, _)| i).collect();
     assert_eq!(tok.decode(&completion, false).unwrap(), "hello<|im_end|>\n", "no extra EOS for chat rows");
     let conv = st.conversation(&[user("hi"), assistant("A"), user("more"), assistant("B")], true).unwrap();
-    let marked: Vec<u32> = conv.ids.iter().zip(&conv.completion_mask).filter(|(_, &m)| m == 1).map(|(&i, _)| i).collect();
+    let marked: Vec<u32> =
+        conv.ids.iter().zip(&conv.completion_mask).filter(|(_, &m)| m == 1).map(|(&i, _)| i).collect();
     assert_eq!(tok.decode(&marked, false).unwrap(), "A<|im_end|>\nB<|im_end|>\n", "assistant turns only");
     let no_template = SequenceTokenizer { tokenizer: &tok, chat_template: None, truncation: Truncation::default() };
     assert!(no_template.prompt_ids(&prompt).unwrap_err().to_string().contains("chat template"));

@@ -15,7 +15,8 @@ use serde_json::Value;
 /// Prompt-completion rows for the tiny model.
 fn tiny_sequences(dir: &Path, name: &str, words: &[&str]) -> PathBuf {
     let path = dir.join(name);
-    let rows: Vec<String> = words.iter().map(|w| format!("{{\"prompt\": \"Say {w}\", \"completion\": \" {w} {w} and {w}\"}}")).collect();
+    let rows: Vec<String> =
+        words.iter().map(|w| format!("{{\"prompt\": \"Say {w}\", \"completion\": \" {w} {w} and {w}\"}}")).collect();
     std::fs::write(&path, rows.join("\n") + "\n").unwrap();
     path
 }
@@ -24,8 +25,22 @@ fn distill_run(objective: &str, dir: &Path, run: &str, extra: &[&str]) -> Vec<Va
     let train = tiny_sequences(dir, "train.jsonl", &["apple", "river", "stone", "cloud", "green", "light"]);
     let eval = tiny_sequences(dir, "eval.jsonl", &["water", "tiger"]);
     let out = dir.join(run);
-    let paths = [fixture("llama-tiny/policy"), fixture("llama-tiny/reference"), train, eval, out.clone()].map(|p| p.display().to_string());
-    let mut args = vec!["--objective", objective, "--model", &paths[0], "--teacher", &paths[1], "--data", &paths[2], "--eval-data", &paths[3], "--output", &paths[4]];
+    let paths = [fixture("llama-tiny/policy"), fixture("llama-tiny/reference"), train, eval, out.clone()]
+        .map(|p| p.display().to_string());
+    let mut args = vec![
+        "--objective",
+        objective,
+        "--model",
+        &paths[0],
+        "--teacher",
+        &paths[1],
+        "--data",
+        &paths[2],
+        "--eval-data",
+        &paths[3],
+        "--output",
+        &paths[4],
+    ];
     args.extend(["--batch-size", "3", "--max-steps", "6", "--lr", "1e-2", "--seed", "5"]);
     args.extend(["--eval-every", "6", "--set", "run.eval_on_start=true", "--save-only-model"]);
     args.extend(extra);
@@ -45,11 +60,19 @@ fn every_distillation_objective_closes_the_gap_on_the_tiny_llama() {
     let dir = common::scratch();
     // The tiny dataset's completions are not the teacher's: without their NLL terms the runs
     // measure the distillation terms alone.
-    let runs = [("kd", "distill/forward_kl", "objective.beta=0"), ("sinkd", "sinkd/sinkhorn", "objective.ce_weight=0"), ("dac_kl", "dac_kl/kept_mass", "objective.sft_weight=0")];
+    let runs = [
+        ("kd", "distill/forward_kl", "objective.beta=0"),
+        ("sinkd", "sinkd/sinkhorn", "objective.ce_weight=0"),
+        ("dac_kl", "dac_kl/kept_mass", "objective.sft_weight=0"),
+    ];
     for (objective, own_metric, setting) in runs {
         let lines = distill_run(objective, dir.path(), objective, &["--set", setting]);
         assert_eq!(lines.len(), 7, "{objective}: step 0 and six steps");
-        assert!(lines[1..].iter().all(|l| l[own_metric].as_f64().is_some_and(f64::is_finite)), "{objective}: {}", lines[1]);
+        assert!(
+            lines[1..].iter().all(|l| l[own_metric].as_f64().is_some_and(f64::is_finite)),
+            "{objective}: {}",
+            lines[1]
+        );
         let (before, after) = held_out_kl(&lines);
         assert!(before > 0.05, "{objective}: policy and reference differ: {before}");
         assert!(after < 0.8 * before, "{objective}: held-out KL should fall: {before} -> {after}");
@@ -64,7 +87,8 @@ fn every_distillation_objective_closes_the_gap_on_the_tiny_llama() {
     let lower = series(&metrics(&run), "dac_kl/lower");
     assert!(lower.first() != lower.last(), "the lower bound should move: {lower:?}");
     // A LoRA student: only its adapters learn, and the teacher stays what it was.
-    let lines = distill_run("kd", dir.path(), "lora", &["--lora-r", "4", "--lora-targets", "q_proj,v_proj,up_proj,down_proj"]);
+    let lines =
+        distill_run("kd", dir.path(), "lora", &["--lora-r", "4", "--lora-targets", "q_proj,v_proj,up_proj,down_proj"]);
     let (before, after) = held_out_kl(&lines);
     assert!(after < before, "LoRA: {before} -> {after}");
     assert!(dir.path().join("lora/final/adapter/adapter_model.safetensors").exists());
@@ -98,12 +122,24 @@ fn teacher_and_student_generated_sources() {
     let extra = ["--set", "distill.max_new_tokens=5"];
     let lines = distill_run("kd", dir.path(), "seqkd", &[&extra[..], &["--distill-source", "teacher"]].concat());
     assert_eq!(lines.len(), 7);
-    let outputs: Vec<Value> = std::fs::read_to_string(dir.path().join("seqkd/teacher_outputs.jsonl")).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let outputs: Vec<Value> = std::fs::read_to_string(dir.path().join("seqkd/teacher_outputs.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
     assert_eq!(outputs.len(), 6);
-    assert!(outputs.iter().all(|o| o["completion_ids"].as_array().is_some_and(|a| !a.is_empty() && a.len() <= 5) && o["prompt"].is_string()));
+    assert!(outputs
+        .iter()
+        .all(|o| o["completion_ids"].as_array().is_some_and(|a| !a.is_empty() && a.len() <= 5)
+            && o["prompt"].is_string()));
     for scrg in ["false", "true"] {
         let run = format!("onpolicy-{scrg}");
-        let lines = distill_run("kd", dir.path(), &run, &[&extra[..], &["--distill-source", "student", "--set", &format!("distill.scrg={scrg}")]].concat());
+        let lines = distill_run(
+            "kd",
+            dir.path(),
+            &run,
+            &[&extra[..], &["--distill-source", "student", "--set", &format!("distill.scrg={scrg}")]].concat(),
+        );
         assert_eq!(lines.len(), 7, "{run}");
         assert!(series(&lines, "loss").iter().all(|l| l.is_finite() && *l >= 0.0));
     }
@@ -121,8 +157,22 @@ fn distillation_settings_and_tokenizers_are_checked() {
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success() && err.contains("do not share a tokenizer"), "{err}");
     let o = candor(&[&base[..], &["--model", model.to_str().unwrap(), "--set", "distill.scrg=true"]].concat());
-    assert!(String::from_utf8_lossy(&o.stderr).contains("distill.source = \"student\""), "{}", String::from_utf8_lossy(&o.stderr));
-    let o = candor(&["train", "--objective", "dpo", "--data", data.to_str().unwrap(), "--output", "x", "--teacher", "default"]);
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("distill.source = \"student\""),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let o = candor(&[
+        "train",
+        "--objective",
+        "dpo",
+        "--data",
+        data.to_str().unwrap(),
+        "--output",
+        "x",
+        "--teacher",
+        "default",
+    ]);
     assert!(String::from_utf8_lossy(&o.stderr).contains("`[distill]` applies to distillation objectives"));
 }
 
@@ -130,17 +180,47 @@ fn distillation_settings_and_tokenizers_are_checked() {
 fn kdrl_rounds_score_samples_with_the_teacher() {
     let dir = common::scratch();
     let path = dir.path().join("prompts.jsonl");
-    let rows: Vec<String> = ["apple", "river", "stone", "cloud"].iter().map(|w| format!("{{\"prompt\": \"Say {w}\", \"constraint\": {{\"type\": \"regex\", \"value\": \"[ae]\"}}}}")).collect();
+    let rows: Vec<String> = ["apple", "river", "stone", "cloud"]
+        .iter()
+        .map(|w| format!("{{\"prompt\": \"Say {w}\", \"constraint\": {{\"type\": \"regex\", \"value\": \"[ae]\"}}}}"))
+        .collect();
     std::fs::write(&path, rows.join("\n") + "\n").unwrap();
     let run = dir.path().join("kdrl");
     candor_train(&[
-        "--objective", "kdrl", "--model", fixture("llama-tiny/policy").to_str().unwrap(), "--teacher", fixture("llama-tiny/reference").to_str().unwrap(),
-        "--prompts", path.to_str().unwrap(), "--output", run.to_str().unwrap(), "--judge", "verifier:auto", "--rounds", "2", "--samples-per-prompt", "4",
-        "--set", "online.max_new_tokens=6", "--batch-size", "4", "--lr", "1e-3", "--seed", "3", "--save-only-model",
+        "--objective",
+        "kdrl",
+        "--model",
+        fixture("llama-tiny/policy").to_str().unwrap(),
+        "--teacher",
+        fixture("llama-tiny/reference").to_str().unwrap(),
+        "--prompts",
+        path.to_str().unwrap(),
+        "--output",
+        run.to_str().unwrap(),
+        "--judge",
+        "verifier:auto",
+        "--rounds",
+        "2",
+        "--samples-per-prompt",
+        "4",
+        "--set",
+        "online.max_new_tokens=6",
+        "--batch-size",
+        "4",
+        "--lr",
+        "1e-3",
+        "--seed",
+        "3",
+        "--save-only-model",
     ]);
-    let rounds: Vec<Value> = std::fs::read_to_string(run.join("rounds.jsonl")).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let rounds: Vec<Value> = std::fs::read_to_string(run.join("rounds.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
     assert_eq!(rounds.len(), 2);
-    let saved: Value = serde_json::from_str(&std::fs::read_to_string(run.join("rounds/round-0.json")).unwrap()).unwrap();
+    let saved: Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("rounds/round-0.json")).unwrap()).unwrap();
     let rollouts = saved["rollouts"].as_array().unwrap();
     assert_eq!(rollouts.len(), 16, "every sample is kept: the KD term teaches on all-wrong groups too");
     for r in rollouts {
@@ -150,7 +230,10 @@ fn kdrl_rounds_score_samples_with_the_teacher() {
     }
     let lines = metrics(&run);
     let beta = series(&lines, "kdrl/beta");
-    assert!((beta[0] - 5e-3).abs() < 1e-9 && beta.windows(2).all(|w| w[1] < w[0]), "β anneals linearly from 5e-3: {beta:?}");
+    assert!(
+        (beta[0] - 5e-3).abs() < 1e-9 && beta.windows(2).all(|w| w[1] < w[0]),
+        "β anneals linearly from 5e-3: {beta:?}"
+    );
     assert!(series(&lines, "kdrl/kl").iter().all(|k| *k > 0.0));
 }
 
@@ -158,12 +241,24 @@ fn kdrl_rounds_score_samples_with_the_teacher() {
 fn student_init_keeps_the_chosen_layers_in_hf_layout() {
     let dir = common::scratch();
     let out = dir.path().join("student");
-    let o = candor(&["student", "init", "--from", fixture("llama-tiny/policy").to_str().unwrap(), "--keep-layers", "1", "--output", out.to_str().unwrap()]);
+    let o = candor(&[
+        "student",
+        "init",
+        "--from",
+        fixture("llama-tiny/policy").to_str().unwrap(),
+        "--keep-layers",
+        "1",
+        "--output",
+        out.to_str().unwrap(),
+    ]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let config: Value = serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
     assert_eq!(config["num_hidden_layers"], 1);
     let names = candle::safetensors::load(out.join("model.safetensors"), &Device::Cpu).unwrap();
-    assert!(names.contains_key("model.layers.0.self_attn.q_proj.weight") && !names.contains_key("model.layers.1.self_attn.q_proj.weight"));
+    assert!(
+        names.contains_key("model.layers.0.self_attn.q_proj.weight")
+            && !names.contains_key("model.layers.1.self_attn.q_proj.weight")
+    );
     // The exported student computes what the teacher's layer 1 alone computes.
     let mut teacher = load("llama-tiny/policy");
     let layer1 = names["model.layers.0.mlp.down_proj.weight"].to_vec2::<f32>().unwrap();
@@ -172,12 +267,26 @@ fn student_init_keeps_the_chosen_layers_in_hf_layout() {
     teacher.model.keep_layers(&[1]).unwrap();
     let student = candor::load::load_model(out.to_str().unwrap(), candle::DType::F32, &Device::Cpu).unwrap();
     let ids = Tensor::new(&[[5u32, 17, 42, 7]], &Device::Cpu).unwrap();
-    let a: Vec<f32> = teacher.model.forward(&ids, ForwardOptions::default(), None).unwrap().flatten_all().unwrap().to_vec1().unwrap();
-    let b: Vec<f32> = student.model.forward(&ids, ForwardOptions::default(), None).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+    let a: Vec<f32> =
+        teacher.model.forward(&ids, ForwardOptions::default(), None).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+    let b: Vec<f32> =
+        student.model.forward(&ids, ForwardOptions::default(), None).unwrap().flatten_all().unwrap().to_vec1().unwrap();
     assert_eq!(a, b);
-    let o = candor(&["student", "init", "--from", fixture("llama-tiny/policy").to_str().unwrap(), "--keep-layers", "1,0", "--output", out.to_str().unwrap()]);
+    let o = candor(&[
+        "student",
+        "init",
+        "--from",
+        fixture("llama-tiny/policy").to_str().unwrap(),
+        "--keep-layers",
+        "1,0",
+        "--output",
+        out.to_str().unwrap(),
+    ]);
     assert!(String::from_utf8_lossy(&o.stderr).contains("strictly increasing"));
-    assert_eq!(CausalLm::evenly_spaced_layers(30, 15).unwrap(), vec![0, 2, 4, 6, 8, 10, 12, 15, 17, 19, 21, 23, 25, 27, 29]);
+    assert_eq!(
+        CausalLm::evenly_spaced_layers(30, 15).unwrap(),
+        vec![0, 2, 4, 6, 8, 10, 12, 15, 17, 19, 21, 23, 25, 27, 29]
+    );
     assert_eq!(CausalLm::evenly_spaced_layers(30, 2).unwrap(), vec![0, 29]);
     assert!(CausalLm::evenly_spaced_layers(2, 3).is_err());
 }
@@ -191,8 +300,21 @@ fn smollm2_student(recipe: &str) {
     head_lines("data/sft/test.jsonl", 24, &eval);
     let run = dir.path().join("run");
     candor_train(&[
-        "--config", recipe, "--data", train.to_str().unwrap(), "--eval-data", eval.to_str().unwrap(), "--output", run.to_str().unwrap(),
-        "--max-steps", "12", "--eval-every", "12", "--warmup-steps", "2", "--save-only-model",
+        "--config",
+        recipe,
+        "--data",
+        train.to_str().unwrap(),
+        "--eval-data",
+        eval.to_str().unwrap(),
+        "--output",
+        run.to_str().unwrap(),
+        "--max-steps",
+        "12",
+        "--eval-every",
+        "12",
+        "--warmup-steps",
+        "2",
+        "--save-only-model",
     ]);
     let (before, after) = held_out_kl(&metrics(&run));
     assert!(before > 5.0, "{recipe}: a 15-layer cut starts far from its teacher: {before}");
@@ -223,9 +345,29 @@ fn kdrl_on_smollm2_pulls_a_15_layer_student_toward_its_teacher() {
     head_lines("data/preference/train.jsonl", 8, &prompts);
     let run = dir.path().join("run");
     candor_train(&[
-        "--config", "configs/kdrl.toml", "--prompts", prompts.to_str().unwrap(), "--output", run.to_str().unwrap(), "--save-only-model",
-        "--student-num-layers", "15", "--rounds", "3", "--lr", "1e-4", "--set", "online.prompts_per_round=0", "--set", "online.max_new_tokens=24",
-        "--set", "objective.beta_start=1.0", "--set", "objective.beta_schedule=\"constant\"", "--set", "objective.kd_masking=\"none\"",
+        "--config",
+        "configs/kdrl.toml",
+        "--prompts",
+        prompts.to_str().unwrap(),
+        "--output",
+        run.to_str().unwrap(),
+        "--save-only-model",
+        "--student-num-layers",
+        "15",
+        "--rounds",
+        "3",
+        "--lr",
+        "1e-4",
+        "--set",
+        "online.prompts_per_round=0",
+        "--set",
+        "online.max_new_tokens=24",
+        "--set",
+        "objective.beta_start=1.0",
+        "--set",
+        "objective.beta_schedule=\"constant\"",
+        "--set",
+        "objective.kd_masking=\"none\"",
     ]);
     let lines = metrics(&run);
     let by_round = |r: u64| -> f64 {

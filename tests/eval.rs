@@ -60,7 +60,8 @@ fn serve(script: Vec<Reply>) -> (String, Arc<AtomicUsize>) {
                 reader.read_exact(&mut body).unwrap();
                 let request: Value = serde_json::from_slice(&body).unwrap();
                 assert_eq!(request["model"], "judge-model");
-                let completion = |text: &str| json!({"choices": [{"message": {"role": "assistant", "content": text}}]}).to_string();
+                let completion =
+                    |text: &str| json!({"choices": [{"message": {"role": "assistant", "content": text}}]}).to_string();
                 let (status, body) = match reply {
                     Reply::Content(t) => (200, completion(t)),
                     Reply::Status(code) => (code, "{}".to_string()),
@@ -78,7 +79,13 @@ fn serve(script: Vec<Reply>) -> (String, Arc<AtomicUsize>) {
 }
 
 fn judge_at(url: &str, cache: &Path, timeout: Duration) -> OpenAiJudge {
-    let opts = JudgeOptions { judge_model: Some("judge-model".into()), cache_dir: Some(cache.to_path_buf()), concurrency: 1, timeout: Some(timeout), ..Default::default() };
+    let opts = JudgeOptions {
+        judge_model: Some("judge-model".into()),
+        cache_dir: Some(cache.to_path_buf()),
+        concurrency: 1,
+        timeout: Some(timeout),
+        ..Default::default()
+    };
     OpenAiJudge::new(url, &opts).unwrap().with_backoff(Duration::from_millis(1))
 }
 
@@ -90,7 +97,13 @@ fn one_case<'a>(prompt: &'a Text, row: &'a Map<String, Value>, model: &'a str, b
 fn openai_judge_retries_429_and_5xx_then_caches_the_replies() {
     let cache = common::scratch();
     // model first: 429, then "A" (model); baseline first: 500, 500, then "B" (model again).
-    let (url, count) = serve(vec![Reply::Status(429), Reply::Content("A"), Reply::Status(500), Reply::Status(500), Reply::Content("Answer B.")]);
+    let (url, count) = serve(vec![
+        Reply::Status(429),
+        Reply::Content("A"),
+        Reply::Status(500),
+        Reply::Status(500),
+        Reply::Content("Answer B."),
+    ]);
     let (prompt, row) = (Text::Plain("2 + 2?".into()), Map::new());
     let judge = judge_at(&url, cache.path(), Duration::from_secs(10));
     let j = judge.judge(&[one_case(&prompt, &row, "4", "5")]).unwrap();
@@ -109,7 +122,8 @@ fn openai_judge_records_timeouts_malformed_and_evasive_replies_as_unparsed() {
     let (prompt, row) = (Text::Plain("Pick one.".into()), Map::new());
     // A timeout is retried: the second try answers.
     let (url, count) = serve(vec![Reply::Slow(Duration::from_secs(3), "A"), Reply::Content("A"), Reply::Content("B")]);
-    let j = judge_at(&url, cache.path(), Duration::from_millis(300)).judge(&[one_case(&prompt, &row, "x", "y")]).unwrap();
+    let j =
+        judge_at(&url, cache.path(), Duration::from_millis(300)).judge(&[one_case(&prompt, &row, "x", "y")]).unwrap();
     assert_eq!(j[0].outcome, Some(Outcome::Win));
     assert_eq!(count.load(Ordering::SeqCst), 3);
     // Malformed JSON and a reply naming neither answer are never guessed.
@@ -143,26 +157,52 @@ fn asking_in_both_orders_cancels_a_judge_that_always_prefers_the_first_answer() 
 #[test]
 fn reward_model_judge_prefers_the_higher_fixture_reward() {
     // The fixture reward model scores chosen over rejected on pairs 1 and 3, not 2.
-    let global = candor::cli::GlobalArgs { device: "cpu".into(), dtype: "f32".into(), kernels: Default::default(), verbose: 0 };
-    let judge = candor::judge::from_spec(&format!("rm:{}", fixture("llama-tiny/reward").display()), &JudgeOptions::default(), &global).unwrap();
+    let global =
+        candor::cli::GlobalArgs { device: "cpu".into(), dtype: "f32".into(), kernels: Default::default(), verbose: 0 };
+    let judge = candor::judge::from_spec(
+        &format!("rm:{}", fixture("llama-tiny/reward").display()),
+        &JudgeOptions::default(),
+        &global,
+    )
+    .unwrap();
     let exp = json("llama-tiny/expected.json");
     let examples = exp["examples"].as_array().unwrap();
     let prompts: Vec<Text> = examples.iter().map(|e| Text::Plain(e["prompt"].as_str().unwrap().into())).collect();
     let row = Map::new();
-    let cases: Vec<Case> = examples.iter().zip(&prompts).map(|(e, p)| one_case(p, &row, e["chosen"].as_str().unwrap(), e["rejected"].as_str().unwrap())).collect();
+    let cases: Vec<Case> = examples
+        .iter()
+        .zip(&prompts)
+        .map(|(e, p)| one_case(p, &row, e["chosen"].as_str().unwrap(), e["rejected"].as_str().unwrap()))
+        .collect();
     let j = judge.judge(&cases).unwrap();
     assert_eq!(j.iter().map(|j| j.outcome.unwrap()).collect::<Vec<_>>(), [Outcome::Win, Outcome::Loss, Outcome::Win]);
     let want = &exp["reward_model"];
-    assert_close("model rewards", &j.iter().map(|j| j.scores.unwrap().0).collect::<Vec<_>>(), &f64s(&want["chosen_scores"]), 1e-5);
+    assert_close(
+        "model rewards",
+        &j.iter().map(|j| j.scores.unwrap().0).collect::<Vec<_>>(),
+        &f64s(&want["chosen_scores"]),
+        1e-5,
+    );
     // Equal within the tie margin: a tie.
-    let wide = candor::judge::from_spec(&format!("rm:{}", fixture("llama-tiny/reward").display()), &JudgeOptions { tie_margin: 10.0, ..Default::default() }, &global).unwrap();
+    let wide = candor::judge::from_spec(
+        &format!("rm:{}", fixture("llama-tiny/reward").display()),
+        &JudgeOptions { tie_margin: 10.0, ..Default::default() },
+        &global,
+    )
+    .unwrap();
     assert!(wide.judge(&cases).unwrap().iter().all(|j| j.outcome == Some(Outcome::Tie)));
 }
 
 #[test]
 fn local_llm_judge_reads_choice_log_probs_and_ties_identical_answers() {
-    let global = candor::cli::GlobalArgs { device: "cpu".into(), dtype: "f32".into(), kernels: Default::default(), verbose: 0 };
-    let judge = candor::judge::from_spec(&format!("llm:{}", fixture("llama-tiny/policy").display()), &JudgeOptions::default(), &global).unwrap();
+    let global =
+        candor::cli::GlobalArgs { device: "cpu".into(), dtype: "f32".into(), kernels: Default::default(), verbose: 0 };
+    let judge = candor::judge::from_spec(
+        &format!("llm:{}", fixture("llama-tiny/policy").display()),
+        &JudgeOptions::default(),
+        &global,
+    )
+    .unwrap();
     let (prompt, row) = (Text::Plain("Say hi.".into()), Map::new());
     // The same text in both slots: whatever position the model favours, the two orders cancel.
     let j = judge.judge(&[one_case(&prompt, &row, "hello there", "hello there")]).unwrap();
@@ -180,15 +220,38 @@ fn write_lines(path: &Path, rows: &[Value]) {
 fn winrate_from_output_files_with_a_verifier_and_single_model_accuracy() {
     let dir = common::scratch();
     let p = |q: &str, answer: Value, task: &str| json!({"prompt": q, "answer": answer, "task": task});
-    let prompts = [p("2+2?", json!("4"), "math"), p("3+3?", json!("6"), "math"), p("5+5?", json!("10"), "math"), p("Capital of France?", json!("Paris"), "facts")];
+    let prompts = [
+        p("2+2?", json!("4"), "math"),
+        p("3+3?", json!("6"), "math"),
+        p("5+5?", json!("10"), "math"),
+        p("Capital of France?", json!("Paris"), "facts"),
+    ];
     let model = ["4", "6", "11", "paris."];
     let baseline = ["4", "7", "9", "Lyon"];
-    let (pf, mf, bf) = (dir.path().join("prompts.jsonl"), dir.path().join("model.jsonl"), dir.path().join("baseline.jsonl"));
+    let (pf, mf, bf) =
+        (dir.path().join("prompts.jsonl"), dir.path().join("model.jsonl"), dir.path().join("baseline.jsonl"));
     write_lines(&pf, &prompts);
     write_lines(&mf, &model.map(|c| json!({"completion": c})));
     write_lines(&bf, &baseline.map(|c| json!({"completion": c})));
     let out = dir.path().join("eval");
-    let o = candor(&["eval", "winrate", "--model", "A", "--baseline", "B", "--prompts", pf.to_str().unwrap(), "--outputs", mf.to_str().unwrap(), "--baseline-outputs", bf.to_str().unwrap(), "--judge", "verifier:auto", "--output", out.to_str().unwrap()]);
+    let o = candor(&[
+        "eval",
+        "winrate",
+        "--model",
+        "A",
+        "--baseline",
+        "B",
+        "--prompts",
+        pf.to_str().unwrap(),
+        "--outputs",
+        mf.to_str().unwrap(),
+        "--baseline-outputs",
+        bf.to_str().unwrap(),
+        "--judge",
+        "verifier:auto",
+        "--output",
+        out.to_str().unwrap(),
+    ]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     // tie (both right), win, tie (both wrong), win: 3 / 4.
     let s: Value = serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap();
@@ -205,23 +268,71 @@ fn winrate_from_output_files_with_a_verifier_and_single_model_accuracy() {
     assert!(String::from_utf8_lossy(&o.stdout).contains("overall"));
 
     // One model alone: accuracy per task.
-    let o = candor(&["eval", "--model", "A", "--prompts", pf.to_str().unwrap(), "--outputs", mf.to_str().unwrap(), "--judge", "verifier:auto", "--output", dir.path().join("single").to_str().unwrap()]);
+    let o = candor(&[
+        "eval",
+        "--model",
+        "A",
+        "--prompts",
+        pf.to_str().unwrap(),
+        "--outputs",
+        mf.to_str().unwrap(),
+        "--judge",
+        "verifier:auto",
+        "--output",
+        dir.path().join("single").to_str().unwrap(),
+    ]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let s: Value = serde_json::from_str(&std::fs::read_to_string(dir.path().join("single/summary.json")).unwrap()).unwrap();
+    let s: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("single/summary.json")).unwrap()).unwrap();
     assert_eq!(s["accuracy"], 0.75);
     // A pairwise-only judge cannot score one model, and says so.
-    let o = candor(&["eval", "--model", "A", "--prompts", pf.to_str().unwrap(), "--outputs", mf.to_str().unwrap(), "--judge", "openai:http://127.0.0.1:9/v1", "--judge-model", "x"]);
+    let o = candor(&[
+        "eval",
+        "--model",
+        "A",
+        "--prompts",
+        pf.to_str().unwrap(),
+        "--outputs",
+        mf.to_str().unwrap(),
+        "--judge",
+        "openai:http://127.0.0.1:9/v1",
+        "--judge-model",
+        "x",
+    ]);
     assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("verifier: or rm:"));
     // Output files of the wrong length are named.
     write_lines(&bf, &[json!({"completion": "4"})]);
-    let o = candor(&["eval", "winrate", "--model", "A", "--baseline", "B", "--prompts", pf.to_str().unwrap(), "--outputs", mf.to_str().unwrap(), "--baseline-outputs", bf.to_str().unwrap(), "--judge", "verifier:auto", "--output", out.to_str().unwrap()]);
-    assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("baseline.jsonl` has 1 outputs; expected 4"));
+    let o = candor(&[
+        "eval",
+        "winrate",
+        "--model",
+        "A",
+        "--baseline",
+        "B",
+        "--prompts",
+        pf.to_str().unwrap(),
+        "--outputs",
+        mf.to_str().unwrap(),
+        "--baseline-outputs",
+        bf.to_str().unwrap(),
+        "--judge",
+        "verifier:auto",
+        "--output",
+        out.to_str().unwrap(),
+    ]);
+    assert!(
+        !o.status.success() && String::from_utf8_lossy(&o.stderr).contains("baseline.jsonl` has 1 outputs; expected 4")
+    );
 }
 
 #[test]
 fn plot_draws_a_runs_curves() {
     let dir = common::scratch();
-    let lines: Vec<Value> = (1..=4).map(|s| json!({"step": s, "loss": 0.7 - 0.05 * s as f64, "rewards/margins": 0.1 * s as f64, "eval_loss": 0.69})).collect();
+    let lines: Vec<Value> = (1..=4)
+        .map(
+            |s| json!({"step": s, "loss": 0.7 - 0.05 * s as f64, "rewards/margins": 0.1 * s as f64, "eval_loss": 0.69}),
+        )
+        .collect();
     write_lines(&dir.path().join("metrics.jsonl"), &lines);
     let o = candor(&["plot", dir.path().to_str().unwrap()]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
@@ -268,9 +379,11 @@ fn quickstart_pipeline_runs_end_to_end_on_smollm2() {
 /// no word scores is recorded as unparsed, never guessed.
 #[test]
 fn openai_critic_reads_critiques_and_leaves_garbage_unparsed() {
-    let critique = r#"{"textual_feedback": "The number is wrong.", "word_score_list": [["It", 0], ["is", 0], ["5", -1]]}"#;
+    let critique =
+        r#"{"textual_feedback": "The number is wrong.", "word_score_list": [["It", 0], ["is", 0], ["5", -1]]}"#;
     let (url, count) = serve(vec![Reply::Content(critique), Reply::Content("Looks fine to me.")]);
-    let global = candor::cli::GlobalArgs { device: "cpu".into(), dtype: "f32".into(), kernels: Default::default(), verbose: 0 };
+    let global =
+        candor::cli::GlobalArgs { device: "cpu".into(), dtype: "f32".into(), kernels: Default::default(), verbose: 0 };
     let critic = candor::judge::critic::from_spec(&format!("openai:{url}"), Some("judge-model"), &global).unwrap();
     let (prompt, row) = (Text::Plain("2 + 3?".into()), Map::new());
     let got = critic.critique(&[(&prompt, &row, "It is 5"), (&prompt, &row, "It is 6")]).unwrap();

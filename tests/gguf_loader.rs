@@ -5,7 +5,6 @@
 
 mod common;
 
-
 use candle::quantized::gguf_file::{self, Value};
 use candle::quantized::{GgmlDType, QTensor};
 use candle::{DType, Device, Tensor};
@@ -16,12 +15,23 @@ use common::*;
 /// llama.cpp's `permute` of q/k rows (the inverse of what the loader undoes).
 fn permute(w: &Tensor, heads: usize) -> Tensor {
     let (rows, cols) = w.dims2().unwrap();
-    w.reshape((heads, 2, rows / heads / 2, cols)).unwrap().transpose(1, 2).unwrap().contiguous().unwrap().reshape((rows, cols)).unwrap()
+    w.reshape((heads, 2, rows / heads / 2, cols))
+        .unwrap()
+        .transpose(1, 2)
+        .unwrap()
+        .contiguous()
+        .unwrap()
+        .reshape((rows, cols))
+        .unwrap()
 }
 
 /// llama.cpp's tensor name for a transformers name.
 fn gguf_name(hf: &str) -> String {
-    let fixed = [("model.embed_tokens.weight", "token_embd.weight"), ("model.norm.weight", "output_norm.weight"), ("lm_head.weight", "output.weight")];
+    let fixed = [
+        ("model.embed_tokens.weight", "token_embd.weight"),
+        ("model.norm.weight", "output_norm.weight"),
+        ("lm_head.weight", "output.weight"),
+    ];
     if let Some((_, g)) = fixed.iter().find(|(h, _)| *h == hf) {
         return g.to_string();
     }
@@ -54,10 +64,15 @@ struct Shape {
 /// Tokenizer metadata from the tiny tokenizer's `tokenizer.json`, as llama.cpp writes it.
 fn tokenizer_metadata() -> Vec<(String, Value)> {
     let tok = json("tokenizer/tokenizer.json");
-    let mut tokens: Vec<(u32, String)> =
-        tok["model"]["vocab"].as_object().unwrap().iter().map(|(t, id)| (id.as_u64().unwrap() as u32, t.clone())).collect();
+    let mut tokens: Vec<(u32, String)> = tok["model"]["vocab"]
+        .as_object()
+        .unwrap()
+        .iter()
+        .map(|(t, id)| (id.as_u64().unwrap() as u32, t.clone()))
+        .collect();
     tokens.sort();
-    let special: Vec<u32> = tok["added_tokens"].as_array().unwrap().iter().map(|a| a["id"].as_u64().unwrap() as u32).collect();
+    let special: Vec<u32> =
+        tok["added_tokens"].as_array().unwrap().iter().map(|a| a["id"].as_u64().unwrap() as u32).collect();
     let merges: Vec<Value> = tok["model"]["merges"]
         .as_array()
         .unwrap()
@@ -139,7 +154,10 @@ fn tiny_llama_from_gguf_equals_the_transformers_checkpoint() {
     assert_eq!(g.tokenizer.encode("<|im_start|>user", false).unwrap()[0], 2);
     assert_eq!(g.eos_token_ids, vec![1]);
     let msgs = [candor::load::Message { role: "user".into(), content: "hi".into() }];
-    assert_eq!(g.chat_template.unwrap().render(&msgs, true).unwrap(), "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n");
+    assert_eq!(
+        g.chat_template.unwrap().render(&msgs, true).unwrap(),
+        "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    );
 }
 
 /// Deterministic pseudo-random weights (no RNG dependency).

@@ -4,8 +4,8 @@
 mod common;
 
 use candle::{Device, Tensor};
-use candor::model::Kernels;
 use candor::data::{collate, SequenceTokenizer, Text, TokenizedSequence, Truncation};
+use candor::model::Kernels;
 use candor::scoring::completion_logps;
 use candor_alignment::objectives::dpo::{self, DpoConfig, DpoLossType};
 use candor_alignment::objectives::{rdpo, rpo};
@@ -80,19 +80,24 @@ fn logits_match_transformers_on(kernels: Kernels) {
     let attn_rows: Vec<Vec<u32>> = attn.to_vec2().unwrap();
     let all: Vec<Vec<Vec<f32>>> = logits.to_vec3().unwrap();
     let sums = f64s(&exp["logits_checksums_all_rows"]["sum"]);
-    for (b, per_pos) in exp["logits_checksums_all_rows"]["first20_per_position"].as_array().unwrap().iter().enumerate() {
+    for (b, per_pos) in exp["logits_checksums_all_rows"]["first20_per_position"].as_array().unwrap().iter().enumerate()
+    {
         for (t, want) in per_pos.as_array().unwrap().iter().enumerate() {
             let got: Vec<f64> = all[b][t][..20].iter().map(|&v| v as f64).collect();
             assert_close(&format!("logits[{b}, {t}, :20]"), &got, &f64s(want), 1e-4);
         }
-        let sum: f64 = (0..all[b].len()).filter(|&t| attn_rows[b][t] == 1).flat_map(|t| all[b][t].iter()).map(|&v| v as f64).sum();
+        let sum: f64 =
+            (0..all[b].len()).filter(|&t| attn_rows[b][t] == 1).flat_map(|t| all[b][t].iter()).map(|&v| v as f64).sum();
         assert!((sum - sums[b]).abs() < 1e-3, "row {b} logit sum {sum} vs {}", sums[b]);
     }
     let reference = load_kernels("llama-tiny/reference", kernels);
     let ref_logits: Vec<Vec<Vec<f32>>> = reference.model.forward(&ids, opts, None).unwrap().to_vec3().unwrap();
     for (b, want) in f64s(&exp["logits_checksums_all_rows"]["reference_sum"]).iter().enumerate() {
-        let sum: f64 =
-            (0..ref_logits[b].len()).filter(|&t| attn_rows[b][t] == 1).flat_map(|t| ref_logits[b][t].iter()).map(|&v| v as f64).sum();
+        let sum: f64 = (0..ref_logits[b].len())
+            .filter(|&t| attn_rows[b][t] == 1)
+            .flat_map(|t| ref_logits[b][t].iter())
+            .map(|&v| v as f64)
+            .sum();
         // ~13k logits summed: allow 1e-3 absolute for accumulated rounding.
         assert!((sum - want).abs() < 1e-3, "reference row {b}: {sum} vs {want}");
     }
@@ -111,7 +116,8 @@ fn log_probs_match_transformers_on(kernels: Kernels) {
         let refs: Vec<&TokenizedSequence> = seqs.iter().collect();
         let batch = collate(&refs, 0, &Device::Cpu).unwrap();
         let sums = completion_logps(&m.model, &batch).unwrap();
-        let per_token = (m.model.token_logps(&batch.input_ids, Some(&batch.attention_mask)).unwrap() * &batch.loss_mask).unwrap();
+        let per_token =
+            (m.model.token_logps(&batch.input_ids, Some(&batch.attention_mask)).unwrap() * &batch.loss_mask).unwrap();
         let sums: Vec<f64> = sums.to_vec1::<f32>().unwrap().iter().map(|&v| v as f64).collect();
         let want: Vec<f64> = [f64s(&exp[key]["chosen_sum"]), f64s(&exp[key]["rejected_sum"])].concat();
         assert_rel(&format!("{key} sums"), &sums, &want, 1e-5);
@@ -185,7 +191,8 @@ fn rdpo_and_rpo_match_trl() {
     let per: Vec<f64> = out.per_pair.to_vec1::<f32>().unwrap().iter().map(|&v| v as f64).collect();
     assert_close("rdpo per pair", &per, &f64s(&want["per_pair"]), 1e-5);
     let scale = StepScale::single(3, 0.0);
-    let loss = rdpo::loss(&x, &rdpo::RdpoConfig { beta: 0.1, epsilon: 0.1 }, &scale).unwrap().loss.to_scalar::<f32>().unwrap();
+    let loss =
+        rdpo::loss(&x, &rdpo::RdpoConfig { beta: 0.1, epsilon: 0.1 }, &scale).unwrap().loss.to_scalar::<f32>().unwrap();
     assert!((loss as f64 - want["loss"].as_f64().unwrap()).abs() < 1e-5);
 
     let want = &exp["dpo_losses"]["rpo_alpha1.0"];
@@ -246,11 +253,23 @@ fn dpo_gradients_match_pytorch_including_tied_embeddings_on(kernels: Kernels) {
         let scale = want.iter().fold(0f64, |m, v| m.max(v.abs()));
         assert_close(what, &got, &want, 1e-3 * scale);
     };
-    check("model.layers.0.self_attn.q_proj.weight[:8] (row 0)", row(grad_of("model.layers.0.self_attn.q_proj.weight"), 0));
+    check(
+        "model.layers.0.self_attn.q_proj.weight[:8] (row 0)",
+        row(grad_of("model.layers.0.self_attn.q_proj.weight"), 0),
+    );
     check("model.embed_tokens.weight[0,:8] (pad row)", row(grad_of("model.embed_tokens.weight"), 0));
-    check("model.embed_tokens.weight[296,:8] (first completion token of row 0)", row(grad_of("model.embed_tokens.weight"), 296));
-    let norm_grad: Vec<f64> =
-        grad_of("model.norm.weight").narrow(0, 0, 8).unwrap().to_vec1::<f32>().unwrap().iter().map(|&v| v as f64).collect();
+    check(
+        "model.embed_tokens.weight[296,:8] (first completion token of row 0)",
+        row(grad_of("model.embed_tokens.weight"), 296),
+    );
+    let norm_grad: Vec<f64> = grad_of("model.norm.weight")
+        .narrow(0, 0, 8)
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap()
+        .iter()
+        .map(|&v| v as f64)
+        .collect();
     check("model.norm.weight[:8]", norm_grad);
 }
 
@@ -285,7 +304,8 @@ fn bf16_forward_and_backward_stay_close_to_f32() {
     let batch = candor::data::Batch { input_ids: ids, attention_mask: attn, loss_mask: label_mask, positions: None };
     let sums = completion_logps(&m.model, &batch).unwrap();
     let got: Vec<f64> = sums.to_vec1::<f32>().unwrap().iter().map(|&v| v as f64).collect();
-    let want: Vec<f64> = [f64s(&exp["policy_logps"]["chosen_sum"]), f64s(&exp["policy_logps"]["rejected_sum"])].concat();
+    let want: Vec<f64> =
+        [f64s(&exp["policy_logps"]["chosen_sum"]), f64s(&exp["policy_logps"]["rejected_sum"])].concat();
     // bf16 keeps 8 bits of mantissa: sequence log-probs within 2%.
     assert_rel("bf16 summed logps", &got, &want, 2e-2);
     let grads = sums.sum_all().unwrap().backward().unwrap();
@@ -314,7 +334,10 @@ fn gradient_checkpointing_gives_the_same_gradients() {
                 .iter()
                 .map(|(name, v)| {
                     let g = store.get(v.as_tensor()).cloned().or_else(|| sink.remove(&v.as_tensor().id()));
-                    (name.clone(), g.unwrap_or_else(|| panic!("no gradient for {name}")).flatten_all().unwrap().to_vec1().unwrap())
+                    (
+                        name.clone(),
+                        g.unwrap_or_else(|| panic!("no gradient for {name}")).flatten_all().unwrap().to_vec1().unwrap(),
+                    )
                 })
                 .collect();
             (grads, from_sink)
@@ -397,7 +420,8 @@ fn kd_divergences_match_pytorch() {
         let n = x.targets.dim(0).unwrap();
         for (beta, key) in [(0.0, "forward_kl"), (1.0, "reverse_kl"), (0.5, "js")] {
             let cfg = KdConfig { beta, temperature: 1.0, scale_by_temperature_squared: false };
-            let got = kd::loss(&x, &cfg, &StepScale::single(rows, n as f64)).unwrap().loss.to_scalar::<f32>().unwrap() as f64;
+            let got =
+                kd::loss(&x, &cfg, &StepScale::single(rows, n as f64)).unwrap().loss.to_scalar::<f32>().unwrap() as f64;
             let want = want[key].as_f64().unwrap();
             assert!((got - want).abs() < 1e-5, "{rows} rows, {key}: {got} vs {want}");
         }

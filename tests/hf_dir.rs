@@ -43,7 +43,8 @@ fn sharded_checkpoints_load_like_single_files() {
     let index = serde_json::json!({"metadata": {}, "weight_map": weight_map});
     std::fs::write(dir.path().join("model.safetensors.index.json"), index.to_string()).unwrap();
     let sharded = load_hf_dir(dir.path(), DType::F32, &Device::Cpu).unwrap();
-    let diff = (logits(&single) - logits(&sharded)).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+    let diff =
+        (logits(&single) - logits(&sharded)).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
     assert_eq!(diff, 0.0);
 }
 
@@ -59,7 +60,10 @@ fn chat_template_comes_from_jinja_file_or_tokenizer_config() {
     std::fs::remove_file(dir.path().join("chat_template.jinja")).unwrap();
     let cfg_path = dir.path().join("tokenizer_config.json");
     let mut cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
-    for value in [serde_json::json!(src), serde_json::json!([{"name": "tool_use", "template": "x"}, {"name": "default", "template": src}])] {
+    for value in [
+        serde_json::json!(src),
+        serde_json::json!([{"name": "tool_use", "template": "x"}, {"name": "default", "template": src}]),
+    ] {
         cfg["chat_template"] = value;
         std::fs::write(&cfg_path, cfg.to_string()).unwrap();
         let m = load_hf_dir(dir.path(), DType::F32, &Device::Cpu).unwrap();

@@ -30,7 +30,8 @@ fn reward_trainer_reproduces_the_fixture_bradley_terry_loss_and_score_its_reward
     // The fixture's reward model scores its three pairs as transformers does...
     let o = candor(&["score", "--model", &tiny("reward"), "--data", s(&data), "--batch-size", "2"]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&o.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let lines: Vec<serde_json::Value> =
+        String::from_utf8_lossy(&o.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     let exp = json("llama-tiny/expected.json");
     let want = &exp["reward_model"];
     assert_close("chosen_reward", &series(&lines, "chosen_reward"), &f64s(&want["chosen_scores"]), 1e-5);
@@ -39,11 +40,27 @@ fn reward_trainer_reproduces_the_fixture_bradley_terry_loss_and_score_its_reward
 
     // ... and the trainer's first step is TRL RewardTrainer's loss on them.
     let run = dir.path().join("run");
-    candor_train(&["--objective", "reward", "--model", &tiny("reward"), "--data", s(&data), "--output", s(&run), "--batch-size", "3", "--max-steps", "1", "--lr", "1e-4"]);
+    candor_train(&[
+        "--objective",
+        "reward",
+        "--model",
+        &tiny("reward"),
+        "--data",
+        s(&data),
+        "--output",
+        s(&run),
+        "--batch-size",
+        "3",
+        "--max-steps",
+        "1",
+        "--lr",
+        "1e-4",
+    ]);
     let m = metrics(&run);
     assert_close("loss", &[m[0]["loss"].as_f64().unwrap()], &[want["bradley_terry_loss"].as_f64().unwrap()], 1e-5);
     assert!((m[0]["accuracy"].as_f64().unwrap() - 2.0 / 3.0).abs() < 1e-9);
-    let config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(run.join("final/config.json")).unwrap()).unwrap();
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("final/config.json")).unwrap()).unwrap();
     assert_eq!(config["architectures"][0], "LlamaForSequenceClassification");
 }
 
@@ -53,16 +70,34 @@ fn a_causal_lm_gets_a_fresh_score_head_and_is_saved_as_a_classifier() {
     let data = dir.path().join("pairs.jsonl");
     write_examples(&data);
     let run = dir.path().join("run");
-    candor_train(&["--objective", "reward", "--model", &tiny("policy"), "--data", s(&data), "--output", s(&run), "--max-steps", "2", "--center-rewards-coefficient", "0.01"]);
+    candor_train(&[
+        "--objective",
+        "reward",
+        "--model",
+        &tiny("policy"),
+        "--data",
+        s(&data),
+        "--output",
+        s(&run),
+        "--max-steps",
+        "2",
+        "--center-rewards-coefficient",
+        "0.01",
+    ]);
     let weights = candle::safetensors::load(run.join("final/model.safetensors"), &Device::Cpu).unwrap();
     let score = &weights["score.weight"];
     assert_eq!(score.dims(), [1, 64], "one label over the hidden size");
     assert!(!weights.contains_key("lm_head.weight"));
-    let config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(run.join("final/config.json")).unwrap()).unwrap();
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("final/config.json")).unwrap()).unwrap();
     assert_eq!(config["id2label"], serde_json::json!({"0": "LABEL_0"}));
     // Prompt-completion rows get one `reward` each, in order.
     let rows = dir.path().join("answers.jsonl");
-    std::fs::write(&rows, "{\"prompt\": \"Question: 2 + 2?\\nAnswer:\", \"completion\": \" 4\"}\n{\"text\": \"hello\"}\n").unwrap();
+    std::fs::write(
+        &rows,
+        "{\"prompt\": \"Question: 2 + 2?\\nAnswer:\", \"completion\": \" 4\"}\n{\"text\": \"hello\"}\n",
+    )
+    .unwrap();
     let o = candor(&["score", "--model", s(&run.join("final")), "--data", s(&rows)]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let out = String::from_utf8_lossy(&o.stdout);
@@ -77,7 +112,11 @@ fn a_causal_lm_gets_a_fresh_score_head_and_is_saved_as_a_classifier() {
 /// Unpaired rows of each label, as TRL writes them.
 fn write_unpaired(path: &Path) {
     let mut f = std::fs::File::create(path).unwrap();
-    for (prompt, completion, label) in [("Question: What color is the sky?\nAnswer:", " Blue.", true), ("Question: What color is the sky?\nAnswer:", " Green cheese.", false), ("Translate: good morning\nFrench:", " bonjour", true)] {
+    for (prompt, completion, label) in [
+        ("Question: What color is the sky?\nAnswer:", " Blue.", true),
+        ("Question: What color is the sky?\nAnswer:", " Green cheese.", false),
+        ("Translate: good morning\nFrench:", " bonjour", true),
+    ] {
         writeln!(f, "{}", serde_json::json!({"prompt": prompt, "completion": completion, "label": label})).unwrap();
     }
 }
@@ -88,15 +127,42 @@ fn unpaired_rows_train_chain_of_hindsight_and_are_refused_clearly_elsewhere() {
     let data = dir.path().join("unpaired.jsonl");
     write_unpaired(&data);
     let run = dir.path().join("coh");
-    candor_train(&["--objective", "hindsight", "--model", &tiny("policy"), "--data", s(&data), "--output", s(&run), "--max-steps", "2", "--batch-size", "3"]);
+    candor_train(&[
+        "--objective",
+        "hindsight",
+        "--model",
+        &tiny("policy"),
+        "--data",
+        s(&data),
+        "--output",
+        s(&run),
+        "--max-steps",
+        "2",
+        "--batch-size",
+        "3",
+    ]);
     let m = metrics(&run);
     // Two positive rows and one negative: both classes are scored.
     assert!(m[0]["nll/positive"].as_f64().unwrap() > 0.0 && m[0]["nll/negative"].as_f64().unwrap() > 0.0, "{:?}", m[0]);
     for objective in ["dpo", "sft", "reward"] {
-        let o = candor(&["train", "--quiet", "--objective", objective, "--model", &tiny("policy"), "--data", s(&data), "--output", s(&dir.path().join(objective))]);
+        let o = candor(&[
+            "train",
+            "--quiet",
+            "--objective",
+            objective,
+            "--model",
+            &tiny("policy"),
+            "--data",
+            s(&data),
+            "--output",
+            s(&dir.path().join(objective)),
+        ]);
         let err = String::from_utf8_lossy(&o.stderr);
         assert!(!o.status.success(), "{objective} accepted unpaired rows");
-        assert!(err.contains("unpaired.jsonl:1") && err.contains("`label`") && err.contains("hindsight"), "{objective}: {err}");
+        assert!(
+            err.contains("unpaired.jsonl:1") && err.contains("`label`") && err.contains("hindsight"),
+            "{objective}: {err}"
+        );
     }
 }
 
@@ -105,18 +171,51 @@ fn copg_needs_rewards_on_every_row_and_names_the_missing_field() {
     let dir = common::scratch();
     let data = dir.path().join("pairs.jsonl");
     write_examples(&data); // no reward columns
-    let o = candor(&["train", "--quiet", "--objective", "copg", "--model", &tiny("policy"), "--data", s(&data), "--output", s(&dir.path().join("run"))]);
+    let o = candor(&[
+        "train",
+        "--quiet",
+        "--objective",
+        "copg",
+        "--model",
+        &tiny("policy"),
+        "--data",
+        s(&data),
+        "--output",
+        s(&dir.path().join("run")),
+    ]);
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success() && err.contains("pairs.jsonl:1") && err.contains("reward_chosen"), "{err}");
     // With a reward judge the rows are scored before training: the fixture reward model's
     // scores become the rewards.
     let run = dir.path().join("judged");
     let judge = format!("objective.reward_judge=\"rm:{}\"", tiny("reward"));
-    candor_train(&["--objective", "copg", "--model", &tiny("policy"), "--ref-model", &tiny("reference"), "--data", s(&data), "--output", s(&run), "--batch-size", "3", "--max-steps", "1", "--set", &judge]);
+    candor_train(&[
+        "--objective",
+        "copg",
+        "--model",
+        &tiny("policy"),
+        "--ref-model",
+        &tiny("reference"),
+        "--data",
+        s(&data),
+        "--output",
+        s(&run),
+        "--batch-size",
+        "3",
+        "--max-steps",
+        "1",
+        "--set",
+        &judge,
+    ]);
     let exp = json("llama-tiny/expected.json");
     let (c, r) = (f64s(&exp["reward_model"]["chosen_scores"]), f64s(&exp["reward_model"]["rejected_scores"]));
     let want = c.iter().zip(&r).map(|(c, r)| c - r).sum::<f64>() / 3.0;
-    assert_close("copg/reward_difference", &[metrics(&run)[0]["copg/reward_difference"].as_f64().unwrap()], &[want], 1e-5);
+    assert_close(
+        "copg/reward_difference",
+        &[metrics(&run)[0]["copg/reward_difference"].as_f64().unwrap()],
+        &[want],
+        1e-5,
+    );
 }
 
 fn config(extra: &[String]) -> TrainConfig {
@@ -147,17 +246,24 @@ fn hindsight_sequences_mask_feedback_words_and_hide_part_of_the_earlier_answer()
     for (item, ex) in items.iter().zip(exp["examples"].as_array().unwrap()) {
         let Item::Sequence(seq) = item else { panic!("hindsight gives single sequences") };
         let text_of = |class: u8| {
-            let ids: Vec<u32> = seq.ids.iter().zip(&seq.completion_mask).filter(|(_, &m)| m == class).map(|(&i, _)| i).collect();
+            let ids: Vec<u32> =
+                seq.ids.iter().zip(&seq.completion_mask).filter(|(_, &m)| m == class).map(|(&i, _)| i).collect();
             tok.decode(&ids, false).unwrap()
         };
         // Prompt and feedback words carry no loss; the answers carry their class; EOS class 1.
         let prompt = ex["prompt"].as_str().unwrap();
         let unscored = text_of(0);
-        assert!(unscored.contains(prompt.trim()) && unscored.contains("good:") && unscored.contains("bad:"), "{unscored:?}");
+        assert!(
+            unscored.contains(prompt.trim()) && unscored.contains("good:") && unscored.contains("bad:"),
+            "{unscored:?}"
+        );
         assert_eq!(text_of(2).trim(), ex["rejected"].as_str().unwrap().trim());
         assert!(text_of(1).trim_start().starts_with(ex["chosen"].as_str().unwrap().trim()), "{:?}", text_of(1));
         // Hidden positions lie inside the positive answer (the one another answer follows).
-        assert!(seq.hidden_from_later.iter().all(|&p| seq.completion_mask[p] == 1 && p < seq.completion_mask.iter().position(|&m| m == 2).unwrap()));
+        assert!(seq
+            .hidden_from_later
+            .iter()
+            .all(|&p| seq.completion_mask[p] == 1 && p < seq.completion_mask.iter().position(|&m| m == 2).unwrap()));
         hid_any |= !seq.hidden_from_later.is_empty();
         let batch = collate(&[seq], 0, &Device::Cpu).unwrap();
         let attn: Vec<u32> = batch.attention_mask.flatten_all().unwrap().to_vec1().unwrap();
@@ -207,7 +313,28 @@ fn an_interrupted_spo_run_resumes_with_its_degree_heads() {
     let data = dir.path().join("pairs.jsonl");
     write_examples(&data);
     let full = dir.path().join("full");
-    let args = ["--objective", "spo", "--model", &tiny("policy"), "--ref-model", &tiny("reference"), "--data", s(&data), "--batch-size", "1", "--max-steps", "4", "--save-every", "2", "--lr", "1e-3", "--scheduler", "constant", "--spo-weight", "1.0"];
+    let args = [
+        "--objective",
+        "spo",
+        "--model",
+        &tiny("policy"),
+        "--ref-model",
+        &tiny("reference"),
+        "--data",
+        s(&data),
+        "--batch-size",
+        "1",
+        "--max-steps",
+        "4",
+        "--save-every",
+        "2",
+        "--lr",
+        "1e-3",
+        "--scheduler",
+        "constant",
+        "--spo-weight",
+        "1.0",
+    ];
     candor_train(&[&args[..], &["--output", s(&full)]].concat());
     let want = metrics(&full);
     assert!(full.join("checkpoints/step-2/heads.safetensors").exists());
@@ -245,7 +372,23 @@ fn shipped_pairs(dir: &Path) -> (String, String) {
 fn real_run(recipe: &str, dir: &Path, extra: &[&str]) -> Vec<serde_json::Value> {
     let (train, eval) = shipped_pairs(dir);
     let run = dir.join("run");
-    let base = ["--config", recipe, "--max-steps", "4", "--eval-every", "2", "--save-every", "0", "--save-only-model", "--data", &train, "--eval-data", &eval, "--output", s(&run)];
+    let base = [
+        "--config",
+        recipe,
+        "--max-steps",
+        "4",
+        "--eval-every",
+        "2",
+        "--save-every",
+        "0",
+        "--save-only-model",
+        "--data",
+        &train,
+        "--eval-data",
+        &eval,
+        "--output",
+        s(&run),
+    ];
     candor_train(&[&base[..], extra].concat());
     metrics(&run)
 }
@@ -256,11 +399,14 @@ fn reward_model_on_smollm2_ranks_held_out_pairs_better_than_chance() {
     let m = real_run("configs/reward.toml", dir.path(), &["--max-length", "96"]);
     let eval_loss = series(&m, "eval_loss");
     assert!(eval_loss[1] < eval_loss[0] && eval_loss[0] < std::f64::consts::LN_2 + 0.1, "eval loss {eval_loss:?}");
-    let o = candor(&["score", "--model", s(&dir.path().join("run/final")), "--data", s(&dir.path().join("eval.jsonl"))]);
+    let o =
+        candor(&["score", "--model", s(&dir.path().join("run/final")), "--data", s(&dir.path().join("eval.jsonl"))]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&o.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let lines: Vec<serde_json::Value> =
+        String::from_utf8_lossy(&o.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     assert_eq!(lines.len(), 16);
-    let right = lines.iter().filter(|l| l["chosen_reward"].as_f64().unwrap() > l["rejected_reward"].as_f64().unwrap()).count();
+    let right =
+        lines.iter().filter(|l| l["chosen_reward"].as_f64().unwrap() > l["rejected_reward"].as_f64().unwrap()).count();
     assert!(right >= 11, "the reward model ranks {right}/16 held-out pairs right");
 }
 
@@ -293,7 +439,18 @@ fn chain_of_hindsight_on_smollm2_lowers_held_out_nll_and_generates_with_its_pref
     assert!(eval_loss[1] < eval_loss[0], "eval loss {eval_loss:?}");
     let positive = series(&m, "eval_nll/positive");
     assert!(positive[1] < positive[0], "held-out NLL of the good answers {positive:?}");
-    let o = candor(&["generate", "--model", s(&dir.path().join("run/final")), "--chat", "--hindsight-prefix", "a good answer is ", "--prompt", "What is 12 * 7? Answer with just the number.", "--max-new-tokens", "8"]);
+    let o = candor(&[
+        "generate",
+        "--model",
+        s(&dir.path().join("run/final")),
+        "--chat",
+        "--hindsight-prefix",
+        "a good answer is ",
+        "--prompt",
+        "What is 12 * 7? Answer with just the number.",
+        "--max-new-tokens",
+        "8",
+    ]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert!(!String::from_utf8_lossy(&o.stdout).trim().is_empty());
 }

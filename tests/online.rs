@@ -24,7 +24,20 @@ fn online_command(objective: &str, prompts: &Path, out: &Path, extra: &[&str]) -
     let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_candor"));
     cmd.args(["train", "--quiet", "--objective", objective, "--model", fixture("llama-tiny/policy").to_str().unwrap()]);
     cmd.args(["--prompts", prompts.to_str().unwrap(), "--output", out.to_str().unwrap()]);
-    cmd.args(["--set", "online.rounds=3", "--set", "online.samples_per_prompt=4", "--set", "online.max_new_tokens=6", "--batch-size", "2", "--lr", "1e-3", "--seed", "3"]);
+    cmd.args([
+        "--set",
+        "online.rounds=3",
+        "--set",
+        "online.samples_per_prompt=4",
+        "--set",
+        "online.max_new_tokens=6",
+        "--batch-size",
+        "2",
+        "--lr",
+        "1e-3",
+        "--seed",
+        "3",
+    ]);
     cmd.args(extra);
     cmd
 }
@@ -88,7 +101,10 @@ fn an_online_run_killed_inside_a_round_resumes_identically() {
     child.wait().unwrap();
     let stopped_at = lines(&part.join("metrics.jsonl")).len();
     assert!(stopped_at < want.len(), "the run finished before it was killed");
-    let o = std::process::Command::new(env!("CARGO_BIN_EXE_candor")).args(["train", "--quiet", "--resume", part.to_str().unwrap()]).output().unwrap();
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_candor"))
+        .args(["train", "--quiet", "--resume", part.to_str().unwrap()])
+        .output()
+        .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let got = lines(&part.join("metrics.jsonl"));
     assert_eq!(got.len(), want.len());
@@ -115,11 +131,14 @@ fn online_settings_are_checked_before_anything_loads() {
     let out = dir.path().join("x");
     let (p, o) = (prompts.to_str().unwrap(), out.to_str().unwrap());
     assert!(err(&["train", "--objective", "nft", "--output", o]).contains("online.prompts"));
-    assert!(err(&["train", "--objective", "nft", "--prompts", p, "--output", o, "--judge", "rm:somewhere"]).contains("must be a `verifier:`"));
-    assert!(err(&["train", "--objective", "inpo", "--prompts", p, "--output", o, "--teacher-outputs", p]).contains("`dno` only"));
+    assert!(err(&["train", "--objective", "nft", "--prompts", p, "--output", o, "--judge", "rm:somewhere"])
+        .contains("must be a `verifier:`"));
+    assert!(err(&["train", "--objective", "inpo", "--prompts", p, "--output", o, "--teacher-outputs", p])
+        .contains("`dno` only"));
     assert!(err(&["train", "--objective", "dpo", "--prompts", p, "--output", o]).contains("online objectives"));
     assert!(err(&["train", "--objective", "dno", "--prompts", p, "--output", o, "--data", p]).contains("not read"));
-    assert!(err(&["train", "--objective", "dno", "--prompts", p, "--output", o, "--samples-per-prompt", "1"]).contains("at least 2"));
+    assert!(err(&["train", "--objective", "dno", "--prompts", p, "--output", o, "--samples-per-prompt", "1"])
+        .contains("at least 2"));
 }
 
 #[test]
@@ -127,13 +146,32 @@ fn text2grad_runs_token_level_ppo_on_critiqued_samples() {
     let dir = common::scratch();
     let prompts = tiny_prompts(dir.path());
     let run = dir.path().join("t2g");
-    let o = online_command("text2grad", &prompts, &run, &["--samples-per-prompt", "2", "--rounds", "2", "--set", "online.epochs_per_round=2", "--set", "objective.kl_penalty=\"full\""]).output().unwrap();
+    let o = online_command(
+        "text2grad",
+        &prompts,
+        &run,
+        &[
+            "--samples-per-prompt",
+            "2",
+            "--rounds",
+            "2",
+            "--set",
+            "online.epochs_per_round=2",
+            "--set",
+            "objective.kl_penalty=\"full\"",
+        ],
+    )
+    .output()
+    .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let rounds = lines(&run.join("rounds.jsonl"));
     assert_eq!(rounds.len(), 2);
     assert_eq!(rounds[0]["kl_coef"], 0.2, "the first round uses init_kl_coef");
     let adapted = rounds[1]["kl_coef"].as_f64().unwrap();
-    assert!(adapted != 0.2 && (adapted - 0.2).abs() < 0.2 * 0.2 * 12.0 / 10000.0 + 1e-12, "one bounded adaptive step: {adapted}");
+    assert!(
+        adapted != 0.2 && (adapted - 0.2).abs() < 0.2 * 0.2 * 12.0 / 10000.0 + 1e-12,
+        "one bounded adaptive step: {adapted}"
+    );
     assert_eq!(rounds[0]["critiqued"], 1.0, "the rule critic always answers");
     assert!(rounds[0]["scored_token_fraction"].as_f64().unwrap() > 0.0);
     // A full-vocabulary KL of the policy against itself is 0 before the first update.
@@ -141,8 +179,15 @@ fn text2grad_runs_token_level_ppo_on_critiqued_samples() {
     let steps = lines(&run.join("metrics.jsonl"));
     assert!((steps[0]["ppo/ratio"].as_f64().unwrap() - 1.0).abs() < 1e-5, "{}", steps[0]);
     assert_eq!(steps[0]["ppo/clipfrac"], 0.0);
-    assert!(steps.iter().any(|s| s["ppo/clipfrac"].as_f64().unwrap() > 0.0 || s["ppo/approxkl"].as_f64().unwrap() > 0.0), "later PPO epochs move off the rollout policy");
-    let heads = candle::safetensors::load(run.join(format!("checkpoints/step-{}/heads.safetensors", steps.len())), &candle::Device::Cpu).unwrap();
+    assert!(
+        steps.iter().any(|s| s["ppo/clipfrac"].as_f64().unwrap() > 0.0 || s["ppo/approxkl"].as_f64().unwrap() > 0.0),
+        "later PPO epochs move off the rollout policy"
+    );
+    let heads = candle::safetensors::load(
+        run.join(format!("checkpoints/step-{}/heads.safetensors", steps.len())),
+        &candle::Device::Cpu,
+    )
+    .unwrap();
     assert_eq!(heads["v_head.summary.weight"].dims(), &[1, 64]);
     assert!(!run.join("final/heads.safetensors").exists(), "the value head is not part of the exported model");
 }
@@ -153,7 +198,17 @@ fn critique_writes_sft_rows_in_the_reward_models_format() {
     let prompts = tiny_prompts(dir.path());
     let out = dir.path().join("critiques.jsonl");
     let o = std::process::Command::new(env!("CARGO_BIN_EXE_candor"))
-        .args(["critique", "--model", fixture("llama-tiny/policy").to_str().unwrap(), "--prompts", prompts.to_str().unwrap(), "--max-new-tokens", "6", "--output", out.to_str().unwrap()])
+        .args([
+            "critique",
+            "--model",
+            fixture("llama-tiny/policy").to_str().unwrap(),
+            "--prompts",
+            prompts.to_str().unwrap(),
+            "--max-new-tokens",
+            "6",
+            "--output",
+            out.to_str().unwrap(),
+        ])
         .output()
         .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
@@ -164,7 +219,11 @@ fn critique_writes_sft_rows_in_the_reward_models_format() {
         assert!(request.contains("word_score_list") && request.contains("\"request\":\"Say "), "{request}");
         let critique: Value = serde_json::from_str(r["completion"][0]["content"].as_str().unwrap()).unwrap();
         assert!(critique["textual_feedback"].is_string());
-        assert!(critique["word_score_list"].as_array().unwrap().iter().all(|p| [-1, 0, 1].contains(&p[1].as_i64().unwrap())));
+        assert!(critique["word_score_list"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|p| [-1, 0, 1].contains(&p[1].as_i64().unwrap())));
     }
 }
 
@@ -175,7 +234,8 @@ fn critique_writes_sft_rows_in_the_reward_models_format() {
 
 fn json_prompts(dir: &Path) -> PathBuf {
     let path = dir.join("json.jsonl");
-    let text = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("data/preference/train.jsonl")).unwrap();
+    let text =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("data/preference/train.jsonl")).unwrap();
     let rows: Vec<&str> = text.lines().filter(|l| l.contains("\"task\": \"json\"")).take(8).collect();
     std::fs::write(&path, rows.join("\n") + "\n").unwrap();
     path
@@ -185,8 +245,27 @@ fn smollm2_rounds(recipe: &str, extra: &[&str]) -> Vec<Value> {
     let dir = common::scratch();
     let prompts = json_prompts(dir.path());
     let run = dir.path().join("run");
-    let mut args = vec!["--config", recipe, "--prompts", prompts.to_str().unwrap(), "--output", run.to_str().unwrap(), "--save-only-model"];
-    args.extend(["--rounds", "2", "--samples-per-prompt", "4", "--lr", "3e-5", "--set", "online.prompts_per_round=0", "--set", "online.max_new_tokens=40"]);
+    let mut args = vec![
+        "--config",
+        recipe,
+        "--prompts",
+        prompts.to_str().unwrap(),
+        "--output",
+        run.to_str().unwrap(),
+        "--save-only-model",
+    ];
+    args.extend([
+        "--rounds",
+        "2",
+        "--samples-per-prompt",
+        "4",
+        "--lr",
+        "3e-5",
+        "--set",
+        "online.prompts_per_round=0",
+        "--set",
+        "online.max_new_tokens=40",
+    ]);
     args.extend(extra);
     candor_train(&args);
     let rounds = lines(&run.join("rounds.jsonl"));
@@ -230,9 +309,17 @@ fn dno_pools_take_a_teachers_answers() {
     std::fs::write(&teacher, "{\"completion\": \"a fine answer\"}\n".repeat(6)).unwrap();
     let run = dir.path().join("dno");
     let tiny = fixture("llama-tiny/reference");
-    let o = online_command("dno", &prompts, &run, &["--rounds", "1", "--teacher-outputs", teacher.to_str().unwrap(), "--teacher-model", tiny.to_str().unwrap()]).output().unwrap();
+    let o = online_command(
+        "dno",
+        &prompts,
+        &run,
+        &["--rounds", "1", "--teacher-outputs", teacher.to_str().unwrap(), "--teacher-model", tiny.to_str().unwrap()],
+    )
+    .output()
+    .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let round: Value = serde_json::from_str(&std::fs::read_to_string(run.join("rounds/round-0.json")).unwrap()).unwrap();
+    let round: Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("rounds/round-0.json")).unwrap()).unwrap();
     for pool in round["samples"].as_array().unwrap() {
         let pool = pool.as_array().unwrap();
         assert_eq!(pool.len(), 6, "4 samples + the file's answer + the teacher model's");
@@ -253,7 +340,14 @@ fn text2grad_takes_a_local_model_as_critic_and_never_guesses_its_unreadable_repl
     let prompts = tiny_prompts(dir.path());
     let run = dir.path().join("t2g-llm");
     let critic = format!("objective.critic=\"llm:{}\"", fixture("llama-tiny/reference").display());
-    let o = online_command("text2grad", &prompts, &run, &["--rounds", "1", "--samples-per-prompt", "1", "--set", &critic, "--set", "objective.kl_penalty=\"kl\""]).output().unwrap();
+    let o = online_command(
+        "text2grad",
+        &prompts,
+        &run,
+        &["--rounds", "1", "--samples-per-prompt", "1", "--set", &critic, "--set", "objective.kl_penalty=\"kl\""],
+    )
+    .output()
+    .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let round = &lines(&run.join("rounds.jsonl"))[0];
     // The untrained tiny model writes no word scores: every answer is unscored, and PPO then

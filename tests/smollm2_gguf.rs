@@ -104,14 +104,21 @@ fn greedy_answer_matches_transformers() {
 fn batched_left_padded_generation_equals_one_at_a_time() {
     let m = model();
     let t = m.chat_template.as_ref().unwrap();
-    let prompts: Vec<Vec<u32>> = ["What is 2+2?", "Name a color of the rainbow, please, and explain why you picked it."]
-        .iter()
-        .map(|q| m.tokenizer.encode(&t.render(&[Message { role: "user".into(), content: q.to_string() }], true).unwrap(), false).unwrap())
-        .collect();
+    let prompts: Vec<Vec<u32>> =
+        ["What is 2+2?", "Name a color of the rainbow, please, and explain why you picked it."]
+            .iter()
+            .map(|q| {
+                m.tokenizer
+                    .encode(&t.render(&[Message { role: "user".into(), content: q.to_string() }], true).unwrap(), false)
+                    .unwrap()
+            })
+            .collect();
     let cfg = SamplingConfig { max_new_tokens: 12, ..Default::default() };
     let batched = generate(&m.model, &prompts, &m.eos_token_ids, m.tokenizer.pad_id(), &cfg, |_, _| {}).unwrap();
     for (i, p) in prompts.iter().enumerate() {
-        let single = generate(&m.model, std::slice::from_ref(p), &m.eos_token_ids, m.tokenizer.pad_id(), &cfg, |_, _| {}).unwrap();
+        let single =
+            generate(&m.model, std::slice::from_ref(p), &m.eos_token_ids, m.tokenizer.pad_id(), &cfg, |_, _| {})
+                .unwrap();
         assert_eq!(batched[i].tokens, single[0].tokens, "prompt {i}");
     }
 }

@@ -45,7 +45,16 @@ fn one_adamw_step_matches_pytorch_with(kernels: &str) {
     let cfg = config(
         &data,
         &run,
-        &["optim.lr=1e-3", "optim.weight_decay=0", "optim.max_grad_norm=0", "optim.scheduler=\"constant\"", "optim.warmup_steps=0", "run.batch_size=3", "run.max_steps=1", kernels],
+        &[
+            "optim.lr=1e-3",
+            "optim.weight_decay=0",
+            "optim.max_grad_norm=0",
+            "optim.scheduler=\"constant\"",
+            "optim.warmup_steps=0",
+            "run.batch_size=3",
+            "run.max_steps=1",
+            kernels,
+        ],
     );
     train(&cfg, &RunOptions { quiet: true, resume: false }).unwrap();
     let exp = json("llama-tiny/expected.json");
@@ -58,7 +67,16 @@ fn one_adamw_step_matches_pytorch_with(kernels: &str) {
     let after = candle::safetensors::load(run.join("final/model.safetensors"), &Device::Cpu).unwrap();
     for (name, want) in step["first8_after"].as_object().unwrap() {
         let t = &after[name];
-        let got: Vec<f64> = t.flatten_all().unwrap().narrow(0, 0, 8).unwrap().to_vec1::<f32>().unwrap().iter().map(|&v| v as f64).collect();
+        let got: Vec<f64> = t
+            .flatten_all()
+            .unwrap()
+            .narrow(0, 0, 8)
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()
+            .iter()
+            .map(|&v| v as f64)
+            .collect();
         assert_close(&format!("{name} after one step"), &got, &f64s(want), 1e-5);
     }
     // The loss after the step: the final model scored on the same pairs against the reference.
@@ -70,7 +88,8 @@ fn one_adamw_step_matches_pytorch_with(kernels: &str) {
 
 fn dpo_loss(policy: &candor::load::LoadedModel, reference: &candor::load::LoadedModel, exp: &serde_json::Value) -> f64 {
     use candor::data::{SequenceTokenizer, Text, Truncation};
-    let tok = SequenceTokenizer { tokenizer: &policy.tokenizer, chat_template: None, truncation: Truncation::default() };
+    let tok =
+        SequenceTokenizer { tokenizer: &policy.tokenizer, chat_template: None, truncation: Truncation::default() };
     let mut seqs = Vec::new();
     for key in ["chosen", "rejected"] {
         for ex in exp["examples"].as_array().unwrap() {
@@ -78,7 +97,8 @@ fn dpo_loss(policy: &candor::load::LoadedModel, reference: &candor::load::Loaded
             seqs.push(tok.prompt_completion(&p, &Text::Plain(ex[key].as_str().unwrap().into())).unwrap());
         }
     }
-    let score = |m: &candor::load::LoadedModel| candor::scoring::score_sequences(&m.model, &seqs, 0, 8, &Device::Cpu).unwrap();
+    let score =
+        |m: &candor::load::LoadedModel| candor::scoring::score_sequences(&m.model, &seqs, 0, 8, &Device::Cpu).unwrap();
     let (pi, rf) = (score(policy), score(reference));
     let mut total = 0.0;
     for i in 0..3 {
@@ -90,8 +110,26 @@ fn dpo_loss(policy: &candor::load::LoadedModel, reference: &candor::load::Loaded
 
 fn train_command(data: &Path, out: &Path, extra: &[&str]) -> std::process::Command {
     let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_candor"));
-    cmd.args(["train", "--quiet", "--objective", "dpo", "--lr", "1e-3", "--batch-size", "1", "--grad-accum", "2", "--seed", "7"]);
-    cmd.args(["--model", fixture("llama-tiny/policy").to_str().unwrap(), "--ref-model", fixture("llama-tiny/reference").to_str().unwrap()]);
+    cmd.args([
+        "train",
+        "--quiet",
+        "--objective",
+        "dpo",
+        "--lr",
+        "1e-3",
+        "--batch-size",
+        "1",
+        "--grad-accum",
+        "2",
+        "--seed",
+        "7",
+    ]);
+    cmd.args([
+        "--model",
+        fixture("llama-tiny/policy").to_str().unwrap(),
+        "--ref-model",
+        fixture("llama-tiny/reference").to_str().unwrap(),
+    ]);
     cmd.args(["--data", data.to_str().unwrap(), "--output", out.to_str().unwrap()]);
     cmd.args(extra);
     cmd
@@ -108,10 +146,25 @@ fn checkpoints_are_complete_and_a_killed_run_resumes_identically() {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let want = metrics(&full);
     assert_eq!(want.len(), 150);
-    for key in ["epoch", "lr", "loss", "grad_norm", "tokens_per_second", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen", "logps/rejected"] {
+    for key in [
+        "epoch",
+        "lr",
+        "loss",
+        "grad_norm",
+        "tokens_per_second",
+        "rewards/chosen",
+        "rewards/rejected",
+        "rewards/margins",
+        "rewards/accuracies",
+        "logps/chosen",
+        "logps/rejected",
+    ] {
         assert!(want[0].get(key).is_some(), "metrics.jsonl lacks `{key}`");
     }
-    let kept: Vec<String> = std::fs::read_dir(full.join("checkpoints")).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+    let kept: Vec<String> = std::fs::read_dir(full.join("checkpoints"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
     assert_eq!(kept.len(), 2, "--keep-last 2: {kept:?}");
     let ckpt = full.join("checkpoints/step-150");
     for f in ["config.json", "model.safetensors", "tokenizer.json", "optimizer.safetensors", "trainer_state.json"] {
@@ -153,13 +206,24 @@ fn sft_on_prompt_completion_rows_lowers_the_loss() {
     let data = dir.path().join("sft.jsonl");
     std::fs::write(&data, "{\"prompt\": \"Question: sky?\\nAnswer:\", \"completion\": \" blue\"}\n{\"prompt\": \"Question: grass?\\nAnswer:\", \"completion\": \" green\"}\n").unwrap();
     let run = dir.path().join("run");
-    let cfg = config(&data, &run, &["objective.name=\"sft\"", "optim.lr=1e-2", "run.batch_size=2", "run.max_steps=5", "optim.scheduler=\"constant\""]);
+    let cfg = config(
+        &data,
+        &run,
+        &[
+            "objective.name=\"sft\"",
+            "optim.lr=1e-2",
+            "run.batch_size=2",
+            "run.max_steps=5",
+            "optim.scheduler=\"constant\"",
+        ],
+    );
     train(&cfg, &RunOptions { quiet: true, resume: false }).unwrap();
     let lines = metrics(&run);
     let (first, last) = (lines[0]["loss"].as_f64().unwrap(), lines[4]["loss"].as_f64().unwrap());
     assert!(last < first * 0.5, "{first} -> {last}");
     let tok = load("llama-tiny/policy").tokenizer;
-    let completion = |p: &str, c: &str| tok.encode(&format!("{p}{c}"), true).unwrap().len() - tok.encode(p, true).unwrap().len() + 1;
+    let completion =
+        |p: &str, c: &str| tok.encode(&format!("{p}{c}"), true).unwrap().len() - tok.encode(p, true).unwrap().len() + 1;
     let want = completion("Question: sky?\nAnswer:", " blue") + completion("Question: grass?\nAnswer:", " green");
     assert_eq!(lines[0]["num_tokens"].as_f64().unwrap(), want as f64, "completion tokens plus EOS");
     // A preference file is the wrong data for SFT, and the error says where.
@@ -179,15 +243,40 @@ fn dpo_on_smollm2_raises_held_out_margins_and_accuracy() {
     let run = dir.path().join("run");
     let o = std::process::Command::new(env!("CARGO_BIN_EXE_candor"))
         .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .args(["train", "--quiet", "--config", "configs/dpo.toml", "--max-steps", "4", "--lr", "1e-5", "--eval-every", "2", "--save-every", "0", "--save-only-model", "--max-length", "96"])
-        .args(["--data", train_data.to_str().unwrap(), "--eval-data", eval_data.to_str().unwrap(), "--output", run.to_str().unwrap()])
+        .args([
+            "train",
+            "--quiet",
+            "--config",
+            "configs/dpo.toml",
+            "--max-steps",
+            "4",
+            "--lr",
+            "1e-5",
+            "--eval-every",
+            "2",
+            "--save-every",
+            "0",
+            "--save-only-model",
+            "--max-length",
+            "96",
+        ])
+        .args([
+            "--data",
+            train_data.to_str().unwrap(),
+            "--eval-data",
+            eval_data.to_str().unwrap(),
+            "--output",
+            run.to_str().unwrap(),
+        ])
         .output()
         .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let lines = metrics(&run);
     let evals: Vec<(f64, f64)> = lines
         .iter()
-        .filter_map(|l| Some((l.get("eval_rewards/margins")?.as_f64()?, l["eval_rewards/accuracies"].as_f64().unwrap())))
+        .filter_map(|l| {
+            Some((l.get("eval_rewards/margins")?.as_f64()?, l["eval_rewards/accuracies"].as_f64().unwrap()))
+        })
         .collect();
     assert_eq!(evals.len(), 2, "evaluated at steps 2 and 4");
     // Before training the policy is the reference: every held-out margin is 0.
@@ -214,7 +303,19 @@ fn every_recipe_resolves_and_sft_runs_on_the_real_model() {
     let run = dir.path().join("run");
     let o = std::process::Command::new(env!("CARGO_BIN_EXE_candor"))
         .current_dir(root)
-        .args(["train", "--quiet", "--config", "configs/sft.toml", "--max-steps", "2", "--grad-accum", "1", "--save-every", "0", "--save-only-model"])
+        .args([
+            "train",
+            "--quiet",
+            "--config",
+            "configs/sft.toml",
+            "--max-steps",
+            "2",
+            "--grad-accum",
+            "1",
+            "--save-every",
+            "0",
+            "--save-only-model",
+        ])
         .args(["--eval-data", eval_data.to_str().unwrap(), "--output", run.to_str().unwrap()])
         .output()
         .unwrap();
@@ -224,7 +325,16 @@ fn every_recipe_resolves_and_sft_runs_on_the_real_model() {
     assert!(lines[1]["eval_loss"].as_f64().unwrap() > 0.0);
     // The exported model loads and generates.
     let o = std::process::Command::new(env!("CARGO_BIN_EXE_candor"))
-        .args(["generate", "--model", run.join("final").to_str().unwrap(), "--chat", "--prompt", "What is 2 + 3? Answer with just the number.", "--max-new-tokens", "8"])
+        .args([
+            "generate",
+            "--model",
+            run.join("final").to_str().unwrap(),
+            "--chat",
+            "--prompt",
+            "What is 2 + 3? Answer with just the number.",
+            "--max-new-tokens",
+            "8",
+        ])
         .output()
         .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
@@ -236,21 +346,46 @@ fn export_writes_sharded_transformers_directories_from_gguf_and_runs() {
     let dir = common::scratch();
     let out = dir.path().join("smollm2-hf");
     let o = std::process::Command::new(env!("CARGO_BIN_EXE_candor"))
-        .args(["export", "--checkpoint", "default", "--output", out.to_str().unwrap(), "--dtype", "bf16", "--max-shard-size-mb", "100"])
+        .args([
+            "export",
+            "--checkpoint",
+            "default",
+            "--output",
+            out.to_str().unwrap(),
+            "--dtype",
+            "bf16",
+            "--max-shard-size-mb",
+            "100",
+        ])
         .output()
         .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let index: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("model.safetensors.index.json")).unwrap()).unwrap();
-    let shards: std::collections::BTreeSet<&str> = index["weight_map"].as_object().unwrap().values().map(|v| v.as_str().unwrap()).collect();
+    let index: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("model.safetensors.index.json")).unwrap()).unwrap();
+    let shards: std::collections::BTreeSet<&str> =
+        index["weight_map"].as_object().unwrap().values().map(|v| v.as_str().unwrap()).collect();
     assert_eq!(shards.len(), 3, "269 MB of bf16 in 100 MB shards: {shards:?}");
-    let config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
-    assert_eq!((config["torch_dtype"].as_str(), config["tie_word_embeddings"].as_bool()), (Some("bfloat16"), Some(true)));
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
+    assert_eq!(
+        (config["torch_dtype"].as_str(), config["tie_word_embeddings"].as_bool()),
+        (Some("bfloat16"), Some(true))
+    );
     for f in ["tokenizer.json", "tokenizer_config.json", "generation_config.json", "chat_template.jinja"] {
         assert!(out.join(f).exists(), "{f}");
     }
     // The exported directory gives the same greedy answer as the GGUF it came from.
     let o = std::process::Command::new(env!("CARGO_BIN_EXE_candor"))
-        .args(["generate", "--model", out.to_str().unwrap(), "--chat", "--prompt", "What is the capital of France? Answer in one sentence.", "--temperature", "0"])
+        .args([
+            "generate",
+            "--model",
+            out.to_str().unwrap(),
+            "--chat",
+            "--prompt",
+            "What is the capital of France? Answer in one sentence.",
+            "--temperature",
+            "0",
+        ])
         .output()
         .unwrap();
     assert_eq!(String::from_utf8_lossy(&o.stdout).trim(), "The capital of France is Paris.");
@@ -262,23 +397,45 @@ fn lora_runs_save_peft_adapters_and_merge_exactly() {
     let data = dir.path().join("pairs.jsonl");
     write_examples(&data);
     let run = dir.path().join("run");
-    let o = train_command(&data, &run, &["--max-steps", "3", "--save-every", "3", "--lora-r", "4", "--lora-alpha", "8", "--lora-targets", "q_proj,v_proj,down_proj"])
-        .output()
-        .unwrap();
+    let o = train_command(
+        &data,
+        &run,
+        &[
+            "--max-steps",
+            "3",
+            "--save-every",
+            "3",
+            "--lora-r",
+            "4",
+            "--lora-alpha",
+            "8",
+            "--lora-targets",
+            "q_proj,v_proj,down_proj",
+        ],
+    )
+    .output()
+    .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let lines = metrics(&run);
     // B starts at zero: the first step's loss is the base model's DPO loss.
     let batch1 = lines[0]["loss"].as_f64().unwrap();
     assert!(lines.iter().any(|l| l["loss"].as_f64().unwrap() != batch1), "the adapters learned nothing");
     let ckpt = run.join("checkpoints/step-3");
-    assert!(ckpt.join("adapter_config.json").exists() && !ckpt.join("model.safetensors").exists(), "checkpoint holds the adapter only");
+    assert!(
+        ckpt.join("adapter_config.json").exists() && !ckpt.join("model.safetensors").exists(),
+        "checkpoint holds the adapter only"
+    );
     let adapter = candle::safetensors::load(ckpt.join("adapter_model.safetensors"), &Device::Cpu).unwrap();
     assert_eq!(adapter.len(), 2 * 3 * 2, "A and B for 3 modules in 2 layers");
     let a = &adapter["base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"];
     let b = &adapter["base_model.model.model.layers.1.mlp.down_proj.lora_B.weight"];
     assert_eq!((a.dims(), b.dims()), (&[4usize, 64][..], &[64usize, 4][..]));
-    let cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(ckpt.join("adapter_config.json")).unwrap()).unwrap();
-    assert_eq!((cfg["peft_type"].as_str(), cfg["r"].as_u64(), cfg["lora_alpha"].as_f64()), (Some("LORA"), Some(4), Some(8.0)));
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(ckpt.join("adapter_config.json")).unwrap()).unwrap();
+    assert_eq!(
+        (cfg["peft_type"].as_str(), cfg["r"].as_u64(), cfg["lora_alpha"].as_f64()),
+        (Some("LORA"), Some(4), Some(8.0))
+    );
 
     // Base + adapter, the merged final/, and `export --merge-lora` all give the same logits.
     let ids = candle::Tensor::new(&[[320u32, 29, 335, 269, 382, 266, 290]], &Device::Cpu).unwrap();
@@ -287,20 +444,36 @@ fn lora_runs_save_peft_adapters_and_merge_exactly() {
     let merged = candor::load::load_hf_dir(&run.join("final"), DType::F32, &Device::Cpu).unwrap();
     let exported = dir.path().join("merged");
     let o = std::process::Command::new(env!("CARGO_BIN_EXE_candor"))
-        .args(["export", "--checkpoint", ckpt.to_str().unwrap(), "--output", exported.to_str().unwrap(), "--merge-lora"])
+        .args([
+            "export",
+            "--checkpoint",
+            ckpt.to_str().unwrap(),
+            "--output",
+            exported.to_str().unwrap(),
+            "--merge-lora",
+        ])
         .output()
         .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let exported = candor::load::load_hf_dir(&exported, DType::F32, &Device::Cpu).unwrap();
     let base = load("llama-tiny/policy");
-    let diff = |a: &candle::Tensor, b: &candle::Tensor| (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+    let diff = |a: &candle::Tensor, b: &candle::Tensor| {
+        (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap()
+    };
     let l = logits(&with_adapter);
     assert!(diff(&l, &logits(&merged)) < 1e-5 && diff(&l, &logits(&exported)) < 1e-5);
     assert!(diff(&l, &logits(&base)) > 1e-4, "the adapter changes the model");
     assert!(run.join("final/adapter/adapter_model.safetensors").exists());
     // Merging needs an adapter.
     let o = std::process::Command::new(env!("CARGO_BIN_EXE_candor"))
-        .args(["export", "--checkpoint", fixture("llama-tiny/policy").to_str().unwrap(), "--output", dir.path().join("x").to_str().unwrap(), "--merge-lora"])
+        .args([
+            "export",
+            "--checkpoint",
+            fixture("llama-tiny/policy").to_str().unwrap(),
+            "--output",
+            dir.path().join("x").to_str().unwrap(),
+            "--merge-lora",
+        ])
         .output()
         .unwrap();
     assert!(String::from_utf8_lossy(&o.stderr).contains("no LoRA adapter"));
@@ -313,7 +486,8 @@ fn model_only_checkpoints_skip_the_optimizer_refuse_resume_and_final_links_the_l
     let data = dir.path().join("pairs.jsonl");
     write_examples(&data);
     let run = dir.path().join("run");
-    let o = train_command(&data, &run, &["--max-steps", "2", "--save-every", "1", "--save-only-model"]).output().unwrap();
+    let o =
+        train_command(&data, &run, &["--max-steps", "2", "--save-every", "1", "--save-only-model"]).output().unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let last = run.join("checkpoints/step-2");
     assert!(last.join("model.safetensors").exists() && last.join("trainer_state.json").exists());
@@ -322,9 +496,15 @@ fn model_only_checkpoints_skip_the_optimizer_refuse_resume_and_final_links_the_l
     let inode = |p: &Path| std::fs::metadata(p).unwrap().ino();
     assert_eq!(inode(&run.join("final/model.safetensors")), inode(&last.join("model.safetensors")));
     assert!(run.join("final/config.json").exists() && !run.join("final/trainer_state.json").exists());
-    let o = std::process::Command::new(env!("CARGO_BIN_EXE_candor")).args(["train", "--quiet", "--resume", run.to_str().unwrap()]).output().unwrap();
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_candor"))
+        .args(["train", "--quiet", "--resume", run.to_str().unwrap()])
+        .output()
+        .unwrap();
     let err = String::from_utf8_lossy(&o.stderr);
-    assert!(!o.status.success() && err.contains("step-2") && err.contains("save_only_model") && err.contains("--model"), "{err}");
+    assert!(
+        !o.status.success() && err.contains("step-2") && err.contains("save_only_model") && err.contains("--model"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -383,7 +563,18 @@ fn packed_sft_has_the_loss_of_unpacked_sft() {
         let out = dir.path().join(name);
         let o = std::process::Command::new(env!("CARGO_BIN_EXE_candor"))
             .args(["train", "--quiet", "--objective", "sft", "--model", fixture("llama-tiny/policy").to_str().unwrap()])
-            .args(["--data", data.to_str().unwrap(), "--output", out.to_str().unwrap(), "--max-steps", "1", "--batch-size", "3", "--max-length", "64"])
+            .args([
+                "--data",
+                data.to_str().unwrap(),
+                "--output",
+                out.to_str().unwrap(),
+                "--max-steps",
+                "1",
+                "--batch-size",
+                "3",
+                "--max-length",
+                "64",
+            ])
             .args(extra)
             .output()
             .unwrap();
@@ -452,7 +643,18 @@ fn bf16_trains_in_mixed_precision_close_to_f32() {
 fn flags_win_over_set_which_wins_over_the_recipe() {
     let o = std::process::Command::new(env!("CARGO_BIN_EXE_candor"))
         .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .args(["train", "--config", "configs/dpo.toml", "--beta", "0.2", "--set", "objective.beta=0.3", "--set", "run.max_steps=7", "--print-config"])
+        .args([
+            "train",
+            "--config",
+            "configs/dpo.toml",
+            "--beta",
+            "0.2",
+            "--set",
+            "objective.beta=0.3",
+            "--set",
+            "run.max_steps=7",
+            "--print-config",
+        ])
         .output()
         .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));

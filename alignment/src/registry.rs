@@ -3,7 +3,10 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::objectives::{copg, dac_kl, dno, dpo, hindsight, inpo, kd, kdrl, nft, sinkd, rdpo, reward, rpo, sft, spo, text2grad, ObjectiveOutput, PairLogps, PairScores, SequenceLogps, StepScale};
+use crate::objectives::{
+    copg, dac_kl, dno, dpo, hindsight, inpo, kd, kdrl, nft, rdpo, reward, rpo, sft, sinkd, spo, text2grad,
+    ObjectiveOutput, PairLogps, PairScores, SequenceLogps, StepScale,
+};
 use crate::{AlignError, Result};
 
 /// A training objective and its hyper-parameters (TOML: `[objective] name = "dpo"`, ...).
@@ -172,7 +175,13 @@ impl Objective {
     pub fn data_need(&self) -> DataNeed {
         match self {
             Objective::Sft(_) => DataNeed::Sequences,
-            Objective::Dpo(_) | Objective::Rdpo(_) | Objective::Rpo(_) | Objective::Spo(_) | Objective::Copg(_) | Objective::Inpo(_) | Objective::Dno(_) => DataNeed::Pairs,
+            Objective::Dpo(_)
+            | Objective::Rdpo(_)
+            | Objective::Rpo(_)
+            | Objective::Spo(_)
+            | Objective::Copg(_)
+            | Objective::Inpo(_)
+            | Objective::Dno(_) => DataNeed::Pairs,
             Objective::Reward(_) => DataNeed::ScoredPairs,
             Objective::Hindsight(_) => DataNeed::Hindsight,
             Objective::Nft(_) => DataNeed::Rollouts,
@@ -185,7 +194,10 @@ impl Objective {
     /// Whether the objective learns from the policy's own samples, round by round (the online
     /// loop), rather than from a fixed dataset.
     pub fn is_online(&self) -> bool {
-        matches!(self, Objective::Inpo(_) | Objective::Dno(_) | Objective::Nft(_) | Objective::Text2grad(_) | Objective::Kdrl(_))
+        matches!(
+            self,
+            Objective::Inpo(_) | Objective::Dno(_) | Objective::Nft(_) | Objective::Text2grad(_) | Objective::Kdrl(_)
+        )
     }
 
     /// Whether a frozen teacher (`[distill] teacher`) scores the data.
@@ -237,7 +249,11 @@ impl Objective {
     /// Whether a frozen reference model's log-probs are needed.
     pub fn needs_reference(&self) -> bool {
         match self {
-            Objective::Sft(_) | Objective::Hindsight(_) | Objective::Reward(_) | Objective::Dno(_) | Objective::Nft(_) => false,
+            Objective::Sft(_)
+            | Objective::Hindsight(_)
+            | Objective::Reward(_)
+            | Objective::Dno(_)
+            | Objective::Nft(_) => false,
             Objective::Kd(_) | Objective::Sinkd(_) | Objective::DacKl(_) | Objective::Kdrl(_) => false,
             Objective::Dpo(c) => !c.reference_free,
             Objective::Inpo(c) => c.tau > 0.0,

@@ -22,12 +22,16 @@ fn train_bench(args: &BenchTrainArgs, global: &GlobalArgs) -> Result<()> {
     use crate::data::TokenizedSequence;
     use crate::train::inputs::StepModels;
     use crate::train::items::{DistillItem, Item, PairItem, RolloutItem};
-    use crate::train::trainer::accumulate;
     use crate::train::optim::{clip_grad_norm, AdamW, AdamWConfig};
+    use crate::train::trainer::accumulate;
     use candor_alignment::{DataNeed, Objective};
 
     let objective = Objective::default_for(&args.objective)?;
-    if objective.degree_heads().is_some() || objective.needs_pair_rewards() || objective.needs_value_head() || objective.clip_net().is_some() {
+    if objective.degree_heads().is_some()
+        || objective.needs_pair_rewards()
+        || objective.needs_value_head()
+        || objective.clip_net().is_some()
+    {
         bail!("`bench train` measures objectives that need nothing beyond token ids (sft, dpo, rdpo, rpo, hindsight, reward, inpo, dno, nft, kd, sinkd, kdrl); `{}` needs per-row data or extra heads", objective.name());
     }
     // bf16 trains as `candor train` does: f32 master weights, bf16 matmul operands.
@@ -81,7 +85,15 @@ fn train_bench(args: &BenchTrainArgs, global: &GlobalArgs) -> Result<()> {
                 let old_logps = vec![-1.0; sequence.completion_tokens()];
                 let teacher_logps = vec![-1.5; sequence.completion_tokens()];
                 let correct = row % 2 == 0;
-                Item::Rollout(RolloutItem { sequence, old_logps, accuracy: 0.5, correct, advantage: if correct { 1.0 } else { -1.0 }, teacher_logps, kd: !correct })
+                Item::Rollout(RolloutItem {
+                    sequence,
+                    old_logps,
+                    accuracy: 0.5,
+                    correct,
+                    advantage: if correct { 1.0 } else { -1.0 },
+                    teacher_logps,
+                    kd: !correct,
+                })
             }
             DataNeed::Distill => Item::Distill(DistillItem { sequence: sequence(), teacher_states: None }),
         })
@@ -90,7 +102,14 @@ fn train_bench(args: &BenchTrainArgs, global: &GlobalArgs) -> Result<()> {
     let mut times = Vec::new();
     for step in 0..=args.steps {
         let start = Instant::now();
-        let models = StepModels { policy: &policy, reference: reference.as_ref(), teacher: teacher.as_ref(), heads: &[], pad: 0, progress: 0.0 };
+        let models = StepModels {
+            policy: &policy,
+            reference: reference.as_ref(),
+            teacher: teacher.as_ref(),
+            heads: &[],
+            pad: 0,
+            progress: 0.0,
+        };
         let mut acc = accumulate(&objective, models, &micro, &opt)?;
         clip_grad_norm(&mut acc.grads, 1.0)?;
         opt.step(&acc.grads, 1e-6)?;
@@ -101,7 +120,12 @@ fn train_bench(args: &BenchTrainArgs, global: &GlobalArgs) -> Result<()> {
     times.sort_by(f64::total_cmp);
     let median = times[times.len() / 2];
     let rows = match objective.data_need() {
-        DataNeed::Sequences | DataNeed::Hindsight | DataNeed::Rollouts | DataNeed::TokenRewards | DataNeed::TeacherRollouts | DataNeed::Distill => args.batch_size,
+        DataNeed::Sequences
+        | DataNeed::Hindsight
+        | DataNeed::Rollouts
+        | DataNeed::TokenRewards
+        | DataNeed::TeacherRollouts
+        | DataNeed::Distill => args.batch_size,
         DataNeed::Pairs | DataNeed::ScoredPairs => 2 * args.batch_size,
     };
     let tokens = (rows * args.seq_len) as f64;
@@ -149,7 +173,9 @@ fn train_bench(args: &BenchTrainArgs, global: &GlobalArgs) -> Result<()> {
 fn peak_rss_bytes() -> u64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok()))
+        .and_then(|s| {
+            s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+        })
         .map_or(0, |kb| kb * 1024)
 }
 
@@ -221,8 +247,17 @@ fn generate_bench(args: &BenchGenerateArgs, global: &GlobalArgs) -> Result<()> {
             None => loaded.tokenizer.encode(text, true),
         }
     };
-    let cfg = SamplingConfig { max_new_tokens: args.max_new_tokens, temperature: args.temperature, seed: 1, ..Default::default() };
-    let decoding = if args.temperature > 0.0 { format!("sampled at temperature {}", args.temperature) } else { "greedy".to_string() };
+    let cfg = SamplingConfig {
+        max_new_tokens: args.max_new_tokens,
+        temperature: args.temperature,
+        seed: 1,
+        ..Default::default()
+    };
+    let decoding = if args.temperature > 0.0 {
+        format!("sampled at temperature {}", args.temperature)
+    } else {
+        "greedy".to_string()
+    };
     let pad = loaded.tokenizer.pad_id();
     // Warm-up (page in weights, size allocator pools).
     generate(&loaded.model, &[ids(0)?], &[], pad, &SamplingConfig { max_new_tokens: 4, ..cfg }, |_, _| {})?;
@@ -270,7 +305,10 @@ fn generate_bench(args: &BenchGenerateArgs, global: &GlobalArgs) -> Result<()> {
     if args.json {
         println!("{report}");
     } else {
-        println!("generate {} ({}, {}), {decoding}, {} new tokens per prompt:", loaded.origin, global.device, global.dtype, args.max_new_tokens);
+        println!(
+            "generate {} ({}, {}), {decoding}, {} new tokens per prompt:",
+            loaded.origin, global.device, global.dtype, args.max_new_tokens
+        );
         for r in &results {
             println!(
                 "  batch {:>3}: {:>8.1} tokens/s in aggregate ({:.1} per sequence) with prefill; decode alone {:.1} tokens/s",

@@ -19,10 +19,29 @@ pub fn run(args: &CritiqueArgs, global: &GlobalArgs) -> Result<()> {
     let prompts = read_prompts(&args.prompts)?;
     let model = super::load_model(&args.model, global)?;
     let critic = from_spec(&args.critic, args.judge_model.as_deref(), global)?;
-    let tok = SequenceTokenizer { tokenizer: &model.tokenizer, chat_template: model.chat_template.as_ref(), truncation: Truncation::default() };
+    let tok = SequenceTokenizer {
+        tokenizer: &model.tokenizer,
+        chat_template: model.chat_template.as_ref(),
+        truncation: Truncation::default(),
+    };
     let ids = prompts.iter().map(|p| tok.prompt_ids(&p.prompt)).collect::<Result<Vec<_>>>()?;
-    let cfg = SamplingConfig { max_new_tokens: args.max_new_tokens, temperature: args.temperature, top_p: 1.0, top_k: 0, seed: args.seed };
-    let groups = sample_groups(&model.model, &ids, args.samples_per_prompt, &model.eos_token_ids, model.tokenizer.pad_id(), &cfg, args.batch_size, |_| {})?;
+    let cfg = SamplingConfig {
+        max_new_tokens: args.max_new_tokens,
+        temperature: args.temperature,
+        top_p: 1.0,
+        top_k: 0,
+        seed: args.seed,
+    };
+    let groups = sample_groups(
+        &model.model,
+        &ids,
+        args.samples_per_prompt,
+        &model.eos_token_ids,
+        model.tokenizer.pad_id(),
+        &cfg,
+        args.batch_size,
+        |_| {},
+    )?;
     let mut answers = Vec::new();
     for (p, gens) in prompts.iter().zip(&groups) {
         for g in gens {
@@ -31,7 +50,8 @@ pub fn run(args: &CritiqueArgs, global: &GlobalArgs) -> Result<()> {
     }
     let asked: Vec<_> = answers.iter().map(|(p, a)| (&p.prompt, &p.row, a.as_str())).collect();
     let critiques = critic.critique(&asked)?;
-    let mut out = super::JsonLines::create(Some(&args.output)).with_context(|| format!("cannot write `{}`", args.output.display()))?;
+    let mut out = super::JsonLines::create(Some(&args.output))
+        .with_context(|| format!("cannot write `{}`", args.output.display()))?;
     let mut written = 0;
     for ((p, answer), critique) in answers.iter().zip(critiques) {
         let Some(critique) = critique else { continue };
@@ -43,6 +63,11 @@ pub fn run(args: &CritiqueArgs, global: &GlobalArgs) -> Result<()> {
         written += 1;
     }
     out.finish()?;
-    eprintln!("candor: {written} critiques of {} answers by `{}` in {}", answers.len(), critic.name(), args.output.display());
+    eprintln!(
+        "candor: {written} critiques of {} answers by `{}` in {}",
+        answers.len(),
+        critic.name(),
+        args.output.display()
+    );
     Ok(())
 }

@@ -7,7 +7,9 @@ use anyhow::{bail, Context, Result};
 use serde_json::json;
 
 use crate::cli::{EvalArgs, EvalCommand, EvalGenerationArgs, GlobalArgs, WinrateArgs};
-use crate::eval::winrate::{generate_outputs, judge_and_summarise, read_outputs, read_prompts, table, EvalPrompt, Summary};
+use crate::eval::winrate::{
+    generate_outputs, judge_and_summarise, read_outputs, read_prompts, table, EvalPrompt, Summary,
+};
 use crate::generate::SamplingConfig;
 
 /// Run `candor eval ...`.
@@ -20,9 +22,18 @@ pub fn run(args: &EvalArgs, global: &GlobalArgs) -> Result<()> {
 
 fn sampling(g: &EvalGenerationArgs) -> Result<SamplingConfig> {
     if g.samples_per_prompt > 1 && g.temperature <= 0.0 {
-        bail!("`--samples-per-prompt {}` with greedy decoding gives identical samples; set `--temperature` > 0", g.samples_per_prompt);
+        bail!(
+            "`--samples-per-prompt {}` with greedy decoding gives identical samples; set `--temperature` > 0",
+            g.samples_per_prompt
+        );
     }
-    Ok(SamplingConfig { max_new_tokens: g.max_new_tokens, temperature: g.temperature, top_p: g.top_p, top_k: 0, seed: g.seed })
+    Ok(SamplingConfig {
+        max_new_tokens: g.max_new_tokens,
+        temperature: g.temperature,
+        top_p: g.top_p,
+        top_k: 0,
+        seed: g.seed,
+    })
 }
 
 fn bar(len: u64, quiet: bool, what: &str) -> indicatif::ProgressBar {
@@ -30,13 +41,23 @@ fn bar(len: u64, quiet: bool, what: &str) -> indicatif::ProgressBar {
         return indicatif::ProgressBar::hidden();
     }
     let bar = indicatif::ProgressBar::new(len);
-    bar.set_style(indicatif::ProgressStyle::with_template("{spinner} {msg} {pos}/{len} [{elapsed_precise} < {eta_precise}]").expect("valid template"));
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{spinner} {msg} {pos}/{len} [{elapsed_precise} < {eta_precise}]")
+            .expect("valid template"),
+    );
     bar.set_message(what.to_string());
     bar
 }
 
 /// Outputs of `spec` for every prompt: read from `file`, or generated.
-fn outputs_of(spec: &str, file: Option<&std::path::Path>, prompts: &[EvalPrompt], g: &EvalGenerationArgs, global: &GlobalArgs, quiet: bool) -> Result<Vec<Vec<String>>> {
+fn outputs_of(
+    spec: &str,
+    file: Option<&std::path::Path>,
+    prompts: &[EvalPrompt],
+    g: &EvalGenerationArgs,
+    global: &GlobalArgs,
+    quiet: bool,
+) -> Result<Vec<Vec<String>>> {
     if let Some(f) = file {
         return read_outputs(f, prompts.len(), g.samples_per_prompt);
     }
@@ -55,12 +76,30 @@ pub fn winrate(args: &WinrateArgs, global: &GlobalArgs, quiet: bool) -> Result<S
     // Build the judge first: a bad `--judge` fails before any generation.
     let judge = crate::judge::from_spec(&args.judge.judge, &args.judge.options(), global)?;
     let model_outputs = outputs_of(&args.model, args.outputs.as_deref(), &prompts, &args.generation, global, quiet)?;
-    let baseline_outputs = outputs_of(&args.baseline, args.baseline_outputs.as_deref(), &prompts, &args.generation, global, quiet)?;
-    let progress = bar((prompts.len() * args.generation.samples_per_prompt) as u64, quiet, &format!("judging with {}", judge.name()));
-    let summary = judge_and_summarise(judge.as_ref(), &prompts, &model_outputs, &baseline_outputs, (&args.model, &args.baseline), args.generation.seed, &args.output, &progress)?;
+    let baseline_outputs =
+        outputs_of(&args.baseline, args.baseline_outputs.as_deref(), &prompts, &args.generation, global, quiet)?;
+    let progress = bar(
+        (prompts.len() * args.generation.samples_per_prompt) as u64,
+        quiet,
+        &format!("judging with {}", judge.name()),
+    );
+    let summary = judge_and_summarise(
+        judge.as_ref(),
+        &prompts,
+        &model_outputs,
+        &baseline_outputs,
+        (&args.model, &args.baseline),
+        args.generation.seed,
+        &args.output,
+        &progress,
+    )?;
     progress.finish_and_clear();
     print!("{}", table(&summary));
-    println!("wrote {}/{{annotations.jsonl, summary.json, winrate.svg}} in {:.0} s", args.output.display(), started.elapsed().as_secs_f64());
+    println!(
+        "wrote {}/{{annotations.jsonl, summary.json, winrate.svg}} in {:.0} s",
+        args.output.display(),
+        started.elapsed().as_secs_f64()
+    );
     Ok(summary)
 }
 
@@ -74,8 +113,10 @@ fn single(args: &EvalArgs, global: &GlobalArgs) -> Result<()> {
     let judge = crate::judge::from_spec(&judge_args.judge, &judge_args.options(), global)?;
     let outputs = outputs_of(model, args.outputs.as_deref(), &prompts, &args.generation, global, false)?;
     // Every output with the prompt it answers, in order.
-    let answered: Vec<(&EvalPrompt, &str)> = prompts.iter().zip(&outputs).flat_map(|(p, outs)| outs.iter().map(move |o| (p, o.as_str()))).collect();
-    let items: Vec<(&crate::data::Text, &serde_json::Map<String, serde_json::Value>, &str)> = answered.iter().map(|(p, o)| (&p.prompt, &p.row, *o)).collect();
+    let answered: Vec<(&EvalPrompt, &str)> =
+        prompts.iter().zip(&outputs).flat_map(|(p, outs)| outs.iter().map(move |o| (p, o.as_str()))).collect();
+    let items: Vec<(&crate::data::Text, &serde_json::Map<String, serde_json::Value>, &str)> =
+        answered.iter().map(|(p, o)| (&p.prompt, &p.row, *o)).collect();
     let Some(scores) = judge.score(&items)? else {
         bail!("`{}` compares two outputs; scoring one model needs a verifier: or rm: judge (or use `candor eval winrate`)", judge.name());
     };

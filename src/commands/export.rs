@@ -18,7 +18,8 @@ pub fn run(args: &ExportArgs, global: &GlobalArgs) -> Result<()> {
     };
     let dtype = load::parse_dtype(&global.dtype)?;
     let device = load::parse_device(&global.device)?;
-    let mut m = load::load_model(&spec, candle::DType::F32, &device).with_context(|| format!("failed to load `{spec}`"))?;
+    let mut m =
+        load::load_model(&spec, candle::DType::F32, &device).with_context(|| format!("failed to load `{spec}`"))?;
     let adapters = m.model.lora_adapters();
     let tmp = args.output.with_extension("partial");
     let _ = std::fs::remove_dir_all(&tmp);
@@ -31,7 +32,15 @@ pub fn run(args: &ExportArgs, global: &GlobalArgs) -> Result<()> {
         crate::model::lora::save_adapter(&tmp, &saved.config, &saved.base_model, &adapters)?;
     } else {
         m.model.merge_lora()?;
-        crate::export::write_hf_dir(&tmp, &m.model, &m.tokenizer, m.chat_template.as_ref(), &m.eos_token_ids, dtype, args.max_shard_size_mb * 1_000_000)?;
+        crate::export::write_hf_dir(
+            &tmp,
+            &m.model,
+            &m.tokenizer,
+            m.chat_template.as_ref(),
+            &m.eos_token_ids,
+            dtype,
+            args.max_shard_size_mb * 1_000_000,
+        )?;
     }
     if args.output.exists() {
         std::fs::remove_dir_all(&args.output).with_context(|| format!("cannot replace `{}`", args.output.display()))?;

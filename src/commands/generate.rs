@@ -30,13 +30,21 @@ pub fn run(args: &GenerateArgs, global: &GlobalArgs) -> Result<()> {
     let mut prompts = Vec::with_capacity(data.rows.len());
     for row in &data.rows {
         let Example::Prompt { prompt } = &row.example else {
-            bail!("{}:{}: expected a prompt-only row `{{\"prompt\": ...}}`, got a {} row", path.display(), row.line, row.example.kind());
+            bail!(
+                "{}:{}: expected a prompt-only row `{{\"prompt\": ...}}`, got a {} row",
+                path.display(),
+                row.line,
+                row.example.kind()
+            );
         };
         prompts.push(prompt_ids(&loaded, prompt, args)?);
     }
     let mut out = super::JsonLines::create(args.output.as_deref())?;
-    for (chunk_rows, chunk_prompts) in data.rows.chunks(args.batch_size.max(1)).zip(prompts.chunks(args.batch_size.max(1))) {
-        let gens = generate(&loaded.model, chunk_prompts, &loaded.eos_token_ids, loaded.tokenizer.pad_id(), &cfg, |_, _| {})?;
+    for (chunk_rows, chunk_prompts) in
+        data.rows.chunks(args.batch_size.max(1)).zip(prompts.chunks(args.batch_size.max(1)))
+    {
+        let gens =
+            generate(&loaded.model, chunk_prompts, &loaded.eos_token_ids, loaded.tokenizer.pad_id(), &cfg, |_, _| {})?;
         for (row, g) in chunk_rows.iter().zip(&gens) {
             let mut fields = row.fields.clone();
             fields.insert("completion".into(), completion_text(&loaded.tokenizer, g)?.into());

@@ -10,7 +10,8 @@ use crate::scoring::score_sequences;
 pub fn run(args: &LogprobsArgs, global: &GlobalArgs) -> Result<()> {
     let rows = super::scored_rows(&args.rows, &args.model.model, global)?;
     let device = rows.loaded.model.device().clone();
-    let scores = score_sequences(&rows.loaded.model, &rows.seqs, rows.loaded.tokenizer.pad_id(), args.rows.batch_size, &device)?;
+    let scores =
+        score_sequences(&rows.loaded.model, &rows.seqs, rows.loaded.tokenizer.pad_id(), args.rows.batch_size, &device)?;
     let mut scores = scores.into_iter();
     let mut out = super::JsonLines::create(args.rows.output.as_deref())?;
     for (row, row_names) in rows.data.rows.iter().zip(&rows.names) {

@@ -48,7 +48,8 @@ pub fn device_and_dtype(global: &GlobalArgs) -> Result<(Device, DType)> {
 /// Load `--model` with the global device and dtype.
 pub fn load_model(spec: &str, global: &GlobalArgs) -> Result<LoadedModel> {
     let (device, dtype) = device_and_dtype(global)?;
-    let mut loaded = load::load_model(spec, dtype, &device).with_context(|| format!("failed to load model `{spec}`"))?;
+    let mut loaded =
+        load::load_model(spec, dtype, &device).with_context(|| format!("failed to load model `{spec}`"))?;
     loaded.model.set_kernels(global.kernels);
     Ok(loaded)
 }
@@ -65,7 +66,8 @@ impl JsonLines {
         Ok(match path {
             Some(p) => {
                 let partial = p.with_extension("jsonl.partial");
-                let f = std::fs::File::create(&partial).with_context(|| format!("cannot create `{}`", partial.display()))?;
+                let f = std::fs::File::create(&partial)
+                    .with_context(|| format!("cannot create `{}`", partial.display()))?;
                 Self { out: Box::new(std::io::BufWriter::new(f)), finish: Some((partial, p.to_path_buf())) }
             }
             None => Self { out: Box::new(std::io::stdout().lock()), finish: None },
@@ -112,12 +114,17 @@ pub fn scored_rows(rows: &crate::cli::RowsArgs, model: &str, global: &GlobalArgs
     let tok = crate::data::SequenceTokenizer {
         tokenizer: &loaded.tokenizer,
         chat_template: loaded.chat_template.as_ref(),
-        truncation: crate::data::Truncation { max_length: t.max_length, max_prompt_length: t.max_prompt_length, mode: t.truncation_mode },
+        truncation: crate::data::Truncation {
+            max_length: t.max_length,
+            max_prompt_length: t.max_prompt_length,
+            mode: t.truncation_mode,
+        },
     };
     let mut names = Vec::with_capacity(data.rows.len());
     let mut seqs = Vec::new();
     for row in &data.rows {
-        let per_row = crate::scoring::row_sequences(&tok, &row.example).with_context(|| format!("{}:{}", rows.data.display(), row.line))?;
+        let per_row = crate::scoring::row_sequences(&tok, &row.example)
+            .with_context(|| format!("{}:{}", rows.data.display(), row.line))?;
         names.push(per_row.iter().map(|(n, _)| *n).collect());
         seqs.extend(per_row.into_iter().map(|(_, s)| s));
     }

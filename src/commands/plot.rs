@@ -19,7 +19,9 @@ pub fn run(args: &PlotArgs) -> Result<()> {
         .filter(|(_, l)| !l.trim().is_empty())
         .map(|(i, l)| serde_json::from_str(l).with_context(|| format!("{}:{}: invalid JSON", path.display(), i + 1)))
         .collect::<Result<_>>()?;
-    let points = |key: &str| -> Vec<(f64, f64)> { lines.iter().filter_map(|l| Some((l.get("step")?.as_f64()?, l.get(key)?.as_f64()?))).collect() };
+    let points = |key: &str| -> Vec<(f64, f64)> {
+        lines.iter().filter_map(|l| Some((l.get("step")?.as_f64()?, l.get(key)?.as_f64()?))).collect()
+    };
     let panels: Vec<Panel> = CURVES
         .iter()
         .map(|m| Panel { metric: m.to_string(), train: points(m), eval: points(&format!("eval_{m}")) })

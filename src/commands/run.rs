@@ -54,19 +54,22 @@ fn default_batch_size() -> usize {
 /// Run `candor run`.
 pub fn run(args: &RunArgs, global: &GlobalArgs) -> Result<()> {
     let started = Instant::now();
-    let text = std::fs::read_to_string(&args.recipe).with_context(|| format!("cannot read recipe `{}`", args.recipe.display()))?;
+    let text = std::fs::read_to_string(&args.recipe)
+        .with_context(|| format!("cannot read recipe `{}`", args.recipe.display()))?;
     let mut doc: toml::Table = text.parse().with_context(|| format!("invalid TOML in `{}`", args.recipe.display()))?;
     for s in &args.set {
         let (key, value) = parse_set(s)?;
         set_path(&mut doc, &key, value)?;
     }
     let origin = format!(" in `{}`", args.recipe.display());
-    let mut section = |name: &str| doc.remove(name).ok_or_else(|| anyhow!("`{}` has no [{name}] section", args.recipe.display()));
+    let mut section =
+        |name: &str| doc.remove(name).ok_or_else(|| anyhow!("`{}` has no [{name}] section", args.recipe.display()));
     let train_doc = match section("train")? {
         toml::Value::Table(t) => t,
         _ => return Err(anyhow!("[train] must be a table")),
     };
-    let eval: EvalSection = section("eval")?.try_into().map_err(|e: toml::de::Error| anyhow!("[eval]{origin}: {}", e.message()))?;
+    let eval: EvalSection =
+        section("eval")?.try_into().map_err(|e: toml::de::Error| anyhow!("[eval]{origin}: {}", e.message()))?;
     let export: ExportSection = match doc.remove("export") {
         Some(v) => v.try_into().map_err(|e: toml::de::Error| anyhow!("[export]{origin}: {}", e.message()))?,
         None => ExportSection::default(),
@@ -83,7 +86,12 @@ pub fn run(args: &RunArgs, global: &GlobalArgs) -> Result<()> {
     let curves = run_dir.join("curves.svg");
     super::plot::run(&PlotArgs { run_dir: run_dir.clone(), output: Some(curves.clone()) })?;
 
-    println!("[3/4] win-rate of the fine-tuned model against {} on {} ({})", cfg.model.model, eval.prompts.display(), eval.judge);
+    println!(
+        "[3/4] win-rate of the fine-tuned model against {} on {} ({})",
+        cfg.model.model,
+        eval.prompts.display(),
+        eval.judge
+    );
     let eval_dir = run_dir.join("eval");
     let summary = super::eval::winrate(
         &WinrateArgs {
@@ -94,7 +102,14 @@ pub fn run(args: &RunArgs, global: &GlobalArgs) -> Result<()> {
             baseline_outputs: None,
             output: eval_dir.clone(),
             judge: JudgeArgs::with_defaults(&eval.judge),
-            generation: EvalGenerationArgs { max_new_tokens: eval.max_new_tokens, samples_per_prompt: 1, temperature: 0.0, top_p: 1.0, seed: eval.seed, batch_size: eval.batch_size },
+            generation: EvalGenerationArgs {
+                max_new_tokens: eval.max_new_tokens,
+                samples_per_prompt: 1,
+                temperature: 0.0,
+                top_p: 1.0,
+                seed: eval.seed,
+                batch_size: eval.batch_size,
+            },
         },
         global,
         args.quiet,
@@ -102,12 +117,28 @@ pub fn run(args: &RunArgs, global: &GlobalArgs) -> Result<()> {
 
     let model_dir = export.output.unwrap_or_else(|| run_dir.join("model"));
     println!("[4/4] exporting the fine-tuned model");
-    super::export::run(&ExportArgs { checkpoint: trained.final_dir.display().to_string(), output: model_dir.clone(), max_shard_size_mb: 5000, merge_lora: false }, global)?;
+    super::export::run(
+        &ExportArgs {
+            checkpoint: trained.final_dir.display().to_string(),
+            output: model_dir.clone(),
+            max_shard_size_mb: 5000,
+            merge_lora: false,
+        },
+        global,
+    )?;
 
     let r = &summary.overall.rate;
     println!();
     println!("done in {:.1} min", started.elapsed().as_secs_f64() / 60.0);
-    println!("  win-rate   {:.1}% (95% CI {:.1}%–{:.1}%; {} wins, {} ties, {} losses)", 100.0 * r.win_rate, 100.0 * r.ci95.0, 100.0 * r.ci95.1, r.wins, r.ties, r.losses);
+    println!(
+        "  win-rate   {:.1}% (95% CI {:.1}%–{:.1}%; {} wins, {} ties, {} losses)",
+        100.0 * r.win_rate,
+        100.0 * r.ci95.0,
+        100.0 * r.ci95.1,
+        r.wins,
+        r.ties,
+        r.losses
+    );
     println!("  metrics    {}", run_dir.join("metrics.jsonl").display());
     println!("  curves     {}", curves.display());
     println!("  evaluation {} (summary.json, annotations.jsonl, winrate.svg)", eval_dir.display());

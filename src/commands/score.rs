@@ -12,7 +12,10 @@ pub fn run(args: &ScoreArgs, global: &GlobalArgs) -> Result<()> {
     match rows.loaded.model.config().num_labels {
         Some(1) => {}
         Some(n) => bail!("`{}` is a classifier with {n} labels; a reward model has exactly one", args.model),
-        None => bail!("`{}` is a causal LM, not a reward model (train one with `candor train --objective reward`)", args.model),
+        None => bail!(
+            "`{}` is a causal LM, not a reward model (train one with `candor train --objective reward`)",
+            args.model
+        ),
     }
     let rewards = score_rewards(&rows.loaded.model, &rows.seqs, rows.loaded.tokenizer.pad_id(), args.rows.batch_size)?;
     let mut rewards = rewards.into_iter();

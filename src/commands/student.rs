@@ -25,7 +25,15 @@ fn init(args: &StudentInitArgs, global: &GlobalArgs) -> Result<()> {
     let tmp = args.output.with_extension("partial");
     let _ = std::fs::remove_dir_all(&tmp);
     let dtype = m.model.dtype();
-    crate::export::write_hf_dir(&tmp, &m.model, &m.tokenizer, m.chat_template.as_ref(), &m.eos_token_ids, dtype, crate::export::DEFAULT_MAX_SHARD_BYTES)?;
+    crate::export::write_hf_dir(
+        &tmp,
+        &m.model,
+        &m.tokenizer,
+        m.chat_template.as_ref(),
+        &m.eos_token_ids,
+        dtype,
+        crate::export::DEFAULT_MAX_SHARD_BYTES,
+    )?;
     if args.output.exists() {
         std::fs::remove_dir_all(&args.output).with_context(|| format!("cannot replace `{}`", args.output.display()))?;
     }

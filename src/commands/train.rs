@@ -82,17 +82,36 @@ pub fn resolve(args: &TrainArgs, global: &GlobalArgs) -> Result<TrainConfig> {
     if let Some(v) = args.scheduler {
         put("optim.scheduler", toml::Value::try_from(v)?);
     }
-    for (key, v) in [("run.batch_size", args.batch_size), ("run.grad_accum", args.grad_accum), ("run.epochs", args.epochs), ("run.keep_last", args.keep_last)] {
+    for (key, v) in [
+        ("run.batch_size", args.batch_size),
+        ("run.grad_accum", args.grad_accum),
+        ("run.epochs", args.epochs),
+        ("run.keep_last", args.keep_last),
+    ] {
         if let Some(v) = v {
             put(key, int(v as u64));
         }
     }
-    for (key, v) in [("run.max_steps", args.max_steps), ("run.seed", args.seed), ("run.save_every", args.save_every), ("run.eval_every", args.eval_every)] {
+    for (key, v) in [
+        ("run.max_steps", args.max_steps),
+        ("run.seed", args.seed),
+        ("run.save_every", args.save_every),
+        ("run.eval_every", args.eval_every),
+    ] {
         if let Some(v) = v {
             put(key, int(v));
         }
     }
-    for (key, v) in [("objective.beta", args.beta), ("objective.label_smoothing", args.label_smoothing), ("objective.epsilon", args.epsilon), ("objective.alpha", args.alpha), ("objective.spo_weight", args.spo_weight), ("objective.center_rewards_coefficient", args.center_rewards_coefficient), ("objective.eta", args.eta), ("objective.tau", args.tau)] {
+    for (key, v) in [
+        ("objective.beta", args.beta),
+        ("objective.label_smoothing", args.label_smoothing),
+        ("objective.epsilon", args.epsilon),
+        ("objective.alpha", args.alpha),
+        ("objective.spo_weight", args.spo_weight),
+        ("objective.center_rewards_coefficient", args.center_rewards_coefficient),
+        ("objective.eta", args.eta),
+        ("objective.tau", args.tau),
+    ] {
         if let Some(v) = v {
             put(key, float(v));
         }
@@ -109,7 +128,11 @@ pub fn resolve(args: &TrainArgs, global: &GlobalArgs) -> Result<TrainConfig> {
     if let Some(v) = args.samples_per_prompt {
         put("online.samples_per_prompt", int(v as u64));
     }
-    for (key, v) in [("online.judge", &args.judge), ("online.judge_model", &args.judge_model), ("online.teacher_model", &args.teacher_model)] {
+    for (key, v) in [
+        ("online.judge", &args.judge),
+        ("online.judge_model", &args.judge_model),
+        ("online.teacher_model", &args.teacher_model),
+    ] {
         if let Some(v) = v {
             put(key, s(v));
         }

@@ -271,7 +271,10 @@ fn extract_prompt(chosen: Text, rejected: Text) -> Result<(Text, Text, Text), Fi
         (Text::Chat(c), Text::Chat(r)) => {
             let idx = c.iter().zip(&r).take_while(|(a, b)| a == b).count();
             if idx == 0 {
-                return Err((Some("chosen"), "implicit prompt: `chosen` and `rejected` share no leading message".into()));
+                return Err((
+                    Some("chosen"),
+                    "implicit prompt: `chosen` and `rejected` share no leading message".into(),
+                ));
             }
             Ok((Text::Chat(c[..idx].to_vec()), Text::Chat(c[idx..].to_vec()), Text::Chat(r[idx..].to_vec())))
         }

@@ -132,7 +132,12 @@ impl SequenceTokenizer<'_> {
 
     /// Tokenize a prompt (as before generation) followed by pieces tokenized one by one, as the
     /// chain-of-hindsight code does (no merges across piece boundaries), then EOS (class 1).
-    pub fn prompt_pieces(&self, prompt: &Text, pieces: &[Piece], rng: &mut impl rand::Rng) -> Result<TokenizedSequence> {
+    pub fn prompt_pieces(
+        &self,
+        prompt: &Text,
+        pieces: &[Piece],
+        rng: &mut impl rand::Rng,
+    ) -> Result<TokenizedSequence> {
         let mut ids = self.prompt_ids(prompt)?;
         if let Some(max_prompt) = self.truncation.max_prompt_length {
             ids.drain(..ids.len().saturating_sub(max_prompt));
@@ -200,7 +205,8 @@ impl SequenceTokenizer<'_> {
                 cut
             }
         };
-        s.hidden_from_later = s.hidden_from_later.iter().filter(|&&p| p >= cut && p - cut < max).map(|p| p - cut).collect();
+        s.hidden_from_later =
+            s.hidden_from_later.iter().filter(|&&p| p >= cut && p - cut < max).map(|p| p - cut).collect();
         s
     }
 }

@@ -13,7 +13,8 @@ fn plot_err<E: std::fmt::Display>(e: E) -> anyhow::Error {
 
 /// Horizontal stacked bars: the share of wins, ties and losses for each task and overall.
 pub fn win_tie_loss(s: &Summary, path: &Path) -> Result<()> {
-    let mut rows: Vec<(String, [usize; 3])> = s.per_task.iter().map(|(t, b)| (t.clone(), [b.rate.wins, b.rate.ties, b.rate.losses])).collect();
+    let mut rows: Vec<(String, [usize; 3])> =
+        s.per_task.iter().map(|(t, b)| (t.clone(), [b.rate.wins, b.rate.ties, b.rate.losses])).collect();
     rows.push(("overall".into(), [s.overall.rate.wins, s.overall.rate.ties, s.overall.rate.losses]));
     let height = 90 + 40 * rows.len() as u32;
     let root = SVGBackend::new(path, (720, height)).into_drawing_area();
@@ -87,7 +88,10 @@ pub fn training_curves(panels: &[Panel], title: &str, path: &Path) -> Result<()>
     let root = root.titled(title, ("sans-serif", 18)).map_err(plot_err)?;
     for (area, panel) in root.split_evenly((panels.len(), 1)).iter().zip(panels) {
         let points = panel.train.iter().chain(&panel.eval);
-        let (x_max, (y_min, y_max)) = points.fold((1f64, (f64::INFINITY, f64::NEG_INFINITY)), |(x, (lo, hi)), &(s, v)| (x.max(s), (lo.min(v), hi.max(v))));
+        let (x_max, (y_min, y_max)) = points
+            .fold((1f64, (f64::INFINITY, f64::NEG_INFINITY)), |(x, (lo, hi)), &(s, v)| {
+                (x.max(s), (lo.min(v), hi.max(v)))
+            });
         let pad = ((y_max - y_min) * 0.1).max(1e-3);
         let mut chart = ChartBuilder::on(area)
             .caption(&panel.metric, ("sans-serif", 14))
@@ -97,7 +101,9 @@ pub fn training_curves(panels: &[Panel], title: &str, path: &Path) -> Result<()>
             .build_cartesian_2d(0f64..x_max, (y_min - pad)..(y_max + pad))
             .map_err(plot_err)?;
         chart.configure_mesh().x_desc("step").draw().map_err(plot_err)?;
-        for (series, colour, label) in [(&panel.train, BLUE, "train"), (&panel.eval, RGBColor(230, 120, 20), "held-out")] {
+        for (series, colour, label) in
+            [(&panel.train, BLUE, "train"), (&panel.eval, RGBColor(230, 120, 20), "held-out")]
+        {
             if series.is_empty() {
                 continue;
             }

@@ -57,7 +57,8 @@ pub fn win_rate(outcomes: &[Outcome], seed: u64) -> WinRate {
         (f64::NAN, f64::NAN)
     } else {
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-        let mut rates: Vec<f64> = (0..BOOTSTRAP_SAMPLES).map(|_| mean(&mut (0..n).map(|_| scores[rng.random_range(0..n)]))).collect();
+        let mut rates: Vec<f64> =
+            (0..BOOTSTRAP_SAMPLES).map(|_| mean(&mut (0..n).map(|_| scores[rng.random_range(0..n)]))).collect();
         rates.sort_by(f64::total_cmp);
         (percentile(&rates, 0.025), percentile(&rates, 0.975))
     };

@@ -42,8 +42,13 @@ pub fn read_prompts(path: &Path) -> Result<Vec<EvalPrompt>> {
         .into_iter()
         .map(|r| {
             let prompt = match r.example {
-                Example::Prompt { prompt } | Example::Preference { prompt, .. } | Example::PromptCompletion { prompt, .. } | Example::Unpaired { prompt, .. } => prompt,
-                other => bail!("{}:{}: expected a row with a `prompt`, got a {} row", path.display(), r.line, other.kind()),
+                Example::Prompt { prompt }
+                | Example::Preference { prompt, .. }
+                | Example::PromptCompletion { prompt, .. }
+                | Example::Unpaired { prompt, .. } => prompt,
+                other => {
+                    bail!("{}:{}: expected a row with a `prompt`, got a {} row", path.display(), r.line, other.kind())
+                }
             };
             Ok(EvalPrompt { line: r.line, prompt, row: r.fields })
         })
@@ -51,8 +56,19 @@ pub fn read_prompts(path: &Path) -> Result<Vec<EvalPrompt>> {
 }
 
 /// `samples` outputs per prompt from `model`, `batch_size` prompts per batch.
-pub fn generate_outputs(model: &LoadedModel, prompts: &[EvalPrompt], samples: usize, cfg: &SamplingConfig, batch_size: usize, progress: &indicatif::ProgressBar) -> Result<Vec<Vec<String>>> {
-    let tok = SequenceTokenizer { tokenizer: &model.tokenizer, chat_template: model.chat_template.as_ref(), truncation: Truncation::default() };
+pub fn generate_outputs(
+    model: &LoadedModel,
+    prompts: &[EvalPrompt],
+    samples: usize,
+    cfg: &SamplingConfig,
+    batch_size: usize,
+    progress: &indicatif::ProgressBar,
+) -> Result<Vec<Vec<String>>> {
+    let tok = SequenceTokenizer {
+        tokenizer: &model.tokenizer,
+        chat_template: model.chat_template.as_ref(),
+        truncation: Truncation::default(),
+    };
     let ids = prompts.iter().map(|p| tok.prompt_ids(&p.prompt)).collect::<Result<Vec<_>>>()?;
     let mut out = vec![Vec::with_capacity(samples); prompts.len()];
     for s in 0..samples {
@@ -74,13 +90,24 @@ pub fn read_outputs(path: &Path, prompts: usize, samples: usize) -> Result<Vec<V
     let text = std::fs::read_to_string(path).with_context(|| format!("cannot read outputs `{}`", path.display()))?;
     let lines: Vec<(usize, &str)> = text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()).collect();
     if lines.len() != prompts * samples {
-        bail!("`{}` has {} outputs; expected {} ({} prompts x {} samples)", path.display(), lines.len(), prompts * samples, prompts, samples);
+        bail!(
+            "`{}` has {} outputs; expected {} ({} prompts x {} samples)",
+            path.display(),
+            lines.len(),
+            prompts * samples,
+            prompts,
+            samples
+        );
     }
     let outputs = lines
         .iter()
         .map(|(i, l)| {
-            let v: Value = serde_json::from_str(l).with_context(|| format!("{}:{}: invalid JSON", path.display(), i + 1))?;
-            v.get("completion").and_then(Value::as_str).map(str::to_string).with_context(|| format!("{}:{}: field `completion`: missing or not a string", path.display(), i + 1))
+            let v: Value =
+                serde_json::from_str(l).with_context(|| format!("{}:{}: invalid JSON", path.display(), i + 1))?;
+            v.get("completion")
+                .and_then(Value::as_str)
+                .map(str::to_string)
+                .with_context(|| format!("{}:{}: field `completion`: missing or not a string", path.display(), i + 1))
         })
         .collect::<Result<Vec<_>>>()?;
     Ok(outputs.chunks(samples).map(<[String]>::to_vec).collect())
@@ -186,8 +213,14 @@ pub fn judge_and_summarise(
         samples_per_prompt: model_outputs.first().map_or(0, Vec::len),
         unparsed: judgments.len() - readable.len(),
         overall: breakdown(&all),
-        length_controlled_win_rate: length_controlled_win_rate(&readable.iter().map(|x| x.0).collect::<Vec<_>>(), &readable.iter().map(|x| x.1).collect::<Vec<_>>()),
-        avg_length: BTreeMap::from([("model".to_string(), mean_len(model_outputs)), ("baseline".to_string(), mean_len(baseline_outputs))]),
+        length_controlled_win_rate: length_controlled_win_rate(
+            &readable.iter().map(|x| x.0).collect::<Vec<_>>(),
+            &readable.iter().map(|x| x.1).collect::<Vec<_>>(),
+        ),
+        avg_length: BTreeMap::from([
+            ("model".to_string(), mean_len(model_outputs)),
+            ("baseline".to_string(), mean_len(baseline_outputs)),
+        ]),
         per_task,
     };
     let tmp = out_dir.join("summary.json.partial");
@@ -199,9 +232,19 @@ pub fn judge_and_summarise(
 
 /// The compact table printed after an evaluation.
 pub fn table(s: &Summary) -> String {
-    let mut out = format!("{:<18} {:>5} {:>5} {:>5} {:>9}  {}\n", "task", "wins", "ties", "losses", "win-rate", "95% CI");
+    let mut out =
+        format!("{:<18} {:>5} {:>5} {:>5} {:>9}  {}\n", "task", "wins", "ties", "losses", "win-rate", "95% CI");
     let row = |name: &str, b: &Breakdown| {
-        format!("{:<18} {:>5} {:>5} {:>5} {:>8.1}%  [{:.1}%, {:.1}%]\n", name, b.rate.wins, b.rate.ties, b.rate.losses, 100.0 * b.rate.win_rate, 100.0 * b.rate.ci95.0, 100.0 * b.rate.ci95.1)
+        format!(
+            "{:<18} {:>5} {:>5} {:>5} {:>8.1}%  [{:.1}%, {:.1}%]\n",
+            name,
+            b.rate.wins,
+            b.rate.ties,
+            b.rate.losses,
+            100.0 * b.rate.win_rate,
+            100.0 * b.rate.ci95.0,
+            100.0 * b.rate.ci95.1
+        )
     };
     for (task, b) in &s.per_task {
         out.push_str(&row(task, b));

@@ -89,7 +89,8 @@ pub fn sample_groups(
     let mut out: Vec<Vec<Generation>> = vec![Vec::with_capacity(k); prompts.len()];
     for chunk in rows.chunks(batch_size.max(1)) {
         let ids: Vec<Vec<u32>> = chunk.iter().map(|&(i, _)| prompts[i].clone()).collect();
-        let seeds: Vec<u64> = chunk.iter().map(|&(i, j)| stream_seed(cfg.seed, ((i as u64) << 20) | j as u64)).collect();
+        let seeds: Vec<u64> =
+            chunk.iter().map(|&(i, j)| stream_seed(cfg.seed, ((i as u64) << 20) | j as u64)).collect();
         for (&(i, _), g) in chunk.iter().zip(generate_seeded(model, &ids, &seeds, stop_ids, pad_id, cfg, |_, _| {})?) {
             out[i].push(g);
         }

@@ -35,7 +35,11 @@ impl Critique {
     /// The official target format (what a critique model learns to write).
     pub fn to_json(&self) -> String {
         let list: Vec<Value> = self.word_scores.iter().map(|(w, s)| json!([w, *s as i64])).collect();
-        format!("{{\n  \"textual_feedback\": {},\n  \"word_score_list\": {}\n}}", Value::from(self.feedback.as_str()), Value::Array(list))
+        format!(
+            "{{\n  \"textual_feedback\": {},\n  \"word_score_list\": {}\n}}",
+            Value::from(self.feedback.as_str()),
+            Value::Array(list)
+        )
     }
 
     /// Read a critic's reply; `None` when it holds no usable word score.
@@ -60,7 +64,11 @@ impl Critique {
             None => String::new(),
         };
         if pairs.is_empty() {
-            let patterns = [r#""([^"]+)"\s*:\s*(-?\d+(?:\.\d+)?)"#, r"(\w+)\s*:\s*(-?\d+(?:\.\d+)?)", r#"\(\s*["']?([^"',()]+)["']?\s*,\s*(-?\d+(?:\.\d+)?)\s*\)"#];
+            let patterns = [
+                r#""([^"]+)"\s*:\s*(-?\d+(?:\.\d+)?)"#,
+                r"(\w+)\s*:\s*(-?\d+(?:\.\d+)?)",
+                r#"\(\s*["']?([^"',()]+)["']?\s*,\s*(-?\d+(?:\.\d+)?)\s*\)"#,
+            ];
             for p in patterns {
                 let re = regex::Regex::new(p).expect("valid pattern");
                 for c in re.captures_iter(reply) {
@@ -70,7 +78,8 @@ impl Critique {
                 }
             }
         }
-        let word_scores: Vec<(String, f64)> = pairs.into_iter().filter_map(|(w, s)| Some((clean_word(&w)?, s.clamp(-1.0, 1.0)))).collect();
+        let word_scores: Vec<(String, f64)> =
+            pairs.into_iter().filter_map(|(w, s)| Some((clean_word(&w)?, s.clamp(-1.0, 1.0)))).collect();
         (!word_scores.is_empty()).then_some(Critique { feedback, word_scores })
     }
 }
@@ -148,7 +157,11 @@ pub fn from_spec(spec: &str, judge_model: Option<&str>, global: &crate::cli::Glo
     Ok(match kind {
         "llm" => Box::new(LocalCritic { spec: spec.to_string(), model: crate::commands::load_model(arg, global)? }),
         "openai" => {
-            let opts = super::JudgeOptions { judge_model: judge_model.map(str::to_string), concurrency: 1, ..Default::default() };
+            let opts = super::JudgeOptions {
+                judge_model: judge_model.map(str::to_string),
+                concurrency: 1,
+                ..Default::default()
+            };
             Box::new(RemoteCritic { spec: spec.to_string(), server: super::openai::OpenAiJudge::new(arg, &opts)? })
         }
         other => bail!("critic `{spec}`: unknown kind `{other}` (known: rule, llm, openai)"),
@@ -168,17 +181,30 @@ impl RuleCritic {
         let passes = self.verifier.passes(row, answer)?;
         let words: Vec<&str> = answer.split_whitespace().collect();
         let constraint = row.get("constraint").and_then(Value::as_object);
-        let kind = constraint.and_then(|c| c.get("type")).and_then(Value::as_str).unwrap_or(if row.get("answer").is_some() { "answer" } else { "" });
+        let kind = constraint
+            .and_then(|c| c.get("type"))
+            .and_then(Value::as_str)
+            .unwrap_or(if row.get("answer").is_some() { "answer" } else { "" });
         let base = if passes { 1.0 } else { 0.0 };
         let mut scores: Vec<f64> = vec![base; words.len()];
         let feedback: String;
         match kind {
             "uppercase" | "lowercase" => {
-                let wrong = |w: &str| if kind == "uppercase" { w.chars().any(char::is_lowercase) } else { w.chars().any(char::is_uppercase) };
+                let wrong = |w: &str| {
+                    if kind == "uppercase" {
+                        w.chars().any(char::is_lowercase)
+                    } else {
+                        w.chars().any(char::is_uppercase)
+                    }
+                };
                 for (s, w) in scores.iter_mut().zip(&words) {
                     *s = if wrong(w) { -1.0 } else { 1.0 };
                 }
-                feedback = if passes { format!("Every word is {kind}, as asked.") } else { format!("Some words are not {kind}: the request asks for {kind} letters only.") };
+                feedback = if passes {
+                    format!("Every word is {kind}, as asked.")
+                } else {
+                    format!("Some words are not {kind}: the request asks for {kind} letters only.")
+                };
             }
             "max_words" | "max_chars" => {
                 let limit = constraint.and_then(|c| c.get("value")).and_then(Value::as_u64).unwrap_or(0) as usize;
@@ -188,37 +214,68 @@ impl RuleCritic {
                     let over = if kind == "max_words" { i >= limit } else { chars > limit };
                     *s = if over { -1.0 } else { base };
                 }
-                feedback = if passes { "The answer stays within the length limit.".into() } else { "The answer runs past the length limit; the words beyond it should go.".into() };
+                feedback = if passes {
+                    "The answer stays within the length limit.".into()
+                } else {
+                    "The answer runs past the length limit; the words beyond it should go.".into()
+                };
             }
             "keywords" => {
-                let wanted: Vec<String> = constraint.and_then(|c| c.get("value")).and_then(Value::as_array).map(|v| v.iter().filter_map(Value::as_str).map(str::to_lowercase).collect()).unwrap_or_default();
+                let wanted: Vec<String> = constraint
+                    .and_then(|c| c.get("value"))
+                    .and_then(Value::as_array)
+                    .map(|v| v.iter().filter_map(Value::as_str).map(str::to_lowercase).collect())
+                    .unwrap_or_default();
                 for (s, w) in scores.iter_mut().zip(&words) {
                     if wanted.iter().any(|k| w.to_lowercase().contains(k.as_str())) {
                         *s = 1.0;
                     }
                 }
-                let missing: Vec<&String> = wanted.iter().filter(|k| !answer.to_lowercase().contains(k.as_str())).collect();
-                feedback = if missing.is_empty() { "Every required keyword appears.".into() } else { format!("Missing required keywords: {}.", missing.iter().map(|k| k.as_str()).collect::<Vec<_>>().join(", ")) };
+                let missing: Vec<&String> =
+                    wanted.iter().filter(|k| !answer.to_lowercase().contains(k.as_str())).collect();
+                feedback = if missing.is_empty() {
+                    "Every required keyword appears.".into()
+                } else {
+                    format!(
+                        "Missing required keywords: {}.",
+                        missing.iter().map(|k| k.as_str()).collect::<Vec<_>>().join(", ")
+                    )
+                };
             }
             "answer" => {
                 // The decisive words: the last number (numeric answers) or the whole answer.
-                let want = row.get("answer").map(|a| a.as_str().map(str::to_string).unwrap_or_else(|| a.to_string())).unwrap_or_default();
+                let want = row
+                    .get("answer")
+                    .map(|a| a.as_str().map(str::to_string).unwrap_or_else(|| a.to_string()))
+                    .unwrap_or_default();
                 let last_number = words.iter().rposition(|w| w.chars().any(|c| c.is_ascii_digit()));
                 match last_number {
                     Some(i) if want.chars().any(|c| c.is_ascii_digit()) => {
                         scores[i] = if passes { 1.0 } else { -1.0 };
-                        feedback = if passes { format!("The final answer {} is correct.", words[i]) } else { format!("The final answer {} is wrong; it should be {want}.", words[i]) };
+                        feedback = if passes {
+                            format!("The final answer {} is correct.", words[i])
+                        } else {
+                            format!("The final answer {} is wrong; it should be {want}.", words[i])
+                        };
                     }
                     _ => {
                         scores.fill(if passes { 1.0 } else { -1.0 });
-                        feedback = if passes { "The answer is correct.".into() } else { format!("The answer is wrong; it should be {want}.") };
+                        feedback = if passes {
+                            "The answer is correct.".into()
+                        } else {
+                            format!("The answer is wrong; it should be {want}.")
+                        };
                     }
                 }
             }
             _ => {
                 // JSON, regex and other whole-answer checks: the whole answer is the span.
                 scores.fill(if passes { 1.0 } else { -1.0 });
-                feedback = if passes { "The answer has the requested form.".into() } else { format!("The answer does not have the requested form ({kind}).") };
+                feedback = if passes {
+                    "The answer has the requested form.".into()
+                } else {
+                    format!("The answer does not have the requested form ({kind}).")
+                };
             }
         }
         let word_scores = words.iter().zip(scores).filter_map(|(w, s)| Some((clean_word(w)?, s))).collect();
@@ -248,7 +305,11 @@ impl Critic for LocalCritic {
     }
 
     fn critique(&self, items: &[(&Text, &Map<String, Value>, &str)]) -> Result<Vec<Option<Critique>>> {
-        let tok = SequenceTokenizer { tokenizer: &self.model.tokenizer, chat_template: self.model.chat_template.as_ref(), truncation: Truncation::default() };
+        let tok = SequenceTokenizer {
+            tokenizer: &self.model.tokenizer,
+            chat_template: self.model.chat_template.as_ref(),
+            truncation: Truncation::default(),
+        };
         let ids = items
             .iter()
             .map(|(prompt, _, answer)| {
@@ -259,7 +320,14 @@ impl Critic for LocalCritic {
         let cfg = crate::generate::SamplingConfig { max_new_tokens: 256, ..Default::default() };
         let mut out = Vec::with_capacity(items.len());
         for chunk in ids.chunks(8) {
-            for g in crate::generate::generate(&self.model.model, chunk, &self.model.eos_token_ids, self.model.tokenizer.pad_id(), &cfg, |_, _| {})? {
+            for g in crate::generate::generate(
+                &self.model.model,
+                chunk,
+                &self.model.eos_token_ids,
+                self.model.tokenizer.pad_id(),
+                &cfg,
+                |_, _| {},
+            )? {
                 out.push(Critique::parse(&crate::generate::completion_text(&self.model.tokenizer, &g)?));
             }
         }
@@ -328,7 +396,9 @@ pub fn token_scores(tokens: &[String], words: &[(String, f64)]) -> Vec<f64> {
 
 /// The answer tokens as the matcher sees them: each decoded alone and trimmed.
 pub fn decoded_tokens(tokenizer: &crate::load::TextTokenizer, ids: &[u32]) -> Result<Vec<String>> {
-    ids.iter().map(|&id| Ok(tokenizer.decode(&[id], false).context("cannot decode a token")?.trim().to_string())).collect()
+    ids.iter()
+        .map(|&id| Ok(tokenizer.decode(&[id], false).context("cannot decode a token")?.trim().to_string()))
+        .collect()
 }
 
 #[cfg(test)]
@@ -353,8 +423,14 @@ mod tests {
 
     #[test]
     fn tokens_take_their_words_scores() {
-        let tokens: Vec<String> = ["The", "ans", "wer", "is", "4", "4", "4", ".", "<|im_end|>"].iter().map(|s| s.to_string()).collect();
-        let words = vec![("answer".to_string(), -1.0), ("is".to_string(), 0.0), ("444".to_string(), 1.0), ("missing".to_string(), 1.0)];
+        let tokens: Vec<String> =
+            ["The", "ans", "wer", "is", "4", "4", "4", ".", "<|im_end|>"].iter().map(|s| s.to_string()).collect();
+        let words = vec![
+            ("answer".to_string(), -1.0),
+            ("is".to_string(), 0.0),
+            ("444".to_string(), 1.0),
+            ("missing".to_string(), 1.0),
+        ];
         assert_eq!(token_scores(&tokens, &words), vec![0.0, -1.0, -1.0, 0.0, 1.0, 1.0, 1.0, 0.0, 0.0]);
         // Punctuation inside a matched word scores 0.
         let tokens: Vec<String> = ["3", ".", "5"].iter().map(|s| s.to_string()).collect();
@@ -369,9 +445,13 @@ mod tests {
         assert!(c.feedback.contains("wrong") && c.feedback.contains("444"));
         let c = critic.critique_one(&row(json!({"constraint": {"type": "uppercase"}})), "HELLO world").unwrap();
         assert_eq!(c.word_scores, vec![("HELLO".into(), 1.0), ("world".into(), -1.0)]);
-        let c = critic.critique_one(&row(json!({"constraint": {"type": "max_words", "value": 2}})), "one two three").unwrap();
+        let c = critic
+            .critique_one(&row(json!({"constraint": {"type": "max_words", "value": 2}})), "one two three")
+            .unwrap();
         assert_eq!(c.word_scores.iter().map(|w| w.1).collect::<Vec<_>>(), vec![0.0, 0.0, -1.0]);
-        let c = critic.critique_one(&row(json!({"constraint": {"type": "json_keys", "value": ["a"]}})), "{\"a\": 1}").unwrap();
+        let c = critic
+            .critique_one(&row(json!({"constraint": {"type": "json_keys", "value": ["a"]}})), "{\"a\": 1}")
+            .unwrap();
         assert!(c.word_scores.iter().all(|w| w.1 == 1.0));
     }
 }

@@ -28,7 +28,9 @@ impl JudgeTemplate {
     /// The template in `path`, or [`DEFAULT_TEMPLATE`].
     pub fn load(path: Option<&Path>) -> Result<Self> {
         let source = match path {
-            Some(p) => std::fs::read_to_string(p).with_context(|| format!("cannot read judge template `{}`", p.display()))?,
+            Some(p) => {
+                std::fs::read_to_string(p).with_context(|| format!("cannot read judge template `{}`", p.display()))?
+            }
             None => DEFAULT_TEMPLATE.to_string(),
         };
         let mut env = minijinja::Environment::new();
@@ -47,7 +49,11 @@ impl JudgeTemplate {
 pub fn prompt_text(prompt: &Text) -> String {
     match prompt {
         Text::Plain(p) => p.clone(),
-        Text::Chat(messages) => messages.iter().map(|m| if messages.len() == 1 { m.content.clone() } else { format!("{}: {}", m.role, m.content) }).collect::<Vec<_>>().join("\n"),
+        Text::Chat(messages) => messages
+            .iter()
+            .map(|m| if messages.len() == 1 { m.content.clone() } else { format!("{}: {}", m.role, m.content) })
+            .collect::<Vec<_>>()
+            .join("\n"),
     }
 }
 
@@ -63,7 +69,14 @@ impl LocalLlmJudge {
     /// Load the judge model `spec` and the template.
     pub fn load(spec: &str, template: Option<&Path>, global: &crate::cli::GlobalArgs) -> Result<Self> {
         let model = crate::commands::load_model(spec, global)?;
-        let first_token = |s: &str| -> Result<u32> { model.tokenizer.encode(s, false)?.first().copied().context("the judge's tokenizer gives no token for a choice letter") };
+        let first_token = |s: &str| -> Result<u32> {
+            model
+                .tokenizer
+                .encode(s, false)?
+                .first()
+                .copied()
+                .context("the judge's tokenizer gives no token for a choice letter")
+        };
         let choices = [first_token("A")?, first_token("B")?];
         Ok(Self { spec: spec.to_string(), template: JudgeTemplate::load(template)?, model, choices })
     }
@@ -71,7 +84,11 @@ impl LocalLlmJudge {
     /// Ask once: which of `first`, `second` is better, with the two log-probs as the raw reply.
     fn ask(&self, prompt: &str, first: &str, second: &str) -> Result<(Preference, String)> {
         let question = self.template.render(prompt, first, second)?;
-        let tok = SequenceTokenizer { tokenizer: &self.model.tokenizer, chat_template: self.model.chat_template.as_ref(), truncation: Truncation::default() };
+        let tok = SequenceTokenizer {
+            tokenizer: &self.model.tokenizer,
+            chat_template: self.model.chat_template.as_ref(),
+            truncation: Truncation::default(),
+        };
         let text = match self.model.chat_template {
             Some(_) => Text::Chat(vec![Message { role: "user".into(), content: question }]),
             None => Text::Plain(format!("{question}\nAnswer:")),
@@ -109,7 +126,10 @@ impl Judge for LocalLlmJudge {
                 Ok(Judgment {
                     outcome: combine_orders(p1, p2),
                     scores: None,
-                    asked: vec![Asked { order: "model_first", preference: p1, raw: raw1 }, Asked { order: "baseline_first", preference: p2, raw: raw2 }],
+                    asked: vec![
+                        Asked { order: "model_first", preference: p1, raw: raw1 },
+                        Asked { order: "baseline_first", preference: p2, raw: raw2 },
+                    ],
                 })
             })
             .collect()

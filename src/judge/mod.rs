@@ -96,11 +96,16 @@ pub fn compare_scores(model: f64, baseline: f64, tie_margin: f64) -> Outcome {
 
 /// The pointwise judges' pairwise verdicts: score both sides, compare.
 fn judge_by_scores(judge: &dyn Judge, cases: &[Case], tie_margin: f64) -> Result<Vec<Judgment>> {
-    let outputs: Vec<(&Text, &Map<String, Value>, &str)> = cases.iter().flat_map(|c| [(c.prompt, c.row, c.model), (c.prompt, c.row, c.baseline)]).collect();
+    let outputs: Vec<(&Text, &Map<String, Value>, &str)> =
+        cases.iter().flat_map(|c| [(c.prompt, c.row, c.model), (c.prompt, c.row, c.baseline)]).collect();
     let scores = judge.score(&outputs)?.expect("a pointwise judge scores outputs");
     Ok(scores
         .chunks(2)
-        .map(|s| Judgment { outcome: Some(compare_scores(s[0], s[1], tie_margin)), scores: Some((s[0], s[1])), asked: Vec::new() })
+        .map(|s| Judgment {
+            outcome: Some(compare_scores(s[0], s[1], tie_margin)),
+            scores: Some((s[0], s[1])),
+            asked: Vec::new(),
+        })
         .collect())
 }
 
@@ -113,7 +118,8 @@ pub fn combine_orders(model_first: Preference, baseline_first: Preference) -> Op
         (Preference::Tie, _) => Some(0.5),
         (Preference::Unparsed, _) => None,
     };
-    let votes: Vec<f64> = [as_model(model_first, true), as_model(baseline_first, false)].into_iter().flatten().collect();
+    let votes: Vec<f64> =
+        [as_model(model_first, true), as_model(baseline_first, false)].into_iter().flatten().collect();
     if votes.is_empty() {
         return None;
     }

@@ -53,7 +53,10 @@ impl OpenAiJudge {
             model,
             key: std::env::var("OPENAI_API_KEY").ok().filter(|k| !k.is_empty()),
             template: JudgeTemplate::load(opts.template.as_deref())?,
-            cache_dir: opts.cache_dir.clone().unwrap_or_else(|| crate::load::default_model::cache_dir().join("judgments")),
+            cache_dir: opts
+                .cache_dir
+                .clone()
+                .unwrap_or_else(|| crate::load::default_model::cache_dir().join("judgments")),
             concurrency: opts.concurrency.max(1),
             agent: ureq::AgentBuilder::new().timeout(opts.timeout.unwrap_or(Duration::from_secs(120))).build(),
             backoff: Duration::from_millis(500),
@@ -100,10 +103,14 @@ impl OpenAiJudge {
                     let retry_after = resp.header("Retry-After").and_then(|v| v.trim().parse::<f64>().ok());
                     last = format!("HTTP {code} after {attempt} attempt(s)");
                     if attempt < ATTEMPTS {
-                        std::thread::sleep(retry_after.map(Duration::from_secs_f64).unwrap_or(wait).min(Duration::from_secs(60)));
+                        std::thread::sleep(
+                            retry_after.map(Duration::from_secs_f64).unwrap_or(wait).min(Duration::from_secs(60)),
+                        );
                     }
                 }
-                Err(ureq::Error::Status(code, resp)) => return Err(format!("HTTP {code}: {}", resp.into_string().unwrap_or_default())),
+                Err(ureq::Error::Status(code, resp)) => {
+                    return Err(format!("HTTP {code}: {}", resp.into_string().unwrap_or_default()))
+                }
                 Err(ureq::Error::Transport(t)) => {
                     last = format!("{t} after {attempt} attempt(s)");
                     if attempt < ATTEMPTS {
@@ -126,7 +133,10 @@ impl OpenAiJudge {
             "max_tokens": max_tokens,
         });
         let reply = self.reply(&body)?;
-        serde_json::from_str::<Value>(&reply).ok().and_then(|v| v["choices"][0]["message"]["content"].as_str().map(str::to_string)).ok_or(reply)
+        serde_json::from_str::<Value>(&reply)
+            .ok()
+            .and_then(|v| v["choices"][0]["message"]["content"].as_str().map(str::to_string))
+            .ok_or(reply)
     }
 
     /// Ask once; the reply's content read as a verdict.
@@ -156,7 +166,8 @@ impl Judge for OpenAiJudge {
     fn judge(&self, cases: &[Case]) -> Result<Vec<Judgment>> {
         // Every question (two per case), answered by `concurrency` workers.
         let questions: Vec<(usize, bool)> = (0..cases.len()).flat_map(|i| [(i, true), (i, false)]).collect();
-        let answers: Vec<std::sync::Mutex<Option<Answer>>> = questions.iter().map(|_| std::sync::Mutex::new(None)).collect();
+        let answers: Vec<std::sync::Mutex<Option<Answer>>> =
+            questions.iter().map(|_| std::sync::Mutex::new(None)).collect();
         let next = AtomicUsize::new(0);
         std::thread::scope(|scope| {
             for _ in 0..self.concurrency.min(questions.len()) {
@@ -170,7 +181,8 @@ impl Judge for OpenAiJudge {
                 });
             }
         });
-        let mut answers = answers.into_iter().map(|m| m.into_inner().expect("answer slot").expect("every question answered"));
+        let mut answers =
+            answers.into_iter().map(|m| m.into_inner().expect("answer slot").expect("every question answered"));
         let mut out = Vec::with_capacity(cases.len());
         for _ in cases {
             let (p1, raw1) = answers.next().expect("model-first answer")?;
@@ -178,7 +190,10 @@ impl Judge for OpenAiJudge {
             out.push(Judgment {
                 outcome: combine_orders(p1, p2),
                 scores: None,
-                asked: vec![Asked { order: "model_first", preference: p1, raw: raw1 }, Asked { order: "baseline_first", preference: p2, raw: raw2 }],
+                asked: vec![
+                    Asked { order: "model_first", preference: p1, raw: raw1 },
+                    Asked { order: "baseline_first", preference: p2, raw: raw2 },
+                ],
             });
         }
         Ok(out)

@@ -46,8 +46,15 @@ impl Judge for RewardModelJudge {
     }
 
     fn score(&self, outputs: &[(&Text, &Map<String, Value>, &str)]) -> Result<Option<Vec<f64>>> {
-        let tok = SequenceTokenizer { tokenizer: &self.model.tokenizer, chat_template: self.model.chat_template.as_ref(), truncation: Truncation::default() };
-        let seqs = outputs.iter().map(|(prompt, _, out)| tok.prompt_completion(prompt, &completion_of(prompt, out))).collect::<Result<Vec<_>>>()?;
+        let tok = SequenceTokenizer {
+            tokenizer: &self.model.tokenizer,
+            chat_template: self.model.chat_template.as_ref(),
+            truncation: Truncation::default(),
+        };
+        let seqs = outputs
+            .iter()
+            .map(|(prompt, _, out)| tok.prompt_completion(prompt, &completion_of(prompt, out)))
+            .collect::<Result<Vec<_>>>()?;
         Ok(Some(score_rewards(&self.model.model, &seqs, self.model.tokenizer.pad_id(), 8)?))
     }
 }

@@ -17,7 +17,19 @@ use anyhow::{anyhow, bail, Result};
 use serde_json::{Map, Value};
 
 /// Every check's name, `auto` first.
-pub const CHECKS: &[&str] = &["auto", "numeric", "exact", "regex", "max_words", "max_chars", "uppercase", "lowercase", "keywords", "json", "json_keys"];
+pub const CHECKS: &[&str] = &[
+    "auto",
+    "numeric",
+    "exact",
+    "regex",
+    "max_words",
+    "max_chars",
+    "uppercase",
+    "lowercase",
+    "keywords",
+    "json",
+    "json_keys",
+];
 
 /// A verifier: which check to run (`auto` = from each row).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -46,12 +58,29 @@ impl Verifier {
             },
             named => named.to_string(),
         };
-        let value = || constraint.and_then(|c| c.get("value")).ok_or_else(|| anyhow!("field `constraint.value`: missing (check `{check}`)"));
-        let answer = || row.get("answer").map(answer_text).ok_or_else(|| anyhow!("field `answer`: missing (check `{check}`)"));
-        let limit = || value()?.as_u64().map(|v| v as usize).ok_or_else(|| anyhow!("field `constraint.value`: expected a whole number"));
+        let value = || {
+            constraint
+                .and_then(|c| c.get("value"))
+                .ok_or_else(|| anyhow!("field `constraint.value`: missing (check `{check}`)"))
+        };
+        let answer =
+            || row.get("answer").map(answer_text).ok_or_else(|| anyhow!("field `answer`: missing (check `{check}`)"));
+        let limit = || {
+            value()?
+                .as_u64()
+                .map(|v| v as usize)
+                .ok_or_else(|| anyhow!("field `constraint.value`: expected a whole number"))
+        };
         let strings = || -> Result<Vec<String>> {
             match value()? {
-                Value::Array(items) => items.iter().map(|v| v.as_str().map(str::to_string).ok_or_else(|| anyhow!("field `constraint.value`: expected strings"))).collect(),
+                Value::Array(items) => items
+                    .iter()
+                    .map(|v| {
+                        v.as_str()
+                            .map(str::to_string)
+                            .ok_or_else(|| anyhow!("field `constraint.value`: expected strings"))
+                    })
+                    .collect(),
                 Value::String(s) => Ok(vec![s.clone()]),
                 _ => bail!("field `constraint.value`: expected a list of strings"),
             }
@@ -65,8 +94,11 @@ impl Verifier {
             }
             "exact" => normalize(out) == normalize(&answer()?),
             "regex" => {
-                let pattern = value()?.as_str().ok_or_else(|| anyhow!("field `constraint.value`: expected a pattern string"))?;
-                regex::Regex::new(pattern).map_err(|e| anyhow!("field `constraint.value`: bad pattern: {e}"))?.is_match(out)
+                let pattern =
+                    value()?.as_str().ok_or_else(|| anyhow!("field `constraint.value`: expected a pattern string"))?;
+                regex::Regex::new(pattern)
+                    .map_err(|e| anyhow!("field `constraint.value`: bad pattern: {e}"))?
+                    .is_match(out)
             }
             "max_words" => !out.is_empty() && out.split_whitespace().count() <= limit()?,
             "max_chars" => !out.is_empty() && out.chars().count() <= limit()?,
@@ -79,7 +111,9 @@ impl Verifier {
             "json" => parse_json(out).is_some(),
             "json_keys" => {
                 let keys = strings()?;
-                parse_json(out).and_then(|v| v.as_object().cloned()).is_some_and(|o| keys.iter().all(|k| o.contains_key(k)))
+                parse_json(out)
+                    .and_then(|v| v.as_object().cloned())
+                    .is_some_and(|o| keys.iter().all(|k| o.contains_key(k)))
             }
             other => bail!("field `constraint.type`: unknown check `{other}` (known: {})", CHECKS[1..].join(", ")),
         })
@@ -108,7 +142,11 @@ impl super::Judge for VerifierJudge {
     }
 
     fn score(&self, outputs: &[(&crate::data::Text, &Map<String, Value>, &str)]) -> Result<Option<Vec<f64>>> {
-        outputs.iter().map(|(_, row, out)| Ok(f64::from(u8::from(self.verifier.passes(row, out)?)))).collect::<Result<Vec<_>>>().map(Some)
+        outputs
+            .iter()
+            .map(|(_, row, out)| Ok(f64::from(u8::from(self.verifier.passes(row, out)?))))
+            .collect::<Result<Vec<_>>>()
+            .map(Some)
     }
 }
 
@@ -130,7 +168,12 @@ fn last_number(text: &str) -> Option<f64> {
 }
 
 fn normalize(s: &str) -> String {
-    s.to_lowercase().split_whitespace().collect::<Vec<_>>().join(" ").trim_matches(|c: char| c.is_ascii_punctuation() || c.is_whitespace()).to_string()
+    s.to_lowercase()
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ")
+        .trim_matches(|c: char| c.is_ascii_punctuation() || c.is_whitespace())
+        .to_string()
 }
 
 /// JSON in the output, also inside a Markdown code fence.
@@ -160,9 +203,17 @@ mod tests {
         assert!(auto.passes(&row(json!({"answer": "1234"})), "It is 1,234.").unwrap());
         assert!(auto.passes(&row(json!({"answer": "Paris"})), "  paris. ").unwrap());
         let upper = row(json!({"constraint": {"type": "uppercase"}}));
-        assert!(auto.passes(&upper, "RIVER PLANET").unwrap() && !auto.passes(&upper, "River planet").unwrap() && !auto.passes(&upper, "123").unwrap());
+        assert!(
+            auto.passes(&upper, "RIVER PLANET").unwrap()
+                && !auto.passes(&upper, "River planet").unwrap()
+                && !auto.passes(&upper, "123").unwrap()
+        );
         let words = row(json!({"constraint": {"type": "max_words", "value": 3}}));
-        assert!(auto.passes(&words, "The moon glows.").unwrap() && !auto.passes(&words, "The moon glows softly.").unwrap() && !auto.passes(&words, "").unwrap());
+        assert!(
+            auto.passes(&words, "The moon glows.").unwrap()
+                && !auto.passes(&words, "The moon glows softly.").unwrap()
+                && !auto.passes(&words, "").unwrap()
+        );
         let chars = row(json!({"constraint": {"type": "max_chars", "value": 5}}));
         assert!(auto.passes(&chars, "hello").unwrap() && !auto.passes(&chars, "hello!").unwrap());
         let kw = row(json!({"constraint": {"type": "keywords", "value": ["quiet"]}}));
@@ -181,7 +232,11 @@ mod tests {
     fn missing_fields_and_unknown_checks_are_named() {
         let err = Verifier::new("auto").unwrap().passes(&row(json!({})), "x").unwrap_err().to_string();
         assert!(err.contains("`answer`") && err.contains("`constraint`"), "{err}");
-        let err = Verifier::new("max_words").unwrap().passes(&row(json!({"constraint": {"type": "max_words"}})), "x").unwrap_err().to_string();
+        let err = Verifier::new("max_words")
+            .unwrap()
+            .passes(&row(json!({"constraint": {"type": "max_words"}})), "x")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("constraint.value"), "{err}");
         assert!(Verifier::new("spelling").unwrap_err().to_string().contains("known: auto"));
     }

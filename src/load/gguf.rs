@@ -61,7 +61,11 @@ impl Metadata<'_> {
     }
 
     fn opt_usize(&self, key: &str) -> Result<Option<usize>> {
-        if self.map.contains_key(key) { self.usize(key).map(Some) } else { Ok(None) }
+        if self.map.contains_key(key) {
+            self.usize(key).map(Some)
+        } else {
+            Ok(None)
+        }
     }
 
     fn opt_f64(&self, key: &str) -> Option<f64> {
@@ -135,7 +139,9 @@ pub fn load_gguf(path: &Path) -> Result<GgufModel> {
         "llama" => Architecture::Llama,
         "mistral" => Architecture::Mistral,
         "qwen2" => Architecture::Qwen2,
-        other => bail!("`{}`: unsupported GGUF architecture `{other}` (supported: llama, mistral, qwen2)", path.display()),
+        other => {
+            bail!("`{}`: unsupported GGUF architecture `{other}` (supported: llama, mistral, qwen2)", path.display())
+        }
     };
     let tokenizer = gguf_tokenizer(&meta)?;
     let key = |k: &str| format!("{arch_name}.{k}");
@@ -249,9 +255,8 @@ fn gguf_tokenizer(meta: &Metadata) -> Result<TextTokenizer> {
         .map(|(i, _)| AddedToken::from(tokens[i].clone(), true))
         .collect();
     tok.add_special_tokens(special).map_err(|e| anyhow!("`{path}`: cannot add special tokens: {e}"))?;
-    let token_at = |key: &str| -> Result<Option<String>> {
-        Ok(meta.opt_usize(key)?.and_then(|id| tokens.get(id).cloned()))
-    };
+    let token_at =
+        |key: &str| -> Result<Option<String>> { Ok(meta.opt_usize(key)?.and_then(|id| tokens.get(id).cloned())) };
     Ok(TextTokenizer::new(
         tok,
         token_at("tokenizer.ggml.bos_token_id")?,

@@ -8,12 +8,8 @@ use hf_hub::api::sync::ApiBuilder;
 use hf_hub::{Cache, Repo, RepoType};
 
 /// Files a model directory may have; only `config.json` and weights are required.
-const OPTIONAL_FILES: &[&str] = &[
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "generation_config.json",
-    "chat_template.jinja",
-];
+const OPTIONAL_FILES: &[&str] =
+    &["tokenizer.json", "tokenizer_config.json", "generation_config.json", "chat_template.jinja"];
 
 /// Split `org/name@revision` into id and revision (default `main`).
 pub fn parse_hub_id(spec: &str) -> (String, String) {

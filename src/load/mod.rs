@@ -49,7 +49,9 @@ impl ModelSource {
         }
         let (id, _) = hub::parse_hub_id(spec);
         let looks_like_hub_id = id.split('/').count() == 2
-            && id.split('/').all(|p| !p.is_empty() && p.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)))
+            && id
+                .split('/')
+                .all(|p| !p.is_empty() && p.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)))
             && !spec.ends_with(".gguf")
             && !spec.starts_with('.');
         if looks_like_hub_id {
@@ -153,7 +155,9 @@ fn compile_template(src: &str, tok: &TextTokenizer) -> Result<ChatTemplate> {
 fn read_chat_template(dir: &Path, tok_config: Option<&Path>) -> Result<Option<String>> {
     let jinja = dir.join("chat_template.jinja");
     if jinja.exists() {
-        return Ok(Some(std::fs::read_to_string(&jinja).with_context(|| format!("cannot read `{}`", jinja.display()))?));
+        return Ok(Some(
+            std::fs::read_to_string(&jinja).with_context(|| format!("cannot read `{}`", jinja.display()))?,
+        ));
     }
     let Some(p) = tok_config else { return Ok(None) };
     let json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(p)?)

@@ -202,8 +202,7 @@ impl ModelConfig {
             let id2label: serde_json::Map<_, _> =
                 (0..n).map(|i| (i.to_string(), format!("LABEL_{i}").into())).collect();
             obj.insert("id2label".into(), id2label.clone().into());
-            let label2id: serde_json::Map<_, _> =
-                (0..n).map(|i| (format!("LABEL_{i}"), i.into())).collect();
+            let label2id: serde_json::Map<_, _> = (0..n).map(|i| (format!("LABEL_{i}"), i.into())).collect();
             obj.insert("label2id".into(), label2id.into());
         }
         out
@@ -216,9 +215,7 @@ impl RawConfig {
             Some("llama") | None => Architecture::Llama,
             Some("mistral") => Architecture::Mistral,
             Some("qwen2") => Architecture::Qwen2,
-            Some(other) => {
-                return Err(ConfigError::Unsupported { field: "model_type", value: other.into() })
-            }
+            Some(other) => return Err(ConfigError::Unsupported { field: "model_type", value: other.into() }),
         };
         if let Some(act) = self.hidden_act.as_deref() {
             if act != "silu" {
@@ -228,11 +225,8 @@ impl RawConfig {
         // transformers 5 moved rope settings into `rope_parameters`; 4.x used `rope_theta` plus
         // an optional `rope_scaling` dict. Accept both, the newer one first.
         let rope = self.rope_parameters.as_ref().filter(|v| v.is_object());
-        let rope_theta = rope
-            .and_then(|r| r.get("rope_theta"))
-            .and_then(|v| v.as_f64())
-            .or(self.rope_theta)
-            .unwrap_or(10_000.0);
+        let rope_theta =
+            rope.and_then(|r| r.get("rope_theta")).and_then(|v| v.as_f64()).or(self.rope_theta).unwrap_or(10_000.0);
         let scaling = rope
             .filter(|r| r.get("rope_type").and_then(|t| t.as_str()).is_some_and(|t| t != "default"))
             .or(self.rope_scaling.as_ref().filter(|v| v.is_object()));
@@ -254,8 +248,8 @@ impl RawConfig {
             _ => Vec::new(),
         };
         let is_classifier = self.architectures.iter().any(|a| a.ends_with("ForSequenceClassification"));
-        let num_labels = is_classifier
-            .then(|| self.num_labels.or(self.id2label.as_ref().map(|m| m.len())).unwrap_or(2));
+        let num_labels =
+            is_classifier.then(|| self.num_labels.or(self.id2label.as_ref().map(|m| m.len())).unwrap_or(2));
         Ok(ModelConfig {
             architecture,
             vocab_size: self.vocab_size,

@@ -105,7 +105,25 @@ fn gemm(
     // SAFETY: callers pass pointers to buffers of at least the strided extents given.
     unsafe {
         gemm::gemm(
-            m, n, k, c.0, c.2, c.1, accumulate, a.0, a.2, a.1, b.0, b.2, b.1, 1.0, 1.0, false, false, false, parallelism,
+            m,
+            n,
+            k,
+            c.0,
+            c.2,
+            c.1,
+            accumulate,
+            a.0,
+            a.2,
+            a.1,
+            b.0,
+            b.2,
+            b.1,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            parallelism,
         );
     }
 }
@@ -137,7 +155,8 @@ unsafe fn shifted_exp_avx2(x: &mut [f32], shift: f32) {
     let log2e = _mm256_set1_ps(std::f32::consts::LOG2_E);
     let c1 = _mm256_set1_ps(0.693_359_4);
     let c2 = _mm256_set1_ps(-2.121_944_4e-4);
-    let p = [1.987_569_1e-4f32, 1.398_199_9e-3, 8.333_452e-3, 4.166_579_6e-2, 1.666_666_5e-1, 5.000_000_1e-1].map(|c| _mm256_set1_ps(c));
+    let p = [1.987_569_1e-4f32, 1.398_199_9e-3, 8.333_452e-3, 4.166_579_6e-2, 1.666_666_5e-1, 5.000_000_1e-1]
+        .map(|c| _mm256_set1_ps(c));
     let one = _mm256_set1_ps(1.0);
     for chunk in head.chunks_exact_mut(8) {
         let v = _mm256_sub_ps(_mm256_loadu_ps(chunk.as_ptr()), shift_v);
@@ -152,7 +171,8 @@ unsafe fn shifted_exp_avx2(x: &mut [f32], shift: f32) {
             y = _mm256_fmadd_ps(y, r, c);
         }
         let y = _mm256_add_ps(_mm256_fmadd_ps(y, r2, r), one);
-        let pow2n = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23));
+        let pow2n =
+            _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23));
         let out = _mm256_andnot_ps(underflow, _mm256_mul_ps(y, pow2n));
         _mm256_storeu_ps(chunk.as_mut_ptr(), out);
     }
@@ -201,7 +221,8 @@ impl CustomOp2 for RmsNorm {
                     for (dx, (x, g)) in dx.chunks_mut(h).zip(x.chunks(h).zip(g.chunks(h))) {
                         let inv = inv_rms(x, self.eps);
                         // dx = inv · (g∘w − x̂ · mean(g∘w∘x̂)), x̂ = x · inv
-                        let dot: f32 = x.iter().zip(g).zip(w).map(|((&x, &g), &w)| g * w * x * inv).sum::<f32>() / h as f32;
+                        let dot: f32 =
+                            x.iter().zip(g).zip(w).map(|((&x, &g), &w)| g * w * x * inv).sum::<f32>() / h as f32;
                         for i in 0..h {
                             let xhat = x[i] * inv;
                             dw[i] += g[i] * xhat;
@@ -370,7 +391,8 @@ impl AttentionPattern {
     /// key marked 0 inside a query's range (a token hidden from later positions) is a hole the
     /// kernel skips; anything else is refused.
     pub fn new(key_padding: Option<&Tensor>, b: usize, t: usize, sliding_window: Option<usize>) -> Result<Self> {
-        let segments: Option<Vec<u32>> = key_padding.map(|p| p.to_dtype(DType::U32)?.flatten_all()?.to_vec1()).transpose()?;
+        let segments: Option<Vec<u32>> =
+            key_padding.map(|p| p.to_dtype(DType::U32)?.flatten_all()?.to_vec1()).transpose()?;
         let visible = |bi: usize, i: usize, j: usize| {
             if j > i || sliding_window.is_some_and(|w| i - j >= w) {
                 return false;
@@ -467,7 +489,16 @@ impl Attention {
         let q_ptr = q[(bi * t + q0) * h * d + hi * d..].as_ptr();
         let k_ptr = k[bi * t * kv * d + kvh * d..].as_ptr();
         // p[r, j] = q[q0 + r] · k[j]
-        gemm(rows, keys, d, (q_ptr, (h * d) as isize, 1), (k_ptr, 1, (kv * d) as isize), (p.as_mut_ptr(), keys as isize, 1), false, 1);
+        gemm(
+            rows,
+            keys,
+            d,
+            (q_ptr, (h * d) as isize, 1),
+            (k_ptr, 1, (kv * d) as isize),
+            (p.as_mut_ptr(), keys as isize, 1),
+            false,
+            1,
+        );
         let scale = dims.scale();
         for (r, row) in p.chunks_exact_mut(keys).take(rows).enumerate() {
             let (lo, hi) = self.ranges[bi * t + q0 + r];
@@ -542,7 +573,16 @@ impl CustomOp3 for Attention {
                 let v_ptr = v[bi * t * kv * d + kvh * d..].as_ptr();
                 // SAFETY: rows q0..q1 of head hi in row bi belong to this task alone.
                 let o_ptr = unsafe { out_ptr.0.add((bi * t + q0) * h * d + hi * d) };
-                gemm(q1 - q0, d, keys, (p.as_ptr(), keys as isize, 1), (v_ptr, (kv * d) as isize, 1), (o_ptr, (h * d) as isize, 1), false, 1);
+                gemm(
+                    q1 - q0,
+                    d,
+                    keys,
+                    (p.as_ptr(), keys as isize, 1),
+                    (v_ptr, (kv * d) as isize, 1),
+                    (o_ptr, (h * d) as isize, 1),
+                    false,
+                    1,
+                );
             }
         });
         *self.lse.lock().expect("lse lock") = lse;
@@ -566,7 +606,8 @@ impl CustomOp3 for Attention {
             let mut dq = vec![0f32; q.len()];
             let mut dk = vec![0f32; k.len()];
             let mut dv = vec![0f32; v.len()];
-            let (dq_ptr, dk_ptr, dv_ptr) = (SharedMut(dq.as_mut_ptr()), SharedMut(dk.as_mut_ptr()), SharedMut(dv.as_mut_ptr()));
+            let (dq_ptr, dk_ptr, dv_ptr) =
+                (SharedMut(dq.as_mut_ptr()), SharedMut(dk.as_mut_ptr()), SharedMut(dv.as_mut_ptr()));
             let scale = dims.scale();
             // One task per (row, kv head): its query heads' dk/dv contributions add up locally.
             let lse_ptr = SharedMut(lse.as_mut_ptr());
@@ -592,10 +633,28 @@ impl CustomOp3 for Attention {
                         // dv[0..keys] += pᵀ · dout[q0..q1]
                         // SAFETY: dk/dv of (bi, kvh) and dq of (bi, hi) belong to this task.
                         unsafe {
-                            gemm(keys, d, rows, (p.as_ptr(), 1, keys as isize), (dout[q_off..].as_ptr(), q_rs, 1), (dv_ptr.0.add(kv_off), kv_rs, 1), true, 1);
+                            gemm(
+                                keys,
+                                d,
+                                rows,
+                                (p.as_ptr(), 1, keys as isize),
+                                (dout[q_off..].as_ptr(), q_rs, 1),
+                                (dv_ptr.0.add(kv_off), kv_rs, 1),
+                                true,
+                                1,
+                            );
                         }
                         // dp = dout · vᵀ
-                        gemm(rows, keys, d, (dout[q_off..].as_ptr(), q_rs, 1), (v[kv_off..].as_ptr(), 1, kv_rs), (dp.as_mut_ptr(), keys as isize, 1), false, 1);
+                        gemm(
+                            rows,
+                            keys,
+                            d,
+                            (dout[q_off..].as_ptr(), q_rs, 1),
+                            (v[kv_off..].as_ptr(), 1, kv_rs),
+                            (dp.as_mut_ptr(), keys as isize, 1),
+                            false,
+                            1,
+                        );
                         // ds = p ∘ (dp − rowsum(dout ∘ out)) · scale
                         for r in 0..rows {
                             let off = q_off + r * h * d;
@@ -607,9 +666,27 @@ impl CustomOp3 for Attention {
                         }
                         unsafe {
                             // dq[q0..q1] = ds · k[0..keys]
-                            gemm(rows, d, keys, (dp.as_ptr(), keys as isize, 1), (k[kv_off..].as_ptr(), kv_rs, 1), (dq_ptr.0.add(q_off), q_rs, 1), false, 1);
+                            gemm(
+                                rows,
+                                d,
+                                keys,
+                                (dp.as_ptr(), keys as isize, 1),
+                                (k[kv_off..].as_ptr(), kv_rs, 1),
+                                (dq_ptr.0.add(q_off), q_rs, 1),
+                                false,
+                                1,
+                            );
                             // dk[0..keys] += dsᵀ · q[q0..q1]
-                            gemm(keys, d, rows, (dp.as_ptr(), 1, keys as isize), (q[q_off..].as_ptr(), q_rs, 1), (dk_ptr.0.add(kv_off), kv_rs, 1), true, 1);
+                            gemm(
+                                keys,
+                                d,
+                                rows,
+                                (dp.as_ptr(), 1, keys as isize),
+                                (q[q_off..].as_ptr(), q_rs, 1),
+                                (dk_ptr.0.add(kv_off), kv_rs, 1),
+                                true,
+                                1,
+                            );
                         }
                     }
                 }
@@ -658,7 +735,16 @@ impl LmHeadLogps {
     fn logits(hidden: &[f32], w: &[f32], hsize: usize, r0: usize, rows: usize, out: &mut [f32]) {
         let v = w.len() / hsize;
         let threads = rayon::current_num_threads();
-        gemm(rows, v, hsize, (hidden[r0 * hsize..].as_ptr(), hsize as isize, 1), (w.as_ptr(), 1, hsize as isize), (out.as_mut_ptr(), v as isize, 1), false, threads);
+        gemm(
+            rows,
+            v,
+            hsize,
+            (hidden[r0 * hsize..].as_ptr(), hsize as isize, 1),
+            (w.as_ptr(), 1, hsize as isize),
+            (out.as_mut_ptr(), v as isize, 1),
+            false,
+            threads,
+        );
     }
 }
 
@@ -676,7 +762,8 @@ impl CustomOp2 for LmHeadLogps {
         let mut lse = vec![0f32; n];
         for r0 in (0..n).step_by(LOGIT_CHUNK) {
             let rows = LOGIT_CHUNK.min(n - r0);
-            let logits = if self.keep { &mut buffer[r0 * vocab..(r0 + rows) * vocab] } else { &mut buffer[..rows * vocab] };
+            let logits =
+                if self.keep { &mut buffer[r0 * vocab..(r0 + rows) * vocab] } else { &mut buffer[..rows * vocab] };
             Self::logits(hidden, w, hsize, r0, rows, logits);
             logits
                 .par_chunks_mut(vocab)
@@ -736,10 +823,28 @@ impl CustomOp2 for LmHeadLogps {
                     row[self.targets[r0 + r] as usize] += gr;
                 });
                 // dh[chunk] = dlogits · W
-                gemm(rows, hsize, vocab, (chunk.as_ptr(), vocab as isize, 1), (w.as_ptr(), hsize as isize, 1), (dh[r0 * hsize..].as_mut_ptr(), hsize as isize, 1), false, threads);
+                gemm(
+                    rows,
+                    hsize,
+                    vocab,
+                    (chunk.as_ptr(), vocab as isize, 1),
+                    (w.as_ptr(), hsize as isize, 1),
+                    (dh[r0 * hsize..].as_mut_ptr(), hsize as isize, 1),
+                    false,
+                    threads,
+                );
                 if track_w {
                     // dW += dlogitsᵀ · hidden[chunk]
-                    gemm(vocab, hsize, rows, (chunk.as_ptr(), 1, vocab as isize), (hid[r0 * hsize..].as_ptr(), hsize as isize, 1), (dw.as_mut_ptr(), hsize as isize, 1), true, threads);
+                    gemm(
+                        vocab,
+                        hsize,
+                        rows,
+                        (chunk.as_ptr(), 1, vocab as isize),
+                        (hid[r0 * hsize..].as_ptr(), hsize as isize, 1),
+                        (dw.as_mut_ptr(), hsize as isize, 1),
+                        true,
+                        threads,
+                    );
                 }
             }
             (dh, dw)
@@ -759,7 +864,8 @@ pub fn lm_head_logps(hidden: &Tensor, weight: &Tensor, targets: &[u32]) -> Resul
 fn lm_head_logps_within(hidden: &Tensor, weight: &Tensor, targets: &[u32], budget: usize) -> Result<Tensor> {
     let bytes = targets.len() * weight.dim(0)? * 4;
     let keep = (hidden.track_op() || weight.track_op()) && bytes <= budget;
-    let op = LmHeadLogps { targets: targets.to_vec(), keep, lse: Mutex::new(Vec::new()), probabilities: Mutex::new(None) };
+    let op =
+        LmHeadLogps { targets: targets.to_vec(), keep, lse: Mutex::new(Vec::new()), probabilities: Mutex::new(None) };
     hidden.contiguous()?.apply_op2(&weight.contiguous()?, op)
 }
 
@@ -800,7 +906,9 @@ impl<F: Fn(&mut [f32], &[f32])> candle::InplaceOp2 for InPlace<F> {
     }
 
     fn cpu_fwd(&self, dst: &mut CpuStorage, dst_l: &Layout, src: &CpuStorage, src_l: &Layout) -> Result<()> {
-        let Some((start, end)) = dst_l.contiguous_offsets() else { candle::bail!("{}: the target must be contiguous", self.name) };
+        let Some((start, end)) = dst_l.contiguous_offsets() else {
+            candle::bail!("{}: the target must be contiguous", self.name)
+        };
         let src = slice(src, src_l)?;
         let CpuStorage::F32(dst) = dst else { candle::bail!("{}: the target must be f32", self.name) };
         (self.update)(&mut dst[start..end], src);
@@ -839,7 +947,9 @@ pub fn adamw_update(param: &Tensor, grad: &Tensor, moments: &Tensor, step: AdamW
 /// tensor per micro-batch. `dst` must not share storage with anything that should not change.
 pub fn add_in_place(dst: &Tensor, src: &Tensor) -> Result<()> {
     let add = |d: &mut [f32], s: &[f32]| {
-        d.par_chunks_mut(4096).zip(s.par_chunks(4096)).for_each(|(d, s)| d.iter_mut().zip(s).for_each(|(d, s)| *d += s));
+        d.par_chunks_mut(4096)
+            .zip(s.par_chunks(4096))
+            .for_each(|(d, s)| d.iter_mut().zip(s).for_each(|(d, s)| *d += s));
     };
     dst.inplace_op2(&src.contiguous()?, &InPlace { name: "fused-add-in-place", update: add })
 }
@@ -848,7 +958,8 @@ pub fn add_in_place(dst: &Tensor, src: &Tensor) -> Result<()> {
 /// in order, so the result does not depend on the thread schedule.
 pub fn sum_squares(t: &Tensor) -> Result<f64> {
     with_values(&[t], |s| {
-        let blocks: Vec<f64> = s[0].par_chunks(1 << 14).map(|c| c.iter().map(|&x| (x as f64) * (x as f64)).sum::<f64>()).collect();
+        let blocks: Vec<f64> =
+            s[0].par_chunks(1 << 14).map(|c| c.iter().map(|&x| (x as f64) * (x as f64)).sum::<f64>()).collect();
         blocks.iter().sum()
     })
 }
@@ -900,7 +1011,10 @@ mod tests {
         shifted_exp(&mut got, 0.5);
         for ((&x, &g), &w) in xs.iter().zip(&got).zip(&want) {
             let ulp = (w.to_bits() as i64 - g.to_bits() as i64).abs();
-            assert!(ulp <= 2 || (w < f32::MIN_POSITIVE && g < f32::MIN_POSITIVE), "exp({x} - 0.5): {g} vs {w} ({ulp} ulp)");
+            assert!(
+                ulp <= 2 || (w < f32::MIN_POSITIVE && g < f32::MIN_POSITIVE),
+                "exp({x} - 0.5): {g} vs {w} ({ulp} ulp)"
+            );
         }
     }
 
@@ -918,7 +1032,12 @@ mod tests {
     #[test]
     fn rms_norm_matches_plain_values_and_gradients() {
         let (x, w) = (randn(1, &[3, 5, 16]), randn(2, &[16]));
-        check_op(&[x, w], |t| rms_norm(&t[0], &t[1], 1e-5).unwrap(), |t| ops::rms_norm(&t[0], &t[1], 1e-5).unwrap(), 1e-5);
+        check_op(
+            &[x, w],
+            |t| rms_norm(&t[0], &t[1], 1e-5).unwrap(),
+            |t| ops::rms_norm(&t[0], &t[1], 1e-5).unwrap(),
+            1e-5,
+        );
     }
 
     #[test]
@@ -946,7 +1065,7 @@ mod tests {
     #[test]
     fn attention_matches_plain_values_and_gradients() {
         let (b, t, h, kv, d) = (2, 70, 4, 2, 8); // 70 > one query tile
-        // Row 0: two left-padding positions, then one sequence; row 1: three packed segments.
+                                                 // Row 0: two left-padding positions, then one sequence; row 1: three packed segments.
         let mut seg = vec![0u32, 0];
         seg.extend(std::iter::repeat_n(1u32, t - 2));
         seg.extend(std::iter::repeat_n(1u32, 20));

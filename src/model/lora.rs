@@ -85,7 +85,14 @@ pub struct LoraAdapter {
 
 impl LoraAdapter {
     /// A fresh adapter for a `[out, in]` weight: A Kaiming-uniform from `rng`, B zeros.
-    pub fn init(out: usize, inp: usize, cfg: &LoraConfig, rng: &mut impl Rng, dtype: DType, device: &candle::Device) -> Result<Self> {
+    pub fn init(
+        out: usize,
+        inp: usize,
+        cfg: &LoraConfig,
+        rng: &mut impl Rng,
+        dtype: DType,
+        device: &candle::Device,
+    ) -> Result<Self> {
         let bound = 1.0 / (inp as f64).sqrt();
         let a: Vec<f32> = (0..cfg.r * inp).map(|_| rng.random_range(-bound..bound) as f32).collect();
         Ok(Self {
@@ -103,8 +110,9 @@ impl LoraAdapter {
             Some(seed) if self.dropout > 0.0 => {
                 let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
                 let keep = 1.0 - self.dropout;
-                let mask: Vec<f32> =
-                    (0..x.elem_count()).map(|_| if rng.random::<f64>() < keep { (1.0 / keep) as f32 } else { 0.0 }).collect();
+                let mask: Vec<f32> = (0..x.elem_count())
+                    .map(|_| if rng.random::<f64>() < keep { (1.0 / keep) as f32 } else { 0.0 })
+                    .collect();
                 (x * Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?)?
             }
             _ => x.clone(),
@@ -119,7 +127,10 @@ impl LoraAdapter {
         let b = Var::from_tensor(&self.b)?;
         self.a = a.as_tensor().clone();
         self.b = b.as_tensor().clone();
-        Ok([(format!("{}.lora_A.weight", peft_prefix(module)), a), (format!("{}.lora_B.weight", peft_prefix(module)), b)])
+        Ok([
+            (format!("{}.lora_A.weight", peft_prefix(module)), a),
+            (format!("{}.lora_B.weight", peft_prefix(module)), b),
+        ])
     }
 
     /// `W + scale · B A`, the merged weight.
@@ -196,7 +207,9 @@ pub fn load_adapter(dir: &Path) -> Result<SavedAdapter> {
         .with_context(|| format!("cannot read `{}`", dir.join("adapter_model.safetensors").display()))?;
     let mut tensors = HashMap::new();
     for (name, a) in &raw {
-        let Some(module) = name.strip_prefix("base_model.model.").and_then(|n| n.strip_suffix(".lora_A.weight")) else { continue };
+        let Some(module) = name.strip_prefix("base_model.model.").and_then(|n| n.strip_suffix(".lora_A.weight")) else {
+            continue;
+        };
         let b_name = format!("base_model.model.{module}.lora_B.weight");
         let b = raw.get(&b_name).with_context(|| format!("adapter lacks `{b_name}`"))?;
         tensors.insert(module.to_string(), (a.clone(), b.clone()));

@@ -307,8 +307,8 @@ fn llama3_scale(inv_freq: f32, s: &Llama3RopeScaling) -> f32 {
     } else if wavelen < high_freq_wavelen {
         inv_freq
     } else {
-        let smooth = (old_len / wavelen - s.low_freq_factor as f32)
-            / (s.high_freq_factor as f32 - s.low_freq_factor as f32);
+        let smooth =
+            (old_len / wavelen - s.low_freq_factor as f32) / (s.high_freq_factor as f32 - s.low_freq_factor as f32);
         (1.0 - smooth) * inv_freq / s.factor as f32 + smooth * inv_freq
     }
 }
@@ -369,7 +369,8 @@ pub fn attention_mask(
     device: &Device,
 ) -> Result<Tensor> {
     let keys = past + queries;
-    let segments: Option<Vec<u32>> = key_padding.map(|p| p.to_dtype(DType::U32)?.flatten_all()?.to_vec1()).transpose()?;
+    let segments: Option<Vec<u32>> =
+        key_padding.map(|p| p.to_dtype(DType::U32)?.flatten_all()?.to_vec1()).transpose()?;
     let rows = if segments.is_some() { batch } else { 1 };
     let mut mask = vec![f32::MIN; rows * queries * keys];
     for b in 0..rows {
@@ -392,7 +393,11 @@ pub fn attention_mask(
         }
     }
     let mask = Tensor::from_vec(mask, (rows, 1, queries, keys), device)?;
-    if rows == batch { Ok(mask) } else { mask.broadcast_as((batch, 1, queries, keys))?.contiguous() }
+    if rows == batch {
+        Ok(mask)
+    } else {
+        mask.broadcast_as((batch, 1, queries, keys))?.contiguous()
+    }
 }
 
 /// Repeat key/value heads `[B, KV, S, D]` to `[B, KV * groups, S, D]` for grouped-query attention.
@@ -567,7 +572,10 @@ mod tests {
         let xt = x.transpose(1, 2).unwrap(); // non-contiguous, as after the head split
         let xvt = xv.as_tensor().transpose(1, 2).unwrap();
         close(&apply_rope(&xt, &cos, &sin).unwrap(), &apply_rope(&xvt, &cos, &sin).unwrap());
-        close(&silu_mul(&x, &w.broadcast_as(x.shape()).unwrap()).unwrap(), &silu_mul(xv.as_tensor(), &w.broadcast_as(x.shape()).unwrap()).unwrap());
+        close(
+            &silu_mul(&x, &w.broadcast_as(x.shape()).unwrap()).unwrap(),
+            &silu_mul(xv.as_tensor(), &w.broadcast_as(x.shape()).unwrap()).unwrap(),
+        );
     }
 
     #[test]
@@ -603,8 +611,7 @@ mod tests {
         let pad = Tensor::new(&[[0u32, 1, 1, 1]], &Device::Cpu).unwrap();
         let m = attention_mask(Some(&pad), 1, 4, 0, Some(2), &Device::Cpu).unwrap();
         let m: Vec<Vec<f32>> = m.squeeze(0).unwrap().squeeze(0).unwrap().to_vec2().unwrap();
-        let visible: Vec<Vec<u8>> =
-            m.iter().map(|r| r.iter().map(|&v| u8::from(v == 0.0)).collect()).collect();
+        let visible: Vec<Vec<u8>> = m.iter().map(|r| r.iter().map(|&v| u8::from(v == 0.0)).collect()).collect();
         assert_eq!(visible, vec![vec![0, 0, 0, 0], vec![0, 1, 0, 0], vec![0, 1, 1, 0], vec![0, 0, 1, 1]]);
     }
 
@@ -616,7 +623,13 @@ mod tests {
         let visible: Vec<Vec<u8>> = m.iter().map(|r| r.iter().map(|&v| u8::from(v == 0.0)).collect()).collect();
         assert_eq!(
             visible,
-            vec![vec![1, 0, 0, 0, 0], vec![1, 1, 0, 0, 0], vec![0, 0, 1, 0, 0], vec![0, 0, 1, 1, 0], vec![1, 1, 1, 1, 0]]
+            vec![
+                vec![1, 0, 0, 0, 0],
+                vec![1, 1, 0, 0, 0],
+                vec![0, 0, 1, 0, 0],
+                vec![0, 0, 1, 1, 0],
+                vec![1, 1, 1, 1, 0]
+            ]
         );
     }
 

@@ -13,8 +13,8 @@ use candle::{CpuStorage, CustomOp1, DType, Device, Layout, Result, Shape, Tensor
 
 use super::config::ModelConfig;
 use super::fused::{self, AttentionPattern, Kernels};
-use super::lora::{LoraAdapter, LoraConfig, SavedAdapter};
 use super::kv_cache::KvCache;
+use super::lora::{LoraAdapter, LoraConfig, SavedAdapter};
 use super::ops;
 
 /// Anything that can hand out weights by their transformers name.
@@ -76,7 +76,8 @@ impl Linear {
             }
             None => x,
         };
-        let projections: Vec<(&Tensor, Option<&Tensor>)> = layers.iter().map(|l| (&l.weight, l.bias.as_ref())).collect();
+        let projections: Vec<(&Tensor, Option<&Tensor>)> =
+            layers.iter().map(|l| (&l.weight, l.bias.as_ref())).collect();
         let mut ys = ops::linear_group(x, &projections)?;
         for (y, layer) in ys.iter_mut().zip(layers) {
             if let Some(lora) = &layer.lora {
@@ -168,14 +169,22 @@ impl CausalLm {
         }
         let embed_tokens = w.tensor("model.embed_tokens.weight")?;
         let norm = w.tensor("model.norm.weight")?;
-        let lm_head = if config.num_labels.is_none() && has_lm_head {
-            Some(w.tensor("lm_head.weight")?)
-        } else {
-            None
-        };
+        let lm_head = if config.num_labels.is_none() && has_lm_head { Some(w.tensor("lm_head.weight")?) } else { None };
         let score = if config.num_labels.is_some() { Some(w.tensor("score.weight")?) } else { None };
         let inv_freq = ops::rope_inv_freq(config.head_dim, config.rope_theta, config.rope_scaling.as_ref());
-        Ok(Self { config, embed_tokens, layers, norm, lm_head, score, inv_freq, kernels: Kernels::default(), matmul_precision: None, rounding_anchors: None, checkpoint_grads: None })
+        Ok(Self {
+            config,
+            embed_tokens,
+            layers,
+            norm,
+            lm_head,
+            score,
+            inv_freq,
+            kernels: Kernels::default(),
+            matmul_precision: None,
+            rounding_anchors: None,
+            checkpoint_grads: None,
+        })
     }
 
     /// Keep only the decoder layers `keep` (strictly increasing indices), in order: a smaller
@@ -286,7 +295,10 @@ impl CausalLm {
     /// Gradients the checkpointed blocks' backward passes computed since the last call, by
     /// tensor id (empty without checkpointing).
     pub fn take_checkpoint_grads(&self) -> HashMap<TensorId, Tensor> {
-        self.checkpoint_grads.as_ref().map(|g| std::mem::take(&mut *g.lock().expect("gradient sink lock"))).unwrap_or_default()
+        self.checkpoint_grads
+            .as_ref()
+            .map(|g| std::mem::take(&mut *g.lock().expect("gradient sink lock")))
+            .unwrap_or_default()
     }
 
     /// Whether a forward pass without a KV cache takes the fused kernels.
@@ -412,7 +424,9 @@ impl CausalLm {
         self.visit_linears_mut(&mut |_, _, lin| {
             if let Some(ad) = lin.lora.as_mut() {
                 index += 1;
-                ad.dropout_seed = seed_and_step.map(|(seed, step)| seed ^ step.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ index.wrapping_mul(0xC2B2_AE3D_27D4_EB4F));
+                ad.dropout_seed = seed_and_step.map(|(seed, step)| {
+                    seed ^ step.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ index.wrapping_mul(0xC2B2_AE3D_27D4_EB4F)
+                });
             }
             Ok(())
         })
@@ -508,14 +522,22 @@ impl CausalLm {
                 cos,
                 sin,
                 full: AttentionPattern::new(opts.attention_mask, b, t, None)?,
-                sliding: self.config.sliding_window.map(|w| AttentionPattern::new(opts.attention_mask, b, t, Some(w))).transpose()?,
+                sliding: self
+                    .config
+                    .sliding_window
+                    .map(|w| AttentionPattern::new(opts.attention_mask, b, t, Some(w)))
+                    .transpose()?,
             }
         } else {
             BlockContext::Plain {
                 cos,
                 sin,
                 full: ops::attention_mask(opts.attention_mask, b, t, 0, None, device)?,
-                sliding: self.config.sliding_window.map(|w| ops::attention_mask(opts.attention_mask, b, t, 0, Some(w), device)).transpose()?,
+                sliding: self
+                    .config
+                    .sliding_window
+                    .map(|w| ops::attention_mask(opts.attention_mask, b, t, 0, Some(w), device))
+                    .transpose()?,
             }
         };
         let checkpoint = match &self.checkpoint_grads {
@@ -587,7 +609,14 @@ impl CausalLm {
     }
 
     /// One decoder block with the fused kernels (no cache): q/k/v stay `[B, T, heads, D]`.
-    fn fused_block(&self, layer: &Block, x: &Tensor, cos: &Tensor, sin: &Tensor, pattern: &AttentionPattern) -> Result<Tensor> {
+    fn fused_block(
+        &self,
+        layer: &Block,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        pattern: &AttentionPattern,
+    ) -> Result<Tensor> {
         let cfg = &self.config;
         let (b, t, _) = x.dims3()?;
         let (h, kv, hd) = (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim);
@@ -636,7 +665,15 @@ impl CausalLm {
 
     /// Decoder block `i` with the plain ops and an additive mask, appending its keys and
     /// values to the cache if one is given.
-    fn plain_block(&self, i: usize, x: Tensor, cos: &Tensor, sin: &Tensor, mask: &Tensor, cache: Option<&mut KvCache>) -> Result<Tensor> {
+    fn plain_block(
+        &self,
+        i: usize,
+        x: Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        mask: &Tensor,
+        cache: Option<&mut KvCache>,
+    ) -> Result<Tensor> {
         let cfg = &self.config;
         let layer = &self.layers[i];
         let (b, t, _) = x.dims3()?;
@@ -729,9 +766,8 @@ impl CausalLm {
     pub fn pooled_hidden(&self, ids: &Tensor, attention_mask: Option<&Tensor>, last: &[u32]) -> Result<Tensor> {
         let b = ids.dim(0)?;
         let hidden = self.forward_hidden(ids, ForwardOptions { attention_mask, positions: None }, None)?;
-        let idx = Tensor::from_slice(last, (b, 1, 1), ids.device())?
-            .broadcast_as((b, 1, hidden.dim(2)?))?
-            .contiguous()?;
+        let idx =
+            Tensor::from_slice(last, (b, 1, 1), ids.device())?.broadcast_as((b, 1, hidden.dim(2)?))?.contiguous()?;
         hidden.gather(&idx, 1)?.squeeze(1)
     }
 
@@ -745,7 +781,10 @@ impl CausalLm {
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
         let normal = rand_distr::Normal::new(0f32, 0.02).expect("valid normal");
         let values: Vec<f32> = (0..num_labels * hidden).map(|_| normal.sample(&mut rng)).collect();
-        self.score = Some(Tensor::from_vec(values, (num_labels, hidden), self.embed_tokens.device())?.to_dtype(self.embed_tokens.dtype())?);
+        self.score = Some(
+            Tensor::from_vec(values, (num_labels, hidden), self.embed_tokens.device())?
+                .to_dtype(self.embed_tokens.dtype())?,
+        );
         self.lm_head = None;
         self.config.num_labels = Some(num_labels);
         self.config.pad_token_id.get_or_insert(pad_token_id);
@@ -784,7 +823,12 @@ impl CustomOp1 for CheckpointedBlock {
     }
 
     fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
-        let output = self.output.lock().expect("output lock").take().ok_or_else(|| candle::Error::Msg("checkpointed block applied twice".into()))?;
+        let output = self
+            .output
+            .lock()
+            .expect("output lock")
+            .take()
+            .ok_or_else(|| candle::Error::Msg("checkpointed block applied twice".into()))?;
         let (storage, layout) = output.storage_and_layout();
         let candle::Storage::Cpu(cpu) = &*storage else { candle::bail!("gradient checkpointing runs on the CPU") };
         // The output is a fresh tensor (a residual sum) that owns its whole storage.

@@ -97,8 +97,10 @@ pub fn latest(run: &Path) -> Result<Option<(u64, PathBuf)>> {
 /// Read a checkpoint's trainer and optimizer state.
 pub fn load_state(dir: &Path) -> Result<(TrainerState, HashMap<String, Tensor>)> {
     let state_path = dir.join(TRAINER_STATE_FILE);
-    let text = std::fs::read_to_string(&state_path).with_context(|| format!("cannot read `{}`", state_path.display()))?;
-    let state: TrainerState = serde_json::from_str(&text).with_context(|| format!("invalid `{}`", state_path.display()))?;
+    let text =
+        std::fs::read_to_string(&state_path).with_context(|| format!("cannot read `{}`", state_path.display()))?;
+    let state: TrainerState =
+        serde_json::from_str(&text).with_context(|| format!("invalid `{}`", state_path.display()))?;
     let opt_path = dir.join(OPTIMIZER_FILE);
     if !opt_path.exists() {
         bail!(
@@ -123,12 +125,17 @@ pub fn link_model_files(src: &Path, dest: &Path, extra_state: &[&str]) -> Result
         let entry = entry?;
         let name = entry.file_name();
         let name_str = name.to_string_lossy();
-        if name_str == OPTIMIZER_FILE || name_str == TRAINER_STATE_FILE || extra_state.contains(&name_str.as_ref()) || !entry.file_type()?.is_file() {
+        if name_str == OPTIMIZER_FILE
+            || name_str == TRAINER_STATE_FILE
+            || extra_state.contains(&name_str.as_ref())
+            || !entry.file_type()?.is_file()
+        {
             continue;
         }
         let target = dest.join(&name);
         if std::fs::hard_link(entry.path(), &target).is_err() {
-            std::fs::copy(entry.path(), &target).with_context(|| format!("cannot copy `{}` to `{}`", entry.path().display(), target.display()))?;
+            std::fs::copy(entry.path(), &target)
+                .with_context(|| format!("cannot copy `{}` to `{}`", entry.path().display(), target.display()))?;
         }
     }
     Ok(())

@@ -364,7 +364,8 @@ impl TrainConfig {
     pub fn resolve(recipe: Option<&Path>, overrides: &[(String, toml::Value)]) -> Result<Self> {
         let mut doc = match recipe {
             Some(p) => {
-                let text = std::fs::read_to_string(p).with_context(|| format!("cannot read recipe `{}`", p.display()))?;
+                let text =
+                    std::fs::read_to_string(p).with_context(|| format!("cannot read recipe `{}`", p.display()))?;
                 text.parse::<toml::Table>().with_context(|| format!("invalid TOML in `{}`", p.display()))?
             }
             None => toml::Table::new(),
@@ -379,7 +380,8 @@ impl TrainConfig {
         for (key, value) in overrides {
             set_path(&mut doc, key, value.clone())?;
         }
-        let origin = recipe.map(|p| format!(" (recipe `{}` plus command-line settings)", p.display())).unwrap_or_default();
+        let origin =
+            recipe.map(|p| format!(" (recipe `{}` plus command-line settings)", p.display())).unwrap_or_default();
         Self::from_table(doc, &origin)
     }
 
@@ -387,7 +389,8 @@ impl TrainConfig {
     /// named in errors.
     pub fn from_table(doc: toml::Table, origin: &str) -> Result<Self> {
         let text = toml::to_string(&doc)?;
-        let cfg: TrainConfig = toml::from_str(&text).map_err(|e| anyhow!("invalid training configuration{origin}: {}", e.message()))?;
+        let cfg: TrainConfig =
+            toml::from_str(&text).map_err(|e| anyhow!("invalid training configuration{origin}: {}", e.message()))?;
         cfg.validate()?;
         Ok(cfg)
     }
@@ -409,21 +412,38 @@ impl TrainConfig {
             bail!("nothing to train: set `run.max_steps` or `run.epochs` above 0");
         }
         match (&self.online, self.objective.is_online()) {
-            (None, true) => bail!("objective `{}` learns from its own samples: set `online.prompts` (`--prompts FILE`)", self.objective.name()),
-            (Some(_), false) => bail!("`[online]` applies to online objectives (inpo, dno, nft, text2grad, kdrl), not `{}`", self.objective.name()),
+            (None, true) => bail!(
+                "objective `{}` learns from its own samples: set `online.prompts` (`--prompts FILE`)",
+                self.objective.name()
+            ),
+            (Some(_), false) => bail!(
+                "`[online]` applies to online objectives (inpo, dno, nft, text2grad, kdrl), not `{}`",
+                self.objective.name()
+            ),
             (Some(o), true) => {
                 let fewest_samples = if matches!(self.objective, Objective::Text2grad(_)) { 1 } else { 2 };
-                if o.rounds == 0 || o.samples_per_prompt < fewest_samples || o.epochs_per_round == 0 || o.sampling_batch_size == 0 {
+                if o.rounds == 0
+                    || o.samples_per_prompt < fewest_samples
+                    || o.epochs_per_round == 0
+                    || o.sampling_batch_size == 0
+                {
                     bail!("`online.rounds` and `online.epochs_per_round` must be at least 1 and `online.samples_per_prompt` at least {fewest_samples} for `{}`", self.objective.name());
                 }
-                if (o.teacher_outputs.is_some() || o.teacher_model.is_some()) && !matches!(self.objective, Objective::Dno(_)) {
+                if (o.teacher_outputs.is_some() || o.teacher_model.is_some())
+                    && !matches!(self.objective, Objective::Dno(_))
+                {
                     bail!("`online.teacher_outputs` / `online.teacher_model` apply to `dno` only");
                 }
                 if self.data.train.is_some() || self.data.eval.is_some() {
                     bail!("`{}` learns from its own samples of `online.prompts`; `data.train` / `data.eval` are not read (measure the result with `candor eval winrate`)", self.objective.name());
                 }
-                if matches!(self.objective, Objective::Nft(_) | Objective::Kdrl(_)) && !o.judge.starts_with("verifier:") {
-                    bail!("`{}` learns from right and wrong answers: its judge must be a `verifier:` (got `{}`)", self.objective.name(), o.judge);
+                if matches!(self.objective, Objective::Nft(_) | Objective::Kdrl(_)) && !o.judge.starts_with("verifier:")
+                {
+                    bail!(
+                        "`{}` learns from right and wrong answers: its judge must be a `verifier:` (got `{}`)",
+                        self.objective.name(),
+                        o.judge
+                    );
                 }
             }
             (None, false) => {
@@ -433,7 +453,10 @@ impl TrainConfig {
             }
         }
         match (&self.distill, self.objective.needs_teacher()) {
-            (Some(_), false) => bail!("`[distill]` applies to distillation objectives (kd, sinkd, dac_kl, kdrl), not `{}`", self.objective.name()),
+            (Some(_), false) => bail!(
+                "`[distill]` applies to distillation objectives (kd, sinkd, dac_kl, kdrl), not `{}`",
+                self.objective.name()
+            ),
             (Some(d), true) => {
                 let cuts_student = d.student_layers.is_some() || d.student_num_layers.is_some();
                 if d.student_layers.is_some() && d.student_num_layers.is_some() {
@@ -442,7 +465,9 @@ impl TrainConfig {
                 if cuts_student && self.lora.is_some() {
                     bail!("a LoRA adapter belongs to the model it was trained on, and a student cut by `distill.student_*` exists only inside this run: cut it first (`candor student init --from {} --num-layers N --output DIR`), then train LoRA on `--model DIR`", self.model.model);
                 }
-                if self.objective.is_online() && (d.source != DistillSource::Dataset || d.teacher_logits_cache || d.scrg) {
+                if self.objective.is_online()
+                    && (d.source != DistillSource::Dataset || d.teacher_logits_cache || d.scrg)
+                {
                     bail!("`kdrl` samples from the student every round; `distill.source`, `distill.teacher_logits_cache` and `distill.scrg` do not apply");
                 }
                 if d.scrg && d.source != DistillSource::Student {
@@ -505,7 +530,12 @@ mod tests {
     fn overrides_win_and_objective_defaults_apply() {
         let cfg = TrainConfig::resolve(
             None,
-            &[set("data.train", "t.jsonl"), set("run.output", "out"), set("objective.name", "dpo"), set("objective.beta", "0.5")],
+            &[
+                set("data.train", "t.jsonl"),
+                set("run.output", "out"),
+                set("objective.name", "dpo"),
+                set("objective.beta", "0.5"),
+            ],
         )
         .unwrap();
         let Objective::Dpo(d) = &cfg.objective else { panic!() };
@@ -523,8 +553,11 @@ mod tests {
         assert!(err.to_string().contains("learning_rate"), "{err}");
         let err = TrainConfig::resolve(None, &[&base[..], &[set("run.batch_size", "0")]].concat()).unwrap_err();
         assert!(err.to_string().contains("batch_size"), "{err}");
-        let err = TrainConfig::resolve(None, &[&base[..], &[set("objective.name", "rdpo"), set("objective.epsilon", "0.7")]].concat())
-            .unwrap_err();
+        let err = TrainConfig::resolve(
+            None,
+            &[&base[..], &[set("objective.name", "rdpo"), set("objective.epsilon", "0.7")]].concat(),
+        )
+        .unwrap_err();
         assert!(format!("{err:#}").contains("epsilon"), "{err:#}");
     }
 }

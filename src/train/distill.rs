@@ -37,10 +37,15 @@ pub fn train(cfg: &TrainConfig, opts: &RunOptions) -> Result<RunSummary> {
     let mut eval_items = cfg.data.eval.as_ref().map(|p| load_items(p, cfg, &trainer.policy, None)).transpose()?;
     let mut items = match distill.source {
         DistillSource::Dataset => load_items(train_path, cfg, &trainer.policy, None)?,
-        DistillSource::Teacher => teacher_answers(&trainer, &distill, train_path, &run_dir.join("teacher_outputs.jsonl"))?,
+        DistillSource::Teacher => {
+            teacher_answers(&trainer, &distill, train_path, &run_dir.join("teacher_outputs.jsonl"))?
+        }
         DistillSource::Student => {
             let prompts = read_prompts(train_path)?;
-            tokenize_prompts(&trainer.policy, &prompts, cfg.data.max_prompt_length)?.into_iter().map(|ids| distill_item(answer_sequence(&ids, &[]))).collect()
+            tokenize_prompts(&trainer.policy, &prompts, cfg.data.max_prompt_length)?
+                .into_iter()
+                .map(|ids| distill_item(answer_sequence(&ids, &[])))
+                .collect()
         }
     };
     if items.is_empty() {
@@ -48,9 +53,21 @@ pub fn train(cfg: &TrainConfig, opts: &RunOptions) -> Result<RunSummary> {
     }
     if distill.teacher_logits_cache {
         let teacher = trainer.teacher.as_ref().context("distillation needs the teacher")?;
-        cache_teacher_states(teacher, &mut items, &run_dir.join("teacher_cache").join("train.safetensors"), cfg.run.batch_size, trainer.pad)?;
+        cache_teacher_states(
+            teacher,
+            &mut items,
+            &run_dir.join("teacher_cache").join("train.safetensors"),
+            cfg.run.batch_size,
+            trainer.pad,
+        )?;
         if let Some(eval) = eval_items.as_mut() {
-            cache_teacher_states(teacher, eval, &run_dir.join("teacher_cache").join("eval.safetensors"), cfg.run.batch_size, trainer.pad)?;
+            cache_teacher_states(
+                teacher,
+                eval,
+                &run_dir.join("teacher_cache").join("eval.safetensors"),
+                cfg.run.batch_size,
+                trainer.pad,
+            )?;
         }
     }
     if distill.source == DistillSource::Student {
@@ -67,16 +84,37 @@ fn distill_item(sequence: TokenizedSequence) -> Item {
 
 /// Prompt + answer items of the non-empty answers.
 fn answer_items(prompts: &[Vec<u32>], answers: &[Vec<u32>]) -> Vec<Item> {
-    prompts.iter().zip(answers).filter(|(_, a)| !a.is_empty()).map(|(p, a)| distill_item(answer_sequence(p, a))).collect()
+    prompts
+        .iter()
+        .zip(answers)
+        .filter(|(_, a)| !a.is_empty())
+        .map(|(p, a)| distill_item(answer_sequence(p, a)))
+        .collect()
 }
 
 /// One sampled answer's tokens per prompt.
-fn answer_each(model: &CausalLm, prompts: &[Vec<u32>], stop: &[u32], pad: u32, cfg: &SamplingConfig, batch_size: usize) -> Result<Vec<Vec<u32>>> {
-    Ok(sample_groups(model, prompts, 1, stop, pad, cfg, batch_size, |_| {})?.into_iter().map(|mut g| g.remove(0).tokens).collect())
+fn answer_each(
+    model: &CausalLm,
+    prompts: &[Vec<u32>],
+    stop: &[u32],
+    pad: u32,
+    cfg: &SamplingConfig,
+    batch_size: usize,
+) -> Result<Vec<Vec<u32>>> {
+    Ok(sample_groups(model, prompts, 1, stop, pad, cfg, batch_size, |_| {})?
+        .into_iter()
+        .map(|mut g| g.remove(0).tokens)
+        .collect())
 }
 
 fn sampling(distill: &DistillSection, seed: u64) -> SamplingConfig {
-    SamplingConfig { max_new_tokens: distill.max_new_tokens, temperature: distill.temperature, top_p: distill.top_p, top_k: 0, seed }
+    SamplingConfig {
+        max_new_tokens: distill.max_new_tokens,
+        temperature: distill.temperature,
+        top_p: distill.top_p,
+        top_k: 0,
+        seed,
+    }
 }
 
 /// Sequence-level KD's data: the teacher's answer to every prompt of `path`, generated once and
@@ -87,7 +125,8 @@ fn teacher_answers(trainer: &Trainer, distill: &DistillSection, path: &Path, cac
     let ids = tokenize_prompts(&trainer.policy, &prompts, cfg.data.max_prompt_length)?;
     let cached: Option<Vec<Vec<u32>>> = std::fs::read_to_string(cache).ok().and_then(|text| {
         let rows: Vec<Value> = text.lines().map(serde_json::from_str).collect::<Result<_, _>>().ok()?;
-        let answers: Option<Vec<Vec<u32>>> = rows.iter().map(|r| serde_json::from_value(r.get("completion_ids")?.clone()).ok()).collect();
+        let answers: Option<Vec<Vec<u32>>> =
+            rows.iter().map(|r| serde_json::from_value(r.get("completion_ids")?.clone()).ok()).collect();
         answers.filter(|a| a.len() == ids.len())
     });
     let answers = match cached {
@@ -97,7 +136,14 @@ fn teacher_answers(trainer: &Trainer, distill: &DistillSection, path: &Path, cac
             if let Some(bar) = trainer.bar() {
                 bar.set_message(format!("the teacher answers {} prompts", ids.len()));
             }
-            let answers = answer_each(teacher, &ids, &trainer.policy.eos_token_ids, trainer.pad, &sampling(distill, cfg.run.seed), distill.sampling_batch_size)?;
+            let answers = answer_each(
+                teacher,
+                &ids,
+                &trainer.policy.eos_token_ids,
+                trainer.pad,
+                &sampling(distill, cfg.run.seed),
+                distill.sampling_batch_size,
+            )?;
             let mut lines = String::new();
             for (p, a) in prompts.iter().zip(&answers) {
                 let completion = trainer.policy.tokenizer.decode(a, true)?;
@@ -114,15 +160,24 @@ fn teacher_answers(trainer: &Trainer, distill: &DistillSection, path: &Path, cac
 /// Fill every item's teacher states from `cache` when it holds exactly these sequences, else by
 /// running the teacher once and writing `cache` (per item: its token ids and its
 /// `[completion tokens, hidden]` states).
-fn cache_teacher_states(teacher: &CausalLm, items: &mut [Item], cache: &Path, batch_size: usize, pad: u32) -> Result<()> {
+fn cache_teacher_states(
+    teacher: &CausalLm,
+    items: &mut [Item],
+    cache: &Path,
+    batch_size: usize,
+    pad: u32,
+) -> Result<()> {
     let seqs: Vec<&TokenizedSequence> = items.iter().map(distill_sequence).collect::<Result<_>>()?;
     let device = teacher.device();
     let saved = candle::safetensors::load(cache, device).ok().filter(|t| {
-        seqs.iter().enumerate().all(|(i, s)| t.get(&format!("ids.{i}")).and_then(|ids| ids.to_vec1::<u32>().ok()).is_some_and(|ids| ids == s.ids))
-            && t.len() == 2 * seqs.len()
+        seqs.iter().enumerate().all(|(i, s)| {
+            t.get(&format!("ids.{i}")).and_then(|ids| ids.to_vec1::<u32>().ok()).is_some_and(|ids| ids == s.ids)
+        }) && t.len() == 2 * seqs.len()
     });
     let states: Vec<Tensor> = match saved {
-        Some(mut t) => (0..seqs.len()).map(|i| t.remove(&format!("states.{i}")).context("cached states")).collect::<Result<_>>()?,
+        Some(mut t) => {
+            (0..seqs.len()).map(|i| t.remove(&format!("states.{i}")).context("cached states")).collect::<Result<_>>()?
+        }
         None => {
             let mut states = Vec::with_capacity(seqs.len());
             for chunk in seqs.chunks(batch_size.max(1)) {
@@ -164,7 +219,12 @@ fn distill_sequence(item: &Item) -> Result<&TokenizedSequence> {
 /// On-policy distillation (GKD with λ = 1): every step the student answers the step's prompts
 /// (seeded by the run seed and the micro-batch, so a resumed run samples the same answers), SCRG
 /// corrects them when asked, and the step trains on the answers.
-fn train_on_policy(trainer: &mut Trainer, distill: &DistillSection, prompts: &[Item], eval: Option<&[Item]>) -> Result<()> {
+fn train_on_policy(
+    trainer: &mut Trainer,
+    distill: &DistillSection,
+    prompts: &[Item],
+    eval: Option<&[Item]>,
+) -> Result<()> {
     let cfg = trainer.cfg;
     let r = &cfg.run;
     let total = planned_steps(prompts.len(), r);
@@ -177,15 +237,25 @@ fn train_on_policy(trainer: &mut Trainer, distill: &DistillSection, prompts: &[I
         let mut answered: Vec<Vec<Item>> = Vec::with_capacity(micro.len());
         for (j, batch) in micro.iter().enumerate() {
             let seed = r.seed ^ (trainer.step * r.grad_accum as u64 + j as u64 + 1).wrapping_mul(0xA24B_AED4_963E_E407);
-            let ids: Vec<Vec<u32>> = batch.iter().map(|i| distill_sequence(i).map(|s| s.ids.clone())).collect::<Result<_>>()?;
-            let mut answers = answer_each(&student, &ids, &trainer.policy.eos_token_ids, trainer.pad, &sampling(distill, seed), distill.sampling_batch_size)?;
+            let ids: Vec<Vec<u32>> =
+                batch.iter().map(|i| distill_sequence(i).map(|s| s.ids.clone())).collect::<Result<_>>()?;
+            let mut answers = answer_each(
+                &student,
+                &ids,
+                &trainer.policy.eos_token_ids,
+                trainer.pad,
+                &sampling(distill, seed),
+                distill.sampling_batch_size,
+            )?;
             if distill.scrg {
                 let teacher = trainer.teacher.as_ref().context("SCRG needs the teacher")?;
-                answers = scrg(&student, teacher, &ids, answers, distill, seed, trainer.pad, &trainer.policy.eos_token_ids)?;
+                answers =
+                    scrg(&student, teacher, &ids, answers, distill, seed, trainer.pad, &trainer.policy.eos_token_ids)?;
             }
             answered.push(answer_items(&ids, &answers));
         }
-        let refs: Vec<Vec<&Item>> = answered.iter().map(|b| b.iter().collect()).filter(|b: &Vec<&Item>| !b.is_empty()).collect();
+        let refs: Vec<Vec<&Item>> =
+            answered.iter().map(|b| b.iter().collect()).filter(|b: &Vec<&Item>| !b.is_empty()).collect();
         let extra = Map::from_iter([("epoch".to_string(), Value::from(epoch))]);
         trainer.step(&refs, extra, eval, false)?;
     }
@@ -197,7 +267,16 @@ fn train_on_policy(trainer: &mut Trainer, distill: &DistillSection, prompts: &[I
 /// next-token distributions differ most (forward KL), put the teacher's token, and let the
 /// student write the rest again (within the same token budget).
 #[allow(clippy::too_many_arguments)]
-fn scrg(student: &CausalLm, teacher: &CausalLm, prompts: &[Vec<u32>], answers: Vec<Vec<u32>>, distill: &DistillSection, seed: u64, pad: u32, stop: &[u32]) -> Result<Vec<Vec<u32>>> {
+fn scrg(
+    student: &CausalLm,
+    teacher: &CausalLm,
+    prompts: &[Vec<u32>],
+    answers: Vec<Vec<u32>>,
+    distill: &DistillSection,
+    seed: u64,
+    pad: u32,
+    stop: &[u32],
+) -> Result<Vec<Vec<u32>>> {
     let seqs: Vec<TokenizedSequence> = prompts.iter().zip(&answers).map(|(p, a)| answer_sequence(p, a)).collect();
     let batch = collate(&seqs.iter().collect::<Vec<_>>(), pad, student.device())?;
     let s = completion_states(student, &batch)?;
@@ -210,7 +289,8 @@ fn scrg(student: &CausalLm, teacher: &CausalLm, prompts: &[Vec<u32>], answers: V
     let mut at = 0;
     let mut prefixes: Vec<(usize, Vec<u32>)> = Vec::new();
     for (i, a) in answers.iter().enumerate() {
-        let worst = (0..a.len()).filter(|&j| a[j] != teacher_choice[at + j]).max_by(|&x, &y| kl[at + x].total_cmp(&kl[at + y]));
+        let worst =
+            (0..a.len()).filter(|&j| a[j] != teacher_choice[at + j]).max_by(|&x, &y| kl[at + x].total_cmp(&kl[at + y]));
         if let Some(j) = worst {
             let mut prefix = a[..j].to_vec();
             prefix.push(teacher_choice[at + j]);
@@ -219,8 +299,14 @@ fn scrg(student: &CausalLm, teacher: &CausalLm, prompts: &[Vec<u32>], answers: V
         at += a.len();
     }
     let mut out = answers;
-    let open: Vec<&(usize, Vec<u32>)> = prefixes.iter().filter(|(_, p)| !stop.contains(p.last().expect("non-empty")) && p.len() < distill.max_new_tokens).collect();
-    for (i, p) in prefixes.iter().filter(|(_, p)| stop.contains(p.last().expect("non-empty")) || p.len() >= distill.max_new_tokens) {
+    let open: Vec<&(usize, Vec<u32>)> = prefixes
+        .iter()
+        .filter(|(_, p)| !stop.contains(p.last().expect("non-empty")) && p.len() < distill.max_new_tokens)
+        .collect();
+    for (i, p) in prefixes
+        .iter()
+        .filter(|(_, p)| stop.contains(p.last().expect("non-empty")) || p.len() >= distill.max_new_tokens)
+    {
         out[*i] = p.clone();
     }
     if open.is_empty() {

@@ -4,20 +4,23 @@
 
 use anyhow::{Context, Result};
 use candle::{Device, Tensor};
+use candor_alignment::objectives::dac_kl::CLIP_NET;
 use candor_alignment::objectives::hindsight::ClassLogps;
 use candor_alignment::objectives::inpo::PreviousIterate;
-use candor_alignment::objectives::dac_kl::CLIP_NET;
 use candor_alignment::objectives::kd::DistillTokens;
 use candor_alignment::objectives::kdrl::KdrlTokens;
 use candor_alignment::objectives::nft::NftTokens;
-use candor_alignment::objectives::text2grad::PpoTokens;
 use candor_alignment::objectives::spo::DegreeBatch;
+use candor_alignment::objectives::text2grad::PpoTokens;
 use candor_alignment::{DataNeed, ObjectiveInput, PairLogps, PairScores, SequenceLogps};
 
 use super::items::{DistillItem, Item, PairItem, PpoItem, RolloutItem};
 use crate::data::{collate, collate_packed, Batch, TokenizedSequence};
 use crate::model::CausalLm;
-use crate::scoring::{chunked_vocab_logps, completion_states, completion_logps_by_class, completion_token_logps, completion_logps, completion_token_logps_and_hidden};
+use crate::scoring::{
+    chunked_vocab_logps, completion_logps, completion_logps_by_class, completion_states, completion_token_logps,
+    completion_token_logps_and_hidden,
+};
 
 /// The models (and extra trainable tensors) of one step.
 #[derive(Clone, Copy)]
@@ -63,7 +66,8 @@ fn pairs<'a>(items: &[&'a Item]) -> Vec<&'a PairItem> {
 
 /// TRL's pair layout: chosen rows first, then rejected rows, in one batch.
 fn pair_batch(items: &[&Item], pad: u32, device: &Device) -> Result<Batch> {
-    let (chosen, rejected): (Vec<&TokenizedSequence>, Vec<&TokenizedSequence>) = pairs(items).into_iter().map(|p| (&p.chosen, &p.rejected)).unzip();
+    let (chosen, rejected): (Vec<&TokenizedSequence>, Vec<&TokenizedSequence>) =
+        pairs(items).into_iter().map(|p| (&p.chosen, &p.rejected)).unzip();
     Ok(collate(&[chosen, rejected].concat(), pad, device)?)
 }
 
@@ -86,7 +90,9 @@ pub fn forward_logps(model: &CausalLm, items: &[&Item], pad: u32) -> Result<Vec<
         Item::Pair(_) => pair_batch(items, pad, device)?,
         Item::Rollout(_) => collate(&rollouts(items).iter().map(|r| &r.sequence).collect::<Vec<_>>(), pad, device)?,
         Item::Ppo(_) => collate(&ppo_items(items).iter().map(|p| &p.sequence).collect::<Vec<_>>(), pad, device)?,
-        Item::Distill(_) => collate(&distill_items(items).iter().map(|d| &d.sequence).collect::<Vec<_>>(), pad, device)?,
+        Item::Distill(_) => {
+            collate(&distill_items(items).iter().map(|d| &d.sequence).collect::<Vec<_>>(), pad, device)?
+        }
     };
     let sums = completion_logps(model, &batch)?;
     Ok(match items[0] {
@@ -147,7 +153,12 @@ impl<'a> SampledTokens<'a> {
 /// NFT's per-token inputs of a micro-batch of samples.
 fn rollout_tokens(policy: &CausalLm, items: &[&Item], pad: u32) -> Result<NftTokens> {
     let t = SampledTokens::of(policy, items, pad)?;
-    Ok(NftTokens { accuracy: t.repeated(|r| r.accuracy)?, correct: t.repeated(|r| f32::from(u8::from(r.correct)))?, policy: t.policy, old: t.old })
+    Ok(NftTokens {
+        accuracy: t.repeated(|r| r.accuracy)?,
+        correct: t.repeated(|r| f32::from(u8::from(r.correct)))?,
+        policy: t.policy,
+        old: t.old,
+    })
 }
 
 fn ppo_items<'a>(items: &[&'a Item]) -> Vec<&'a PpoItem> {
@@ -169,7 +180,9 @@ fn ppo_tokens(models: StepModels, items: &[&Item]) -> Result<PpoTokens> {
     let (logps, hidden) = completion_token_logps_and_hidden(policy, &batch)?;
     let [w, b] = super::trainer::VALUE_HEAD.map(|n| models.head(n));
     let (Some(w), Some(b)) = (w, b) else { anyhow::bail!("PPO needs the value head") };
-    let flat = |f: &dyn Fn(&PpoItem) -> &Vec<f32>| -> Result<Tensor> { Ok(Tensor::new(ps.iter().flat_map(|p| f(p).iter().copied()).collect::<Vec<f32>>(), device)?) };
+    let flat = |f: &dyn Fn(&PpoItem) -> &Vec<f32>| -> Result<Tensor> {
+        Ok(Tensor::new(ps.iter().flat_map(|p| f(p).iter().copied()).collect::<Vec<f32>>(), device)?)
+    };
     Ok(PpoTokens {
         values: values_of(&hidden, w, b)?,
         policy: logps,
@@ -203,9 +216,15 @@ fn distill_tokens(models: StepModels, items: &[&Item]) -> Result<DistillTokens> 
         None => completion_states(teacher, &batch)?.hidden,
     };
     if teacher_states.dim(0)? != student.targets.len() {
-        anyhow::bail!("the teacher's cached states cover {} positions, the batch has {}", teacher_states.dim(0)?, student.targets.len());
+        anyhow::bail!(
+            "the teacher's cached states cover {} positions, the batch has {}",
+            teacher_states.dim(0)?,
+            student.targets.len()
+        );
     }
-    let clip_net = models.head(CLIP_NET[0]).map(|_| CLIP_NET.map(|n| models.head(n).expect("the clipping network is whole").clone()));
+    let clip_net = models
+        .head(CLIP_NET[0])
+        .map(|_| CLIP_NET.map(|n| models.head(n).expect("the clipping network is whole").clone()));
     Ok(DistillTokens {
         student_logits: policy.lm_logits(&student.hidden)?,
         teacher_logps: chunked_vocab_logps(teacher, &teacher_states, TEACHER_CHUNK)?,
@@ -279,8 +298,16 @@ pub fn objective_input(models: StepModels, need: DataNeed, items: &[&Item]) -> R
         let batch = pair_batch(items, pad, device)?;
         let scores = policy.sequence_scores(&batch.input_ids, Some(&batch.attention_mask))?.squeeze(1)?;
         let b = items.len();
-        let margins = ps.iter().any(|p| p.margin.is_some()).then(|| f32s(ps.iter().map(|p| p.margin.unwrap_or(0.0)).collect())).transpose()?;
-        return Ok(ObjectiveInput::Scores(PairScores { chosen: scores.narrow(0, 0, b)?, rejected: scores.narrow(0, b, b)?, margins }));
+        let margins = ps
+            .iter()
+            .any(|p| p.margin.is_some())
+            .then(|| f32s(ps.iter().map(|p| p.margin.unwrap_or(0.0)).collect()))
+            .transpose()?;
+        return Ok(ObjectiveInput::Scores(PairScores {
+            chosen: scores.narrow(0, 0, b)?,
+            rejected: scores.narrow(0, b, b)?,
+            margins,
+        }));
     }
     let pi = forward_logps(policy, items, pad)?;
     // Per-pair (chosen, rejected) values every pair of the batch has, as two `[B]` tensors.

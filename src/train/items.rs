@@ -12,7 +12,9 @@ use rand::SeedableRng;
 use serde_json::Value;
 
 use super::config::TrainConfig;
-use crate::data::{pack_best_fit, read_jsonl, Example, Piece, Row, SequenceTokenizer, Text, TokenizedSequence, Truncation};
+use crate::data::{
+    pack_best_fit, read_jsonl, Example, Piece, Row, SequenceTokenizer, Text, TokenizedSequence, Truncation,
+};
 use crate::load::LoadedModel;
 
 /// One training example after tokenization.
@@ -109,7 +111,9 @@ impl Item {
         match self {
             Item::Sequence(s) => s.completion_tokens(),
             // The first token of each sequence is never predicted in a packed row.
-            Item::Packed(seqs) => seqs.iter().map(|s| s.completion_tokens() - usize::from(s.completion_mask[0] != 0)).sum(),
+            Item::Packed(seqs) => {
+                seqs.iter().map(|s| s.completion_tokens() - usize::from(s.completion_mask[0] != 0)).sum()
+            }
             Item::Pair(p) => p.chosen.completion_tokens(),
             Item::Rollout(r) => r.sequence.completion_tokens(),
             Item::Ppo(p) => p.sequence.completion_tokens(),
@@ -122,7 +126,9 @@ impl Item {
         match self {
             Item::Sequence(s) => s.ids.len(),
             Item::Packed(seqs) => seqs.iter().map(|s| s.ids.len()).sum(),
-            Item::Pair(p) => p.chosen.ids.len() + p.rejected.ids.len() + p.variants.iter().map(|v| v.0.ids.len()).sum::<usize>(),
+            Item::Pair(p) => {
+                p.chosen.ids.len() + p.rejected.ids.len() + p.variants.iter().map(|v| v.0.ids.len()).sum::<usize>()
+            }
             Item::Rollout(r) => r.sequence.ids.len(),
             Item::Ppo(p) => p.sequence.ids.len(),
             Item::Distill(d) => d.sequence.ids.len(),
@@ -132,7 +138,12 @@ impl Item {
 
 /// Read and tokenize a dataset for the run's objective. With `reward_judge`, pairs without
 /// `reward_chosen` / `reward_rejected` get the judge's scores of their two completions.
-pub fn load_items(path: &Path, cfg: &TrainConfig, model: &LoadedModel, reward_judge: Option<&dyn crate::judge::Judge>) -> Result<Vec<Item>> {
+pub fn load_items(
+    path: &Path,
+    cfg: &TrainConfig,
+    model: &LoadedModel,
+    reward_judge: Option<&dyn crate::judge::Judge>,
+) -> Result<Vec<Item>> {
     let data = read_jsonl(path, cfg.data.skip_bad_rows)?;
     crate::commands::report_skipped(&data.skipped);
     let tok = SequenceTokenizer {
@@ -155,7 +166,8 @@ pub fn load_items(path: &Path, cfg: &TrainConfig, model: &LoadedModel, reward_ju
         items.push(item);
     }
     if let Some(judge) = reward_judge {
-        judge_missing_rewards(judge, &data.rows, &mut items).with_context(|| format!("scoring `{}` with `{}`", path.display(), judge.name()))?;
+        judge_missing_rewards(judge, &data.rows, &mut items)
+            .with_context(|| format!("scoring `{}` with `{}`", path.display(), judge.name()))?;
     }
     if cfg.run.packing {
         let capacity = cfg.data.max_length.unwrap_or(1024);
@@ -188,7 +200,8 @@ fn judge_missing_rewards(judge: &dyn crate::judge::Judge, rows: &[Row], items: &
     if texts.is_empty() {
         return Ok(());
     }
-    let outputs: Vec<(&Text, &serde_json::Map<String, Value>, &str)> = texts.iter().flat_map(|(p, f, c, r)| [(*p, *f, c.as_str()), (*p, *f, r.as_str())]).collect();
+    let outputs: Vec<(&Text, &serde_json::Map<String, Value>, &str)> =
+        texts.iter().flat_map(|(p, f, c, r)| [(*p, *f, c.as_str()), (*p, *f, r.as_str())]).collect();
     let Some(scores) = judge.score(&outputs)? else {
         bail!("`{}` compares two outputs; rewards need a pointwise judge (rm:, verifier:)", judge.name());
     };
@@ -204,9 +217,12 @@ fn item_of_row(tok: &SequenceTokenizer, objective: &Objective, seed: u64, row: &
     let name = objective.name();
     let need = objective.data_need();
     Ok(match (need, &row.example) {
-        (DataNeed::Rollouts | DataNeed::TokenRewards | DataNeed::TeacherRollouts, _) => bail!("objective `{name}` learns from its own samples, not from dataset rows: give prompts with `--prompts`"),
+        (DataNeed::Rollouts | DataNeed::TokenRewards | DataNeed::TeacherRollouts, _) => bail!(
+            "objective `{name}` learns from its own samples, not from dataset rows: give prompts with `--prompts`"
+        ),
         (DataNeed::Pairs | DataNeed::ScoredPairs, Example::Preference { prompt, chosen, rejected }) => {
-            let mut pair = PairItem::new(tok.prompt_completion(prompt, chosen)?, tok.prompt_completion(prompt, rejected)?);
+            let mut pair =
+                PairItem::new(tok.prompt_completion(prompt, chosen)?, tok.prompt_completion(prompt, rejected)?);
             pair.rewards = pair_rewards(row, objective.needs_pair_rewards() && !judged)?;
             pair.margin = number_field(row, "margin")?;
             if let Some(degrees) = objective.degree_heads().map(|h| h.classes) {
@@ -219,9 +235,14 @@ fn item_of_row(tok: &SequenceTokenizer, objective: &Objective, seed: u64, row: &
             }
             Item::Pair(pair)
         }
-        (DataNeed::Hindsight, Example::Preference { prompt, chosen, rejected }) => {
-            Item::Sequence(hindsight_sequence(tok, objective, seed, row, prompt, Feedback::Pair { pos: &plain(chosen), neg: &plain(rejected) })?)
-        }
+        (DataNeed::Hindsight, Example::Preference { prompt, chosen, rejected }) => Item::Sequence(hindsight_sequence(
+            tok,
+            objective,
+            seed,
+            row,
+            prompt,
+            Feedback::Pair { pos: &plain(chosen), neg: &plain(rejected) },
+        )?),
         (DataNeed::Hindsight, Example::Unpaired { prompt, completion, label }) => Item::Sequence(hindsight_sequence(
             tok,
             objective,
@@ -237,10 +258,16 @@ fn item_of_row(tok: &SequenceTokenizer, objective: &Objective, seed: u64, row: &
             bail!("objective `{name}` needs preference rows (`prompt`/`chosen`/`rejected`), got a {} row", other.kind())
         }
         (DataNeed::Sequences | DataNeed::Distill, Example::Preference { .. } | Example::Prompt { .. }) => {
-            bail!("objective `{name}` needs prompt-completion, `messages` or `text` rows, got a {} row", row.example.kind())
+            bail!(
+                "objective `{name}` needs prompt-completion, `messages` or `text` rows, got a {} row",
+                row.example.kind()
+            )
         }
         (DataNeed::Sequences, _) => Item::Sequence(crate::scoring::row_sequences(tok, &row.example)?.remove(0).1),
-        (DataNeed::Distill, _) => Item::Distill(DistillItem { sequence: crate::scoring::row_sequences(tok, &row.example)?.remove(0).1, teacher_states: None }),
+        (DataNeed::Distill, _) => Item::Distill(DistillItem {
+            sequence: crate::scoring::row_sequences(tok, &row.example)?.remove(0).1,
+            teacher_states: None,
+        }),
     })
 }
 
@@ -248,7 +275,14 @@ fn item_of_row(tok: &SequenceTokenizer, objective: &Objective, seed: u64, row: &
 /// run seed and the line) with its pieces tokenized one by one; answer tokens carry classes 1
 /// (positive) / 2 (negative), and a fraction of an answer that another answer follows is hidden
 /// from later positions.
-fn hindsight_sequence(tok: &SequenceTokenizer, objective: &Objective, seed: u64, row: &Row, prompt: &Text, feedback: Feedback) -> Result<TokenizedSequence> {
+fn hindsight_sequence(
+    tok: &SequenceTokenizer,
+    objective: &Objective,
+    seed: u64,
+    row: &Row,
+    prompt: &Text,
+    feedback: Feedback,
+) -> Result<TokenizedSequence> {
     let Objective::Hindsight(cfg) = objective else { unreachable!("only chain of hindsight has this data need") };
     let row_seed = seed ^ (row.line as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
     let rendered = hindsight::render(cfg, feedback, row_seed)?;
@@ -279,7 +313,9 @@ fn plain(t: &Text) -> String {
 fn map_text(t: &Text, f: impl Fn(&str) -> String) -> Text {
     match t {
         Text::Plain(s) => Text::Plain(f(s)),
-        Text::Chat(messages) => Text::Chat(messages.iter().map(|m| crate::load::Message { role: m.role.clone(), content: f(&m.content) }).collect()),
+        Text::Chat(messages) => Text::Chat(
+            messages.iter().map(|m| crate::load::Message { role: m.role.clone(), content: f(&m.content) }).collect(),
+        ),
     }
 }
 

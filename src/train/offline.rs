@@ -69,7 +69,12 @@ impl BatchOrders {
 /// The micro-batches of optimizer step `step` over `items` (steps counted from their first) and
 /// the epoch reached at its end. An epoch boundary ends a step early, as transformers' Trainer
 /// does.
-pub(super) fn micro_batches<'a>(items: &'a [Item], step: u64, r: &RunSection, orders: &mut BatchOrders) -> (Vec<Vec<&'a Item>>, f64) {
+pub(super) fn micro_batches<'a>(
+    items: &'a [Item],
+    step: u64,
+    r: &RunSection,
+    orders: &mut BatchOrders,
+) -> (Vec<Vec<&'a Item>>, f64) {
     let micro_per_epoch = items.len().div_ceil(r.batch_size) as u64;
     let mut micro: Vec<Vec<&Item>> = Vec::new();
     let mut epoch_of_step = 0f64;
@@ -81,7 +86,9 @@ pub(super) fn micro_batches<'a>(items: &'a [Item], step: u64, r: &RunSection, or
             break;
         }
         let BatchOrders { seed, batch_size, lengths, orders } = orders;
-        let order = orders.entry(epoch).or_insert_with(|| epoch_order(items.len(), *seed, epoch, *batch_size, lengths.as_deref()));
+        let order = orders
+            .entry(epoch)
+            .or_insert_with(|| epoch_order(items.len(), *seed, epoch, *batch_size, lengths.as_deref()));
         let idx = &order[within * r.batch_size..((within + 1) * r.batch_size).min(items.len())];
         micro.push(idx.iter().map(|&i| &items[i]).collect());
         epoch_of_step = (m + 1) as f64 / micro_per_epoch as f64;
@@ -99,11 +106,17 @@ pub fn train(cfg: &TrainConfig, opts: &RunOptions) -> Result<RunSummary> {
     }
     let mut trainer = Trainer::start(cfg, opts)?;
     let objective = &cfg.objective;
-    let train_path = cfg.data.train.as_ref().with_context(|| format!("objective `{}` needs `data.train`", objective.name()))?;
+    let train_path =
+        cfg.data.train.as_ref().with_context(|| format!("objective `{}` needs `data.train`", objective.name()))?;
     // CoPG rows without rewards are scored once, up front, by the configured judge.
     let reward_judge = match objective.reward_judge() {
         Some(spec) => {
-            let global = crate::cli::GlobalArgs { device: cfg.model.device.clone(), dtype: "f32".into(), kernels: cfg.model.kernels, verbose: 0 };
+            let global = crate::cli::GlobalArgs {
+                device: cfg.model.device.clone(),
+                dtype: "f32".into(),
+                kernels: cfg.model.kernels,
+                verbose: 0,
+            };
             Some(crate::judge::from_spec(spec, &Default::default(), &global)?)
         }
         None => None,
@@ -118,9 +131,21 @@ pub fn train(cfg: &TrainConfig, opts: &RunOptions) -> Result<RunSummary> {
         if let Some(reference) = trainer.reference.take() {
             // Score the data once, cache it next to the run, and free the reference.
             let run_dir = &cfg.run.output;
-            precompute_reference(&reference, &mut items, &run_dir.join("ref_logps_train.json"), cfg.run.batch_size, trainer.pad)?;
+            precompute_reference(
+                &reference,
+                &mut items,
+                &run_dir.join("ref_logps_train.json"),
+                cfg.run.batch_size,
+                trainer.pad,
+            )?;
             if let Some(eval) = eval_items.as_mut() {
-                precompute_reference(&reference, eval, &run_dir.join("ref_logps_eval.json"), cfg.run.batch_size, trainer.pad)?;
+                precompute_reference(
+                    &reference,
+                    eval,
+                    &run_dir.join("ref_logps_eval.json"),
+                    cfg.run.batch_size,
+                    trainer.pad,
+                )?;
             }
         }
     }
@@ -154,9 +179,17 @@ pub(super) fn train_on(trainer: &mut Trainer, items: &[Item], eval: Option<&[Ite
 
 /// Fill every pair's reference log-probs, from `cache` when it holds one value per pair,
 /// else by scoring with `reference` and writing `cache`.
-fn precompute_reference(reference: &CausalLm, items: &mut [Item], cache: &Path, batch_size: usize, pad: u32) -> Result<()> {
-    let cached: Option<Vec<(f32, f32)>> =
-        std::fs::read_to_string(cache).ok().and_then(|t| serde_json::from_str(&t).ok()).filter(|v: &Vec<(f32, f32)>| v.len() == items.len());
+fn precompute_reference(
+    reference: &CausalLm,
+    items: &mut [Item],
+    cache: &Path,
+    batch_size: usize,
+    pad: u32,
+) -> Result<()> {
+    let cached: Option<Vec<(f32, f32)>> = std::fs::read_to_string(cache)
+        .ok()
+        .and_then(|t| serde_json::from_str(&t).ok())
+        .filter(|v: &Vec<(f32, f32)>| v.len() == items.len());
     let values = match cached {
         Some(v) => v,
         None => {

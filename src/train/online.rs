@@ -135,7 +135,12 @@ pub fn train(cfg: &TrainConfig, opts: &RunOptions) -> Result<RunSummary> {
         bail!("`{}` holds no prompts", online.prompts.display());
     }
     let prompt_ids = tokenize_prompts(&trainer.policy, &prompts, cfg.data.max_prompt_length)?;
-    let global = crate::cli::GlobalArgs { device: cfg.model.device.clone(), dtype: "f32".into(), kernels: cfg.model.kernels, verbose: 0 };
+    let global = crate::cli::GlobalArgs {
+        device: cfg.model.device.clone(),
+        dtype: "f32".into(),
+        kernels: cfg.model.kernels,
+        verbose: 0,
+    };
     let judge_opts = crate::judge::JudgeOptions {
         judge_model: online.judge_model.clone(),
         cache_dir: Some(run_dir.join("judge-cache")),
@@ -145,13 +150,18 @@ pub fn train(cfg: &TrainConfig, opts: &RunOptions) -> Result<RunSummary> {
     let judge = crate::judge::from_spec(&online.judge, &judge_opts, &global)?;
     let teacher = Teacher::load(online, prompts.len(), &global)?;
     let critic = match &cfg.objective {
-        Objective::Text2grad(t) => Some(crate::judge::critic::from_spec(&t.critic, online.judge_model.as_deref(), &global)?),
+        Objective::Text2grad(t) => {
+            Some(crate::judge::critic::from_spec(&t.critic, online.judge_model.as_deref(), &global)?)
+        }
         _ => None,
     };
 
-    let per_round = if online.prompts_per_round == 0 { prompts.len() } else { online.prompts_per_round.min(prompts.len()) };
+    let per_round =
+        if online.prompts_per_round == 0 { prompts.len() } else { online.prompts_per_round.min(prompts.len()) };
     let most_items = match cfg.objective.data_need() {
-        DataNeed::Rollouts | DataNeed::TokenRewards | DataNeed::TeacherRollouts => per_round * online.samples_per_prompt,
+        DataNeed::Rollouts | DataNeed::TokenRewards | DataNeed::TeacherRollouts => {
+            per_round * online.samples_per_prompt
+        }
         _ => per_round,
     };
     // The schedule's horizon: the most steps the rounds can take (pairs and questions that
@@ -165,7 +175,13 @@ pub fn train(cfg: &TrainConfig, opts: &RunOptions) -> Result<RunSummary> {
         let data = match read_round(&path)? {
             Some(data) if trainer.step >= data.start_step => data,
             _ => {
-                let sources = RoundSources { prompts: &prompts, prompt_ids: &prompt_ids, judge: judge.as_ref(), teacher: &teacher, critic: critic.as_deref() };
+                let sources = RoundSources {
+                    prompts: &prompts,
+                    prompt_ids: &prompt_ids,
+                    judge: judge.as_ref(),
+                    teacher: &teacher,
+                    critic: critic.as_deref(),
+                };
                 let mut data = build_round(&mut trainer, round, &sources, previous.as_ref())?;
                 data.summary = round_summary(&data, previous.as_ref(), judge.as_ref(), &prompts)?;
                 write_round(&path, &data)?;
@@ -185,8 +201,16 @@ pub fn train(cfg: &TrainConfig, opts: &RunOptions) -> Result<RunSummary> {
 }
 
 /// The chat-formatted prompt ids, keeping the last `max_prompt_length` tokens.
-pub(super) fn tokenize_prompts(model: &LoadedModel, prompts: &[EvalPrompt], max_prompt_length: Option<usize>) -> Result<Vec<Vec<u32>>> {
-    let tok = crate::data::SequenceTokenizer { tokenizer: &model.tokenizer, chat_template: model.chat_template.as_ref(), truncation: Default::default() };
+pub(super) fn tokenize_prompts(
+    model: &LoadedModel,
+    prompts: &[EvalPrompt],
+    max_prompt_length: Option<usize>,
+) -> Result<Vec<Vec<u32>>> {
+    let tok = crate::data::SequenceTokenizer {
+        tokenizer: &model.tokenizer,
+        chat_template: model.chat_template.as_ref(),
+        truncation: Default::default(),
+    };
     prompts
         .iter()
         .map(|p| {
@@ -237,14 +261,23 @@ impl Teacher {
             None => None,
         };
         let model = match &online.teacher_model {
-            Some(spec) => Some(crate::load::load_model(spec, candle::DType::F32, &crate::load::parse_device(&global.device)?).with_context(|| format!("failed to load teacher `{spec}`"))?),
+            Some(spec) => Some(
+                crate::load::load_model(spec, candle::DType::F32, &crate::load::parse_device(&global.device)?)
+                    .with_context(|| format!("failed to load teacher `{spec}`"))?,
+            ),
             None => None,
         };
         Ok(Self { outputs, model })
     }
 
     /// The teacher's answers to `chosen` prompts, per prompt.
-    fn answers(&self, policy: &LoadedModel, chosen: &[usize], prompts: &[EvalPrompt], max_new_tokens: usize) -> Result<Vec<Vec<TeacherAnswer>>> {
+    fn answers(
+        &self,
+        policy: &LoadedModel,
+        chosen: &[usize],
+        prompts: &[EvalPrompt],
+        max_new_tokens: usize,
+    ) -> Result<Vec<Vec<TeacherAnswer>>> {
         let mut out = vec![Vec::new(); chosen.len()];
         let end = policy.eos_token_ids.first().copied();
         let as_policy_tokens = |text: &str| -> Result<Vec<u32>> {
@@ -260,7 +293,14 @@ impl Teacher {
         if let Some(teacher) = &self.model {
             let ids = tokenize_prompts(teacher, &chosen.iter().map(|&p| prompts[p].clone()).collect::<Vec<_>>(), None)?;
             let cfg = SamplingConfig { max_new_tokens, ..Default::default() };
-            let gens = crate::generate::generate(&teacher.model, &ids, &teacher.eos_token_ids, teacher.tokenizer.pad_id(), &cfg, |_, _| {})?;
+            let gens = crate::generate::generate(
+                &teacher.model,
+                &ids,
+                &teacher.eos_token_ids,
+                teacher.tokenizer.pad_id(),
+                &cfg,
+                |_, _| {},
+            )?;
             for (slot, g) in out.iter_mut().zip(&gens) {
                 let text = completion_text(&teacher.tokenizer, g)?;
                 slot.push((as_policy_tokens(&text)?, text));
@@ -292,7 +332,12 @@ fn kl_coef_for(previous: Option<&RoundData>, cfg: &Text2GradConfig) -> f64 {
 }
 
 /// Sample, judge and build round `round`'s training set from the policy as it stands.
-fn build_round(trainer: &mut Trainer, round: u64, sources: &RoundSources, previous: Option<&RoundData>) -> Result<RoundData> {
+fn build_round(
+    trainer: &mut Trainer,
+    round: u64,
+    sources: &RoundSources,
+    previous: Option<&RoundData>,
+) -> Result<RoundData> {
     let RoundSources { prompts, prompt_ids, judge, teacher, critic } = *sources;
     let cfg = trainer.cfg;
     let online = cfg.online.as_ref().expect("validated");
@@ -308,11 +353,37 @@ fn build_round(trainer: &mut Trainer, round: u64, sources: &RoundSources, previo
     // Sample from the live weights (a view: no copy, no graph).
     say(format!("round {}: sampling {} x {}", round + 1, ids.len(), online.samples_per_prompt));
     let frozen = policy.model.frozen_view();
-    let sampling = SamplingConfig { max_new_tokens: online.max_new_tokens, temperature: online.temperature, top_p: online.top_p, top_k: online.top_k, seed };
-    let groups = sample_groups(&frozen, &ids, online.samples_per_prompt, &policy.eos_token_ids, trainer.pad, &sampling, online.sampling_batch_size, |_| {})?;
+    let sampling = SamplingConfig {
+        max_new_tokens: online.max_new_tokens,
+        temperature: online.temperature,
+        top_p: online.top_p,
+        top_k: online.top_k,
+        seed,
+    };
+    let groups = sample_groups(
+        &frozen,
+        &ids,
+        online.samples_per_prompt,
+        &policy.eos_token_ids,
+        trainer.pad,
+        &sampling,
+        online.sampling_batch_size,
+        |_| {},
+    )?;
     let mut pools: Vec<Vec<Sample>> = groups
         .iter()
-        .map(|gens| gens.iter().map(|g| Ok(Sample { tokens: g.tokens.clone(), text: completion_text(&policy.tokenizer, g)?, score: 0.0, teacher: false })).collect::<Result<Vec<_>>>())
+        .map(|gens| {
+            gens.iter()
+                .map(|g| {
+                    Ok(Sample {
+                        tokens: g.tokens.clone(),
+                        text: completion_text(&policy.tokenizer, g)?,
+                        score: 0.0,
+                        teacher: false,
+                    })
+                })
+                .collect::<Result<Vec<_>>>()
+        })
         .collect::<Result<_>>()?;
     for (pool, answers) in pools.iter_mut().zip(teacher.answers(policy, &chosen, prompts, online.max_new_tokens)?) {
         pool.extend(answers.into_iter().map(|(tokens, text)| Sample { tokens, text, score: 0.0, teacher: true }));
@@ -330,12 +401,24 @@ fn build_round(trainer: &mut Trainer, round: u64, sources: &RoundSources, previo
                 let correct: Vec<bool> = pool.iter().map(|s| s.score > 0.5).collect();
                 if let Some(accuracy) = question_accuracy(&correct) {
                     for (j, &c) in correct.iter().enumerate() {
-                        rollouts.push(RoundRollout { prompt: i, sample: j, old_logps: Vec::new(), accuracy: accuracy as f32, correct: c, advantage: 0.0, teacher_logps: Vec::new(), kd: false });
+                        rollouts.push(RoundRollout {
+                            prompt: i,
+                            sample: j,
+                            old_logps: Vec::new(),
+                            accuracy: accuracy as f32,
+                            correct: c,
+                            advantage: 0.0,
+                            teacher_logps: Vec::new(),
+                            kd: false,
+                        });
                     }
                 }
             }
-            let seqs: Vec<TokenizedSequence> = rollouts.iter().map(|r| sequence(r.prompt, &pools[r.prompt][r.sample])).collect();
-            let records = per_token(&seqs, cfg.run.batch_size, trainer.pad, frozen.device(), |b| Ok([completion_token_logps(&frozen, b)?]))?;
+            let seqs: Vec<TokenizedSequence> =
+                rollouts.iter().map(|r| sequence(r.prompt, &pools[r.prompt][r.sample])).collect();
+            let records = per_token(&seqs, cfg.run.batch_size, trainer.pad, frozen.device(), |b| {
+                Ok([completion_token_logps(&frozen, b)?])
+            })?;
             for (r, [logps]) in rollouts.iter_mut().zip(records) {
                 r.old_logps = logps;
             }
@@ -348,13 +431,25 @@ fn build_round(trainer: &mut Trainer, round: u64, sources: &RoundSources, previo
                 let accuracy = scores.iter().filter(|&&s| s > 0.5).count() as f32 / scores.len() as f32;
                 for (j, a) in group_advantages(&scores).into_iter().enumerate() {
                     let correct = scores[j] > 0.5;
-                    rollouts.push(RoundRollout { prompt: i, sample: j, old_logps: Vec::new(), accuracy, correct, advantage: a as f32, teacher_logps: Vec::new(), kd: kdrl.applies_kd(correct) });
+                    rollouts.push(RoundRollout {
+                        prompt: i,
+                        sample: j,
+                        old_logps: Vec::new(),
+                        accuracy,
+                        correct,
+                        advantage: a as f32,
+                        teacher_logps: Vec::new(),
+                        kd: kdrl.applies_kd(correct),
+                    });
                 }
             }
             say(format!("round {}: scoring the samples under the old policy and the teacher", round + 1));
             let teacher = trainer.teacher.as_ref().context("kdrl needs the teacher (`[distill] teacher`)")?;
-            let seqs: Vec<TokenizedSequence> = rollouts.iter().map(|r| sequence(r.prompt, &pools[r.prompt][r.sample])).collect();
-            let records = per_token(&seqs, cfg.run.batch_size, trainer.pad, frozen.device(), |b| Ok([completion_token_logps(&frozen, b)?, completion_token_logps(teacher, b)?]))?;
+            let seqs: Vec<TokenizedSequence> =
+                rollouts.iter().map(|r| sequence(r.prompt, &pools[r.prompt][r.sample])).collect();
+            let records = per_token(&seqs, cfg.run.batch_size, trainer.pad, frozen.device(), |b| {
+                Ok([completion_token_logps(&frozen, b)?, completion_token_logps(teacher, b)?])
+            })?;
             for (r, [old, by_teacher]) in rollouts.iter_mut().zip(records) {
                 r.old_logps = old;
                 r.teacher_logps = by_teacher;
@@ -363,9 +458,12 @@ fn build_round(trainer: &mut Trainer, round: u64, sources: &RoundSources, previo
         Objective::Text2grad(t2g) => {
             say(format!("round {}: critiquing with {}", round + 1, critic.map_or("?".into(), |c| c.name())));
             let critic = critic.context("text2grad needs a critic")?;
-            let cases: Vec<(usize, usize)> = pools.iter().enumerate().flat_map(|(i, pool)| (0..pool.len()).map(move |j| (i, j))).collect();
-            let asked: Vec<(&crate::data::Text, &Map<String, Value>, &str)> =
-                cases.iter().map(|&(i, j)| (&prompts[chosen[i]].prompt, &prompts[chosen[i]].row, pools[i][j].text.as_str())).collect();
+            let cases: Vec<(usize, usize)> =
+                pools.iter().enumerate().flat_map(|(i, pool)| (0..pool.len()).map(move |j| (i, j))).collect();
+            let asked: Vec<(&crate::data::Text, &Map<String, Value>, &str)> = cases
+                .iter()
+                .map(|&(i, j)| (&prompts[chosen[i]].prompt, &prompts[chosen[i]].row, pools[i][j].text.as_str()))
+                .collect();
             let critiques = critic.critique(&asked)?;
             let seqs: Vec<TokenizedSequence> = cases.iter().map(|&(i, j)| sequence(i, &pools[i][j])).collect();
             let reference = trainer.reference.as_ref().context("text2grad needs the reference model")?;
@@ -394,8 +492,19 @@ fn build_round(trainer: &mut Trainer, round: u64, sources: &RoundSources, previo
                 let span_scores = token_scores(&decoded_tokens(&policy.tokenizer, &pools[i][j].tokens)?, &words);
                 let kl64: Vec<f64> = kl.iter().map(|&x| x as f64).collect();
                 let rewards = token_rewards(&span_scores, &kl64, kl_coef, t2g);
-                let (advantages, returns) = gae(&rewards, &old_values.iter().map(|&v| v as f64).collect::<Vec<_>>(), t2g.gamma, t2g.lam);
-                ppo.push(RoundPpo { prompt: i, sample: j, old_logps, old_values, advantages, returns, span_scores, kl: kl64, critiqued: critiques[k].is_some() });
+                let (advantages, returns) =
+                    gae(&rewards, &old_values.iter().map(|&v| v as f64).collect::<Vec<_>>(), t2g.gamma, t2g.lam);
+                ppo.push(RoundPpo {
+                    prompt: i,
+                    sample: j,
+                    old_logps,
+                    old_values,
+                    advantages,
+                    returns,
+                    span_scores,
+                    kl: kl64,
+                    critiqued: critiques[k].is_some(),
+                });
             }
             if t2g.whiten_advantages {
                 let mut all: Vec<f64> = ppo.iter().flat_map(|p| p.advantages.iter().copied()).collect();
@@ -410,15 +519,31 @@ fn build_round(trainer: &mut Trainer, round: u64, sources: &RoundSources, previo
         Objective::Inpo(_) | Objective::Dno(_) => {
             for (i, pool) in pools.iter().enumerate() {
                 if let Some((best, worst)) = best_and_worst(pool, online.min_margin) {
-                    pairs.push(RoundPair { prompt: i, chosen: best, rejected: worst, previous: (0.0, 0.0), reference: None });
+                    pairs.push(RoundPair {
+                        prompt: i,
+                        chosen: best,
+                        rejected: worst,
+                        previous: (0.0, 0.0),
+                        reference: None,
+                    });
                 }
             }
-            let items: Vec<Item> = pairs.iter().map(|p| Item::Pair(PairItem::new(sequence(p.prompt, &pools[p.prompt][p.chosen]), sequence(p.prompt, &pools[p.prompt][p.rejected])))).collect();
+            let items: Vec<Item> = pairs
+                .iter()
+                .map(|p| {
+                    Item::Pair(PairItem::new(
+                        sequence(p.prompt, &pools[p.prompt][p.chosen]),
+                        sequence(p.prompt, &pools[p.prompt][p.rejected]),
+                    ))
+                })
+                .collect();
             for (p, v) in pairs.iter_mut().zip(summed_pair_logps(&frozen, &items, cfg.run.batch_size, trainer.pad)?) {
                 p.previous = v;
             }
             if let Some(reference) = &trainer.reference {
-                for (p, v) in pairs.iter_mut().zip(summed_pair_logps(reference, &items, cfg.run.batch_size, trainer.pad)?) {
+                for (p, v) in
+                    pairs.iter_mut().zip(summed_pair_logps(reference, &items, cfg.run.batch_size, trainer.pad)?)
+                {
                     p.reference = Some(v);
                 }
             }
@@ -426,7 +551,19 @@ fn build_round(trainer: &mut Trainer, round: u64, sources: &RoundSources, previo
         other => bail!("objective `{}` is not an online objective", other.name()),
     }
     let items = pairs.len() + rollouts.len() + ppo.len();
-    Ok(RoundData { round, start_step: trainer.step, steps: steps_for(items, cfg) as u64, prompts: chosen, pointwise, samples: pools, pairs, rollouts, ppo, kl_coef: ppo_kl_coef, summary: Map::new() })
+    Ok(RoundData {
+        round,
+        start_step: trainer.step,
+        steps: steps_for(items, cfg) as u64,
+        prompts: chosen,
+        pointwise,
+        samples: pools,
+        pairs,
+        rollouts,
+        ppo,
+        kl_coef: ppo_kl_coef,
+        summary: Map::new(),
+    })
 }
 
 /// The prompts of round `round`: all of them, or the round's slice of a seeded shuffle.
@@ -443,8 +580,11 @@ fn round_prompts(n: usize, per_round: usize, seed: u64, round: u64) -> Vec<usize
 /// two answers of a prompt (both orders) and score each by its average win-rate against the
 /// others (DNO's rule; unreadable verdicts left out). Returns whether scores are pointwise.
 fn score_pools(judge: &dyn Judge, prompts: &[&EvalPrompt], pools: &mut [Vec<Sample>]) -> Result<bool> {
-    let outputs: Vec<(&crate::data::Text, &Map<String, Value>, &str)> =
-        prompts.iter().zip(pools.iter()).flat_map(|(p, pool)| pool.iter().map(move |s| (&p.prompt, &p.row, s.text.as_str()))).collect();
+    let outputs: Vec<(&crate::data::Text, &Map<String, Value>, &str)> = prompts
+        .iter()
+        .zip(pools.iter())
+        .flat_map(|(p, pool)| pool.iter().map(move |s| (&p.prompt, &p.row, s.text.as_str())))
+        .collect();
     if let Some(scores) = judge.score(&outputs)? {
         let mut scores = scores.into_iter();
         for s in pools.iter_mut().flatten() {
@@ -499,7 +639,13 @@ fn best_and_worst(pool: &[Sample], min_margin: f64) -> Option<(usize, usize)> {
 /// Per-token quantities of every sequence's completion, `batch_size` sequences at a time:
 /// `measure(batch)` gives `Q` flat `[N]` tensors over the batch's completion tokens, split here
 /// by sequence.
-fn per_token<const Q: usize>(seqs: &[TokenizedSequence], batch_size: usize, pad: u32, device: &candle::Device, measure: impl Fn(&Batch) -> Result<[Tensor; Q]>) -> Result<Vec<[Vec<f32>; Q]>> {
+fn per_token<const Q: usize>(
+    seqs: &[TokenizedSequence],
+    batch_size: usize,
+    pad: u32,
+    device: &candle::Device,
+    measure: impl Fn(&Batch) -> Result<[Tensor; Q]>,
+) -> Result<Vec<[Vec<f32>; Q]>> {
     let mut out = Vec::with_capacity(seqs.len());
     for chunk in seqs.chunks(batch_size.max(1)) {
         let batch = collate(&chunk.iter().collect::<Vec<_>>(), pad, device)?;
@@ -530,7 +676,13 @@ fn round_items(data: &RoundData, prompt_ids: &[Vec<u32>]) -> Vec<Item> {
             .ppo
             .iter()
             .map(|p| {
-                Item::Ppo(PpoItem { sequence: sequence(p.prompt, p.sample), old_logps: p.old_logps.clone(), old_values: p.old_values.clone(), advantages: f32s(&p.advantages), returns: f32s(&p.returns) })
+                Item::Ppo(PpoItem {
+                    sequence: sequence(p.prompt, p.sample),
+                    old_logps: p.old_logps.clone(),
+                    old_values: p.old_values.clone(),
+                    advantages: f32s(&p.advantages),
+                    returns: f32s(&p.returns),
+                })
             })
             .collect();
     }
@@ -576,11 +728,15 @@ fn round_items(data: &RoundData, prompt_ids: &[Vec<u32>]) -> Vec<Item> {
 fn train_round(trainer: &mut Trainer, data: &RoundData, prompt_ids: &[Vec<u32>]) -> Result<()> {
     let cfg = trainer.cfg;
     let items = round_items(data, prompt_ids);
-    let mut orders = BatchOrders::new(cfg.run.seed ^ (data.round + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15), cfg.run.batch_size, None);
+    let mut orders =
+        BatchOrders::new(cfg.run.seed ^ (data.round + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15), cfg.run.batch_size, None);
     let end = data.start_step + data.steps;
     while trainer.step < end {
         let (micro, epoch) = micro_batches(&items, trainer.step - data.start_step, &cfg.run, &mut orders);
-        let extra = Map::from_iter([("round".to_string(), Value::from(data.round + 1)), ("epoch".to_string(), Value::from(epoch))]);
+        let extra = Map::from_iter([
+            ("round".to_string(), Value::from(data.round + 1)),
+            ("epoch".to_string(), Value::from(epoch)),
+        ]);
         trainer.step(&micro, extra, None, trainer.step + 1 == end)?;
     }
     Ok(())
@@ -589,7 +745,12 @@ fn train_round(trainer: &mut Trainer, data: &RoundData, prompt_ids: &[Vec<u32>])
 /// The round's line of `rounds.jsonl`: what the judge thought of the samples, how many pairs
 /// or questions carried a signal, and the win-rate of this round's samples against the
 /// previous round's on the prompts both answered.
-fn round_summary(data: &RoundData, previous: Option<&RoundData>, judge: &dyn Judge, prompts: &[EvalPrompt]) -> Result<Map<String, Value>> {
+fn round_summary(
+    data: &RoundData,
+    previous: Option<&RoundData>,
+    judge: &dyn Judge,
+    prompts: &[EvalPrompt],
+) -> Result<Map<String, Value>> {
     let policy_samples: Vec<&Sample> = data.samples.iter().flatten().filter(|s| !s.teacher).collect();
     let n = policy_samples.len().max(1) as f64;
     let mut line = Map::new();
@@ -605,16 +766,33 @@ fn round_summary(data: &RoundData, previous: Option<&RoundData>, judge: &dyn Jud
     if !data.ppo.is_empty() {
         let tokens = data.ppo.iter().map(|p| p.span_scores.len()).sum::<usize>().max(1) as f64;
         let scored = data.ppo.iter().flat_map(|p| &p.span_scores).filter(|&&s| s != 0.0).count() as f64;
-        line.insert("mean_span_score".into(), (data.ppo.iter().flat_map(|p| &p.span_scores).sum::<f64>() / tokens).into());
+        line.insert(
+            "mean_span_score".into(),
+            (data.ppo.iter().flat_map(|p| &p.span_scores).sum::<f64>() / tokens).into(),
+        );
         line.insert("scored_token_fraction".into(), (scored / tokens).into());
-        line.insert("critiqued".into(), (data.ppo.iter().filter(|p| p.critiqued).count() as f64 / data.ppo.len() as f64).into());
-        line.insert("kl".into(), (data.ppo.iter().map(|p| p.kl.iter().sum::<f64>()).sum::<f64>() / data.ppo.len() as f64).into());
+        line.insert(
+            "critiqued".into(),
+            (data.ppo.iter().filter(|p| p.critiqued).count() as f64 / data.ppo.len() as f64).into(),
+        );
+        line.insert(
+            "kl".into(),
+            (data.ppo.iter().map(|p| p.kl.iter().sum::<f64>()).sum::<f64>() / data.ppo.len() as f64).into(),
+        );
         line.insert("kl_coef".into(), data.kl_coef.into());
     } else if data.pairs.is_empty() {
-        line.insert("questions_kept".into(), data.rollouts.iter().map(|r| r.prompt).collect::<std::collections::BTreeSet<_>>().len().into());
+        line.insert(
+            "questions_kept".into(),
+            data.rollouts.iter().map(|r| r.prompt).collect::<std::collections::BTreeSet<_>>().len().into(),
+        );
     } else {
         line.insert("pairs".into(), data.pairs.len().into());
-        let margin = data.pairs.iter().map(|p| data.samples[p.prompt][p.chosen].score - data.samples[p.prompt][p.rejected].score).sum::<f64>() / data.pairs.len() as f64;
+        let margin = data
+            .pairs
+            .iter()
+            .map(|p| data.samples[p.prompt][p.chosen].score - data.samples[p.prompt][p.rejected].score)
+            .sum::<f64>()
+            / data.pairs.len() as f64;
         line.insert("pair_margin".into(), margin.into());
     }
     if let Some(prev) = previous {
@@ -627,11 +805,17 @@ fn round_summary(data: &RoundData, previous: Option<&RoundData>, judge: &dyn Jud
 
 /// Sample `j` of each prompt in `now` against sample `j` of the same prompt in `before` (ties
 /// half); `None` when the rounds share no prompt.
-fn win_rate_against(now: &RoundData, before: &RoundData, judge: &dyn Judge, prompts: &[EvalPrompt]) -> Result<Option<f64>> {
+fn win_rate_against(
+    now: &RoundData,
+    before: &RoundData,
+    judge: &dyn Judge,
+    prompts: &[EvalPrompt],
+) -> Result<Option<f64>> {
     let mut matched: Vec<(usize, &Sample, &Sample)> = Vec::new();
     for (i, &p) in now.prompts.iter().enumerate() {
         if let Some(k) = before.prompts.iter().position(|&q| q == p) {
-            let pairs = now.samples[i].iter().filter(|s| !s.teacher).zip(before.samples[k].iter().filter(|s| !s.teacher));
+            let pairs =
+                now.samples[i].iter().filter(|s| !s.teacher).zip(before.samples[k].iter().filter(|s| !s.teacher));
             matched.extend(pairs.map(|(a, b)| (p, a, b)));
         }
     }
@@ -641,7 +825,15 @@ fn win_rate_against(now: &RoundData, before: &RoundData, judge: &dyn Judge, prom
     let outcomes: Vec<Option<Outcome>> = if now.pointwise {
         matched.iter().map(|(_, a, b)| Some(compare_scores(a.score, b.score, 0.0))).collect()
     } else {
-        let cases: Vec<Case> = matched.iter().map(|&(p, a, b)| Case { prompt: &prompts[p].prompt, row: &prompts[p].row, model: &a.text, baseline: &b.text }).collect();
+        let cases: Vec<Case> = matched
+            .iter()
+            .map(|&(p, a, b)| Case {
+                prompt: &prompts[p].prompt,
+                row: &prompts[p].row,
+                model: &a.text,
+                baseline: &b.text,
+            })
+            .collect();
         judge.judge(&cases)?.into_iter().map(|j| j.outcome).collect()
     };
     let read: Vec<f64> = outcomes.into_iter().flatten().map(Outcome::score).collect();

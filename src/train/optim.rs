@@ -140,8 +140,14 @@ impl AdamW {
         let mut tensors = HashMap::new();
         for s in &self.slots {
             // Copies: the fused update overwrites the moments in place.
-            tensors.insert(format!("{}.exp_avg", s.name), s.moments.get(0).and_then(|t| t.copy()).expect("moments have two halves"));
-            tensors.insert(format!("{}.exp_avg_sq", s.name), s.moments.get(1).and_then(|t| t.copy()).expect("moments have two halves"));
+            tensors.insert(
+                format!("{}.exp_avg", s.name),
+                s.moments.get(0).and_then(|t| t.copy()).expect("moments have two halves"),
+            );
+            tensors.insert(
+                format!("{}.exp_avg_sq", s.name),
+                s.moments.get(1).and_then(|t| t.copy()).expect("moments have two halves"),
+            );
         }
         (self.step, tensors)
     }
@@ -266,7 +272,9 @@ mod tests {
         for kernels in [Kernels::Plain, Kernels::Fused] {
             let head = Var::from_tensor(&Tensor::new(&[0f32, 0.0], &Device::Cpu).unwrap()).unwrap();
             let body = Var::from_tensor(&Tensor::new(&[0f32, 0.0], &Device::Cpu).unwrap()).unwrap();
-            let mut opt = AdamW::new(vec![("head".into(), head.clone()), ("body".into(), body.clone())], AdamWConfig::default()).unwrap();
+            let mut opt =
+                AdamW::new(vec![("head".into(), head.clone()), ("body".into(), body.clone())], AdamWConfig::default())
+                    .unwrap();
             opt.set_kernels(kernels);
             opt.set_lr_scale("head", 100.0);
             let g = Tensor::new(&[1f32, -1.0], &Device::Cpu).unwrap();
@@ -283,12 +291,15 @@ mod tests {
     #[test]
     fn fused_adamw_equals_plain_adamw() {
         let run = |kernels: Kernels| {
-            let w = Var::from_tensor(&Tensor::new(&[[0.5f32, -1.0, 2.0], [0.1, 0.0, -0.3]], &Device::Cpu).unwrap()).unwrap();
+            let w = Var::from_tensor(&Tensor::new(&[[0.5f32, -1.0, 2.0], [0.1, 0.0, -0.3]], &Device::Cpu).unwrap())
+                .unwrap();
             let cfg = AdamWConfig { lr: 0.01, weight_decay: 0.1, ..Default::default() };
             let mut opt = AdamW::new(vec![("w".into(), w.clone())], cfg).unwrap();
             opt.set_kernels(kernels);
             for step in 0..3 {
-                let g = (Tensor::new(&[[1f32, -2.0, 0.5], [3.0, 0.0, -1.0]], &Device::Cpu).unwrap() * (step as f64 + 1.0)).unwrap();
+                let g = (Tensor::new(&[[1f32, -2.0, 0.5], [3.0, 0.0, -1.0]], &Device::Cpu).unwrap()
+                    * (step as f64 + 1.0))
+                    .unwrap();
                 opt.step(&[Some(g)], 0.01).unwrap();
             }
             let v = opt.state().1["w.exp_avg_sq"].flatten_all().unwrap().to_vec1::<f32>().unwrap();

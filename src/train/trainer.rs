@@ -66,11 +66,13 @@ impl<'c> Trainer<'c> {
         if opts.resume && resume_from.is_none() {
             eprintln!("candor: no checkpoint in `{}`; starting from step 0", run_dir.display());
         }
-        std::fs::create_dir_all(run_dir).with_context(|| format!("cannot create run directory `{}`", run_dir.display()))?;
+        std::fs::create_dir_all(run_dir)
+            .with_context(|| format!("cannot create run directory `{}`", run_dir.display()))?;
         std::fs::write(run_dir.join("config.toml"), cfg.to_toml()?)?;
 
         // Models: the policy (from the checkpoint when resuming) and the frozen reference.
-        let mut start = load::load_model(&cfg.model.model, dtype, &device).with_context(|| format!("failed to load model `{}`", cfg.model.model))?;
+        let mut start = load::load_model(&cfg.model.model, dtype, &device)
+            .with_context(|| format!("failed to load model `{}`", cfg.model.model))?;
         let distill = cfg.distill.clone().unwrap_or_default();
         // Distillation: the frozen teacher (the same load when it is the same model), then the
         // student cut out of `model.model` when asked (a checkpoint already holds the student).
@@ -78,7 +80,8 @@ impl<'c> Trainer<'c> {
             let mut teacher = if distill.teacher == cfg.model.model {
                 start.model.frozen_view()
             } else {
-                let t = load::load_model(&distill.teacher, dtype, &device).with_context(|| format!("failed to load the teacher `{}`", distill.teacher))?;
+                let t = load::load_model(&distill.teacher, dtype, &device)
+                    .with_context(|| format!("failed to load the teacher `{}`", distill.teacher))?;
                 check_same_tokenizer(&start, &t)?;
                 t.model
             };
@@ -140,7 +143,8 @@ impl<'c> Trainer<'c> {
         policy.model.set_gradient_checkpointing(cfg.run.gradient_checkpointing);
         policy.model.set_matmul_precision(matmul_precision);
 
-        let mut vars = if cfg.lora.is_some() { policy.model.make_lora_trainable()? } else { policy.model.make_trainable()? };
+        let mut vars =
+            if cfg.lora.is_some() { policy.model.make_lora_trainable()? } else { policy.model.make_trainable()? };
         // Extra heads (SPO's degree classifiers, PPO's value head) train with the policy and live
         // in its checkpoints.
         let hidden = policy.model.config().hidden_size;
@@ -183,13 +187,34 @@ impl<'c> Trainer<'c> {
         }
         let metrics_file = std::fs::OpenOptions::new().create(true).append(true).open(run_dir.join("metrics.jsonl"))?;
         let pad = policy.tokenizer.pad_id();
-        Ok(Self { cfg, policy, reference, teacher, heads, opt, step, total: 0, metrics_file, bar: None, quiet: opts.quiet, pad, last_checkpoint: None })
+        Ok(Self {
+            cfg,
+            policy,
+            reference,
+            teacher,
+            heads,
+            opt,
+            step,
+            total: 0,
+            metrics_file,
+            bar: None,
+            quiet: opts.quiet,
+            pad,
+            last_checkpoint: None,
+        })
     }
 
     /// The models of a step.
     pub fn models(&self) -> StepModels<'_> {
         let progress = if self.total == 0 { 0.0 } else { self.step as f64 / self.total as f64 };
-        StepModels { policy: &self.policy.model, reference: self.reference.as_ref(), teacher: self.teacher.as_ref(), heads: &self.heads, pad: self.pad, progress }
+        StepModels {
+            policy: &self.policy.model,
+            reference: self.reference.as_ref(),
+            teacher: self.teacher.as_ref(),
+            heads: &self.heads,
+            pad: self.pad,
+            progress,
+        }
     }
 
     /// Set the run's length in steps (the schedule's horizon) and show the progress bar.
@@ -200,7 +225,10 @@ impl<'c> Trainer<'c> {
         }
         let bar = self.bar.get_or_insert_with(|| {
             indicatif::ProgressBar::new(total).with_style(
-                indicatif::ProgressStyle::with_template("{spinner} step {pos}/{len} [{elapsed_precise} < {eta_precise}] {msg}").expect("valid template"),
+                indicatif::ProgressStyle::with_template(
+                    "{spinner} step {pos}/{len} [{elapsed_precise} < {eta_precise}] {msg}",
+                )
+                .expect("valid template"),
             )
         });
         bar.set_length(total);
@@ -241,7 +269,13 @@ impl<'c> Trainer<'c> {
     /// One optimizer step over `micro` (its micro-batches): forward, backward, clip, AdamW,
     /// one `metrics.jsonl` line (with `extra` fields such as the epoch or round), evaluation on
     /// `eval` when due, and a checkpoint when due or when `checkpoint_now`.
-    pub fn step(&mut self, micro: &[Vec<&Item>], extra: Map<String, Value>, eval: Option<&[Item]>, checkpoint_now: bool) -> Result<()> {
+    pub fn step(
+        &mut self,
+        micro: &[Vec<&Item>],
+        extra: Map<String, Value>,
+        eval: Option<&[Item]>,
+        checkpoint_now: bool,
+    ) -> Result<()> {
         let started = Instant::now();
         let (cfg, r) = (self.cfg, &self.cfg.run);
         let objective = &cfg.objective;
@@ -299,7 +333,8 @@ impl<'c> Trainer<'c> {
         let saved = checkpoint::save(&r.output, &state, (!r.save_only_model).then_some(&opt_state), |dir| {
             write_trainable(dir, cfg, policy)?;
             if !heads.is_empty() {
-                let tensors: std::collections::HashMap<String, Tensor> = heads.iter().map(|(n, v)| (n.clone(), v.as_tensor().clone())).collect();
+                let tensors: std::collections::HashMap<String, Tensor> =
+                    heads.iter().map(|(n, v)| (n.clone(), v.as_tensor().clone())).collect();
                 candle::safetensors::save(&tensors, dir.join(HEADS_FILE))?;
             }
             Ok(())
@@ -353,7 +388,12 @@ pub struct Accumulated {
 
 /// Forward and backward every micro-batch of a step, summing gradients. Losses come back
 /// divided by the whole step's size, so the sum is the full-batch loss.
-pub fn accumulate(objective: &candor_alignment::Objective, models: StepModels, micro: &[Vec<&Item>], opt: &AdamW) -> Result<Accumulated> {
+pub fn accumulate(
+    objective: &candor_alignment::Objective,
+    models: StepModels,
+    micro: &[Vec<&Item>],
+    opt: &AdamW,
+) -> Result<Accumulated> {
     let policy = models.policy;
     let scale = StepScale {
         examples: micro.iter().map(Vec::len).sum::<usize>() as f64,
@@ -371,7 +411,9 @@ pub fn accumulate(objective: &candor_alignment::Objective, models: StepModels, m
         // Checkpointed blocks hand their weights' gradients over separately.
         let mut checkpointed = policy.take_checkpoint_grads();
         for (sum, var) in acc.grads.iter_mut().zip(opt.vars()) {
-            for gv in [g.get(var.as_tensor()).cloned(), checkpointed.remove(&var.as_tensor().id())].into_iter().flatten() {
+            for gv in
+                [g.get(var.as_tensor()).cloned(), checkpointed.remove(&var.as_tensor().id())].into_iter().flatten()
+            {
                 *sum = Some(match sum.take() {
                     // Every gradient candle's backward returns is a fresh sum that nothing
                     // else holds, so the first micro-batch's can take the others in place.
@@ -398,7 +440,15 @@ fn write_trainable(dir: &Path, cfg: &TrainConfig, m: &LoadedModel) -> Result<()>
 
 fn write_policy(dir: &Path, m: &LoadedModel) -> Result<()> {
     let max_shard = crate::export::DEFAULT_MAX_SHARD_BYTES;
-    crate::export::write_hf_dir(dir, &m.model, &m.tokenizer, m.chat_template.as_ref(), &m.eos_token_ids, m.model.dtype(), max_shard)
+    crate::export::write_hf_dir(
+        dir,
+        &m.model,
+        &m.tokenizer,
+        m.chat_template.as_ref(),
+        &m.eos_token_ids,
+        m.model.dtype(),
+        max_shard,
+    )
 }
 
 /// The optimizer's (and checkpoints') name of SPO's degree heads.
@@ -411,7 +461,12 @@ const HEADS_FILE: &str = "heads.safetensors";
 /// Fresh extra heads for `objective`, seeded by the run seed: SPO's `[heads, classes, hidden]`
 /// classifiers from N(0, 0.02²) (transformers' initialisation of a new head); PPO's value head
 /// `Linear(hidden, 1)` from U(−1/√hidden, 1/√hidden) (PyTorch's default, as TRL leaves it).
-fn new_heads(objective: &candor_alignment::Objective, hidden: usize, seed: u64, device: &candle::Device) -> Result<Vec<(String, Tensor)>> {
+fn new_heads(
+    objective: &candor_alignment::Objective,
+    hidden: usize,
+    seed: u64,
+    device: &candle::Device,
+) -> Result<Vec<(String, Tensor)>> {
     use rand_distr::Distribution;
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed ^ 0x5350_4f48);
     let mut heads = Vec::new();
@@ -464,7 +519,8 @@ fn check_same_tokenizer(student: &LoadedModel, teacher: &LoadedModel) -> Result<
 
 fn load_heads(dir: &Path, device: &candle::Device) -> Result<std::collections::HashMap<String, Tensor>> {
     let path = dir.join(HEADS_FILE);
-    candle::safetensors::load(&path, device).with_context(|| format!("cannot read the extra heads `{}`", path.display()))
+    candle::safetensors::load(&path, device)
+        .with_context(|| format!("cannot read the extra heads `{}`", path.display()))
 }
 
 fn add_metrics(into: &mut Vec<(String, f64)>, new: Vec<(String, f64)>) {
@@ -477,13 +533,16 @@ fn add_metrics(into: &mut Vec<(String, f64)>, new: Vec<(String, f64)>) {
 }
 
 /// Loss and metrics of the whole held-out set (no gradient).
-pub fn evaluate(objective: &candor_alignment::Objective, models: StepModels, items: &[Item], batch_size: usize) -> Result<(f64, Vec<(String, f64)>)> {
+pub fn evaluate(
+    objective: &candor_alignment::Objective,
+    models: StepModels,
+    items: &[Item],
+    batch_size: usize,
+) -> Result<(f64, Vec<(String, f64)>)> {
     let frozen = models.policy.frozen_view();
     let models = models.with_policy(&frozen);
-    let scale = StepScale {
-        examples: items.len() as f64,
-        tokens: items.iter().map(|i| i.loss_tokens()).sum::<usize>() as f64,
-    };
+    let scale =
+        StepScale { examples: items.len() as f64, tokens: items.iter().map(|i| i.loss_tokens()).sum::<usize>() as f64 };
     let mut loss = 0f64;
     let mut metrics = Vec::new();
     for chunk in items.chunks(batch_size.max(1)) {
@@ -495,4 +554,3 @@ pub fn evaluate(objective: &candor_alignment::Objective, models: StepModels, ite
     }
     Ok((loss, metrics))
 }
-

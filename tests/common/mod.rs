@@ -68,7 +68,11 @@ pub fn assert_rel(what: &str, got: &[f64], want: &[f64], tol: f64) {
 
 /// The lines of a run's `metrics.jsonl`.
 pub fn metrics(run: &Path) -> Vec<Value> {
-    std::fs::read_to_string(run.join("metrics.jsonl")).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+    std::fs::read_to_string(run.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
 }
 
 /// The first `n` lines of a repository file `src`, written to `dest`.
@@ -86,7 +90,11 @@ pub fn candor_train(args: &[&str]) {
 
 /// Run the `candor` binary from the repository root.
 pub fn candor(args: &[&str]) -> std::process::Output {
-    std::process::Command::new(env!("CARGO_BIN_EXE_candor")).current_dir(env!("CARGO_MANIFEST_DIR")).args(args).output().unwrap()
+    std::process::Command::new(env!("CARGO_BIN_EXE_candor"))
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .args(args)
+        .output()
+        .unwrap()
 }
 
 /// A metric of every line that has it.

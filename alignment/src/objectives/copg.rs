@@ -54,10 +54,9 @@ impl CopgConfig {
 /// (mean β (ρ(y) − ρ(y'))).
 pub fn loss(x: &PairLogps, cfg: &CopgConfig, scale: &StepScale) -> Result<ObjectiveOutput> {
     cfg.validate()?;
-    let (r_first, r_second) = x
-        .rewards
-        .as_ref()
-        .ok_or_else(|| invalid("copg", "data", "every row needs `reward_chosen` and `reward_rejected` (or set `reward_judge`)"))?;
+    let (r_first, r_second) = x.rewards.as_ref().ok_or_else(|| {
+        invalid("copg", "data", "every row needs `reward_chosen` and `reward_rejected` (or set `reward_judge`)")
+    })?;
     let (rho_w, rho_l) = log_ratios(x)?;
     let reward_difference = (r_first - r_second)?;
     let logratio_difference = ((&rho_w - &rho_l)? * cfg.beta)?;
@@ -68,7 +67,9 @@ pub fn loss(x: &PairLogps, cfg: &CopgConfig, scale: &StepScale) -> Result<Object
         rejected_rewards: (rho_l * cfg.beta)?.detach(),
     };
     let mut out = reduce_pairs(x, &pairs, scale)?;
-    let mean = |t: &Tensor| -> Result<f64> { Ok(t.detach().to_dtype(DType::F64)?.sum_all()?.to_scalar::<f64>()? / scale.examples) };
+    let mean = |t: &Tensor| -> Result<f64> {
+        Ok(t.detach().to_dtype(DType::F64)?.sum_all()?.to_scalar::<f64>()? / scale.examples)
+    };
     out.metrics.push(("copg/reward_difference".into(), mean(&reward_difference)?));
     out.metrics.push(("copg/logratio_difference".into(), mean(&logratio_difference)?));
     Ok(out)
@@ -88,7 +89,11 @@ mod tests {
     }
 
     fn value(x: &PairLogps, beta: f64) -> f32 {
-        loss(x, &CopgConfig { beta, reward_judge: None }, &StepScale::single(1, 2.0)).unwrap().loss.to_scalar::<f32>().unwrap()
+        loss(x, &CopgConfig { beta, reward_judge: None }, &StepScale::single(1, 2.0))
+            .unwrap()
+            .loss
+            .to_scalar::<f32>()
+            .unwrap()
     }
 
     #[test]
@@ -115,7 +120,8 @@ mod tests {
 
     #[test]
     fn rows_without_rewards_are_a_clear_error() {
-        let err = loss(&one_pair([0.0; 4], [1.0, 1.0]), &CopgConfig::default(), &StepScale::single(1, 1.0)).unwrap_err();
+        let err =
+            loss(&one_pair([0.0; 4], [1.0, 1.0]), &CopgConfig::default(), &StepScale::single(1, 1.0)).unwrap_err();
         assert!(err.to_string().contains("reward_chosen"), "{err}");
     }
 }

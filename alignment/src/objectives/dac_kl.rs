@@ -153,7 +153,9 @@ impl DacKlConfig {
         if !(0.0..=1.0).contains(&self.min_kept_mass) {
             return Err(invalid("dac_kl", "min_kept_mass", "must lie in [0, 1]"));
         }
-        for (field, v) in [("mass_weight", self.mass_weight), ("sft_weight", self.sft_weight), ("span_weight", self.span_weight)] {
+        for (field, v) in
+            [("mass_weight", self.mass_weight), ("sft_weight", self.sft_weight), ("span_weight", self.span_weight)]
+        {
             if v.is_nan() || v < 0.0 {
                 return Err(invalid("dac_kl", field, "must be a non-negative number"));
             }
@@ -173,7 +175,8 @@ pub fn clip_net_shapes(cfg: &DacKlConfig) -> [(&'static str, Vec<usize>); 4] {
 }
 
 /// The clipping network's parameter names, in [`DistillTokens::clip_net`]'s order.
-pub const CLIP_NET: [&str; 4] = ["dac_kl.clip_net.w1", "dac_kl.clip_net.b1", "dac_kl.clip_net.w2", "dac_kl.clip_net.b2"];
+pub const CLIP_NET: [&str; 4] =
+    ["dac_kl.clip_net.w1", "dac_kl.clip_net.b1", "dac_kl.clip_net.w2", "dac_kl.clip_net.b2"];
 
 /// KL between `log_p` and `log_q` renormalised on the kept set `mask` (soft, in [0, 1]), per
 /// row `[N]`, and the kept masses `(M_p, M_q)`.
@@ -314,7 +317,14 @@ mod tests {
     }
 
     fn only_kl() -> DacKlConfig {
-        DacKlConfig { clip_net: false, sft_weight: 0.0, span_weight: 0.0, mass_weight: 0.0, softness: 1e-3, ..Default::default() }
+        DacKlConfig {
+            clip_net: false,
+            sft_weight: 0.0,
+            span_weight: 0.0,
+            mass_weight: 0.0,
+            softness: 1e-3,
+            ..Default::default()
+        }
     }
 
     #[test]
@@ -323,7 +333,9 @@ mod tests {
         // drops token 2 unless it is the target.
         let (_, mut x) = rows_of(&[&[1.0, 1.0, 0.0]], &[&[2.0, 1.0, 0.0]]);
         let cfg = DacKlConfig { lower_max: 0.2, ..only_kl() };
-        let l = |x: &DistillTokens| loss(x, &cfg, &StepScale::single(1, 1.0)).unwrap().loss.to_scalar::<f32>().unwrap() as f64;
+        let l = |x: &DistillTokens| {
+            loss(x, &cfg, &StepScale::single(1, 1.0)).unwrap().loss.to_scalar::<f32>().unwrap() as f64
+        };
         let dropped = 0.731_059 * (0.731_059f64 / 0.5).ln() + 0.268_941 * (0.268_941f64 / 0.5).ln();
         assert!((l(&x) - dropped).abs() < 1e-5, "{}", l(&x));
         x.targets = Tensor::new(&[2u32], &Device::Cpu).unwrap();
@@ -333,9 +345,19 @@ mod tests {
     #[test]
     fn the_clipping_network_gets_a_gradient_and_the_floor_binds() {
         let dev = Device::Cpu;
-        let cfg = DacKlConfig { top_k: 3, hidden: 2, lower_max: 0.5, sft_weight: 0.0, span_weight: 0.0, ..Default::default() };
+        let cfg = DacKlConfig {
+            top_k: 3,
+            hidden: 2,
+            lower_max: 0.5,
+            sft_weight: 0.0,
+            span_weight: 0.0,
+            ..Default::default()
+        };
         let (_, mut x) = rows_of(&[&[1.0, 1.0, 0.0], &[0.0, 2.0, 0.0]], &[&[2.0, 1.0, 0.0], &[0.0, 3.0, 1.0]]);
-        let vars: Vec<candle::Var> = clip_net_shapes(&cfg).iter().map(|(_, shape)| candle::Var::from_tensor(&Tensor::full(0.3f32, shape.as_slice(), &dev).unwrap()).unwrap()).collect();
+        let vars: Vec<candle::Var> = clip_net_shapes(&cfg)
+            .iter()
+            .map(|(_, shape)| candle::Var::from_tensor(&Tensor::full(0.3f32, shape.as_slice(), &dev).unwrap()).unwrap())
+            .collect();
         x.clip_net = Some(std::array::from_fn(|i| vars[i].as_tensor().clone()));
         let out = loss(&x, &cfg, &StepScale::single(2, 2.0)).unwrap();
         let g = out.loss.backward().unwrap();
@@ -359,7 +381,13 @@ mod tests {
         // A different student: the span term is positive.
         let (_, mut y) = rows_of(&[&[1.0, 1.0, 0.0], &[0.0, 2.0, 0.0]], &[row, row]);
         y.rows = x.rows.clone();
-        let span = loss(&y, &cfg, &StepScale::single(1, 2.0)).unwrap().metrics.iter().find(|m| m.0 == "dac_kl/span").unwrap().1;
+        let span = loss(&y, &cfg, &StepScale::single(1, 2.0))
+            .unwrap()
+            .metrics
+            .iter()
+            .find(|m| m.0 == "dac_kl/span")
+            .unwrap()
+            .1;
         assert!(span > 1e-3, "{span}");
     }
 }

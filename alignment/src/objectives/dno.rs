@@ -52,7 +52,10 @@ pub fn loss(x: &PairLogps, cfg: &DnoConfig, scale: &StepScale) -> Result<Objecti
     let (rho_1, rho_2) = log_ratios(x)?;
     let d = ((&rho_1 - &rho_2)? * cfg.beta)?;
     let per_pair = if cfg.soft {
-        let (r1, r2) = x.rewards.as_ref().ok_or_else(|| invalid("dno", "soft", "soft targets need the pair's win-rates as rewards"))?;
+        let (r1, r2) = x
+            .rewards
+            .as_ref()
+            .ok_or_else(|| invalid("dno", "soft", "soft targets need the pair's win-rates as rewards"))?;
         let q = crate::tensor_ops::sigmoid(&(r1 - r2)?)?.detach();
         let agree = (log_sigmoid(&d)? * &q)?;
         let disagree = (log_sigmoid(&d.neg()?)? * (q.neg()? + 1.0)?)?;
@@ -60,7 +63,11 @@ pub fn loss(x: &PairLogps, cfg: &DnoConfig, scale: &StepScale) -> Result<Objecti
     } else {
         log_sigmoid(&d)?.neg()?
     };
-    let pairs = PairLosses { per_pair, chosen_rewards: (rho_1 * cfg.beta)?.detach(), rejected_rewards: (rho_2 * cfg.beta)?.detach() };
+    let pairs = PairLosses {
+        per_pair,
+        chosen_rewards: (rho_1 * cfg.beta)?.detach(),
+        rejected_rewards: (rho_2 * cfg.beta)?.detach(),
+    };
     reduce_pairs(x, &pairs, scale)
 }
 

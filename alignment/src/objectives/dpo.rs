@@ -82,11 +82,8 @@ pub fn loss(x: &PairLogps, cfg: &DpoConfig, scale: &StepScale) -> Result<Objecti
 /// Per-pair DPO loss and implicit rewards.
 pub fn per_pair(x: &PairLogps, cfg: &DpoConfig) -> Result<PairLosses> {
     cfg.validate()?;
-    let (mut rho_w, mut rho_l) = if cfg.reference_free {
-        (x.policy_chosen.clone(), x.policy_rejected.clone())
-    } else {
-        log_ratios(x)?
-    };
+    let (mut rho_w, mut rho_l) =
+        if cfg.reference_free { (x.policy_chosen.clone(), x.policy_rejected.clone()) } else { log_ratios(x)? };
     if cfg.loss_type == DpoLossType::Ipo {
         rho_w = (rho_w / &x.chosen_tokens)?;
         rho_l = (rho_l / &x.rejected_tokens)?;

@@ -94,7 +94,11 @@ fn default_templates() -> Vec<String> {
 
 impl Default for HindsightConfig {
     fn default() -> Self {
-        Self { templates: default_templates(), mask_past_max: default_mask_past_max(), positive_prefix: default_positive_prefix() }
+        Self {
+            templates: default_templates(),
+            mask_past_max: default_mask_past_max(),
+            positive_prefix: default_positive_prefix(),
+        }
     }
 }
 
@@ -111,7 +115,11 @@ impl HindsightConfig {
             let verdict = t.ends_with("{1st}") || t.ends_with("{2nd}");
             let (pos, neg) = (t.matches("{pos}").count(), t.matches("{neg}").count());
             if pos > 1 || neg > 1 || pos + neg == 0 || (verdict && pos + neg != 2) {
-                return Err(invalid("hindsight", "templates", &format!("`{t}`: needs {{pos}} and/or {{neg}} once each (both before a final {{1st}}/{{2nd}})")));
+                return Err(invalid(
+                    "hindsight",
+                    "templates",
+                    &format!("`{t}`: needs {{pos}} and/or {{neg}} once each (both before a final {{1st}}/{{2nd}})"),
+                ));
             }
         }
         Ok(())
@@ -206,7 +214,10 @@ pub fn render(cfg: &HindsightConfig, feedback: Feedback, seed: u64) -> Result<Re
 
 /// Split a template into its pieces with the answers filled in.
 fn fill(template: &str, pos: &str, neg: &str) -> Vec<(String, PieceKind)> {
-    let verdict = template.strip_suffix("{1st}").map(|t| (t, "the first one.")).or_else(|| template.strip_suffix("{2nd}").map(|t| (t, "the second one.")));
+    let verdict = template
+        .strip_suffix("{1st}")
+        .map(|t| (t, "the first one."))
+        .or_else(|| template.strip_suffix("{2nd}").map(|t| (t, "the second one.")));
     if let Some((question, answer)) = verdict {
         let question = question.replace("{pos}", pos).replace("{neg}", neg);
         return vec![(question, PieceKind::Quoted), (answer.to_string(), PieceKind::Verdict)];
@@ -279,7 +290,8 @@ mod tests {
                 ("GOOD".to_string(), PieceKind::Positive),
             ]
         );
-        let v = fill("For the following two answers {neg} and {pos}, which one is better? The answer is {2nd}", "G", "B");
+        let v =
+            fill("For the following two answers {neg} and {pos}, which one is better? The answer is {2nd}", "G", "B");
         assert_eq!(v[0].0, "For the following two answers B and G, which one is better? The answer is ");
         assert_eq!(v[1], ("the second one.".to_string(), PieceKind::Verdict));
         assert_eq!(v.iter().map(|p| p.1.loss_class()).collect::<Vec<_>>(), [0, 1]);
@@ -290,7 +302,10 @@ mod tests {
         let cfg = HindsightConfig::default();
         for seed in 0..50 {
             let good = render(&cfg, Feedback::Single { answer: "yes", desirable: true }, seed).unwrap();
-            assert!(good.pieces.iter().all(|p| p.1 != PieceKind::Negative) && good.pieces.iter().any(|p| p.1 == PieceKind::Positive));
+            assert!(
+                good.pieces.iter().all(|p| p.1 != PieceKind::Negative)
+                    && good.pieces.iter().any(|p| p.1 == PieceKind::Positive)
+            );
             let bad = render(&cfg, Feedback::Single { answer: "no", desirable: false }, seed).unwrap();
             assert!(bad.pieces.iter().all(|p| p.1 != PieceKind::Positive));
             assert!((0.0..=0.05).contains(&good.mask_past_fraction));
@@ -298,8 +313,9 @@ mod tests {
         // The same seed draws the same template; pairs reach both orders.
         let pair = Feedback::Pair { pos: "G", neg: "B" };
         assert_eq!(render(&cfg, pair, 7).unwrap(), render(&cfg, pair, 7).unwrap());
-        let first_kinds: std::collections::HashSet<_> =
-            (0..200).map(|s| render(&cfg, pair, s).unwrap().pieces.iter().find(|p| p.1.loss_class() > 0).unwrap().1).collect();
+        let first_kinds: std::collections::HashSet<_> = (0..200)
+            .map(|s| render(&cfg, pair, s).unwrap().pieces.iter().find(|p| p.1.loss_class() > 0).unwrap().1)
+            .collect();
         assert!(first_kinds.contains(&PieceKind::Positive) && first_kinds.contains(&PieceKind::Negative));
     }
 
@@ -316,7 +332,10 @@ mod tests {
         let x = SequenceLogps {
             policy: t(&[-4.0]),
             tokens: t(&[3.0]),
-            classes: Some(ClassLogps { sums: Tensor::new(&[[-1f32, -3.0]], &Device::Cpu).unwrap(), tokens: Tensor::new(&[[2f32, 1.0]], &Device::Cpu).unwrap() }),
+            classes: Some(ClassLogps {
+                sums: Tensor::new(&[[-1f32, -3.0]], &Device::Cpu).unwrap(),
+                tokens: Tensor::new(&[[2f32, 1.0]], &Device::Cpu).unwrap(),
+            }),
         };
         let out = loss(&x, &HindsightConfig::default(), &StepScale::single(1, 3.0)).unwrap();
         assert!((out.loss.to_scalar::<f32>().unwrap() - 4.0 / 3.0).abs() < 1e-6);

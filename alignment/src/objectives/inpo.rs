@@ -67,15 +67,21 @@ pub struct PreviousIterate {
 /// log-ratios to the mixed anchor) plus `inpo/h` (mean h) and `inpo/h_positive` (fraction h > 0).
 pub fn loss(x: &PairLogps, cfg: &InpoConfig, scale: &StepScale) -> Result<ObjectiveOutput> {
     cfg.validate()?;
-    let previous = x.previous.as_ref().ok_or_else(|| invalid("inpo", "data", "needs the previous iterate's log-probs of every pair"))?;
+    let previous = x
+        .previous
+        .as_ref()
+        .ok_or_else(|| invalid("inpo", "data", "needs the previous iterate's log-probs of every pair"))?;
     let mix = cfg.eta * cfg.tau;
     // Per completion: log π − ητ log π_ref − (1 − ητ) log π_t.
-    let anchored = |policy: &Tensor, reference: &Tensor, prev: &Tensor| -> Result<Tensor> { Ok(((policy - (reference * mix)?)? - (prev * (1.0 - mix))?)?) };
+    let anchored = |policy: &Tensor, reference: &Tensor, prev: &Tensor| -> Result<Tensor> {
+        Ok(((policy - (reference * mix)?)? - (prev * (1.0 - mix))?)?)
+    };
     let a_w = anchored(&x.policy_chosen, &x.reference_chosen, &previous.chosen)?;
     let a_l = anchored(&x.policy_rejected, &x.reference_rejected, &previous.rejected)?;
     let h = (&a_w - &a_l)?;
     let per_pair = (&h - cfg.eta / 2.0)?.sqr()?;
-    let mut out = reduce_pairs(x, &PairLosses { per_pair, chosen_rewards: a_w.detach(), rejected_rewards: a_l.detach() }, scale)?;
+    let mut out =
+        reduce_pairs(x, &PairLosses { per_pair, chosen_rewards: a_w.detach(), rejected_rewards: a_l.detach() }, scale)?;
     let sum = |t: &Tensor| -> Result<f64> { Ok(t.detach().to_dtype(DType::F64)?.sum_all()?.to_scalar::<f64>()?) };
     out.metrics.push(("inpo/h".into(), sum(&h)? / scale.examples));
     out.metrics.push(("inpo/h_positive".into(), sum(&h.gt(0.0)?)? / scale.examples));

@@ -217,7 +217,14 @@ mod tests {
     fn one(policy: f32, old: f32, teacher: f32, advantage: f32, mask: f32, progress: f64) -> (Var, KdrlTokens) {
         let t = |v: f32| Tensor::new(&[v], &Device::Cpu).unwrap();
         let var = Var::from_tensor(&t(policy)).unwrap();
-        let x = KdrlTokens { policy: var.as_tensor().clone(), old: t(old), teacher: t(teacher), advantages: t(advantage), kd_mask: t(mask), progress };
+        let x = KdrlTokens {
+            policy: var.as_tensor().clone(),
+            old: t(old),
+            teacher: t(teacher),
+            advantages: t(advantage),
+            kd_mask: t(mask),
+            progress,
+        };
         (var, x)
     }
 

@@ -144,7 +144,13 @@ pub fn loss(t: &NftTokens, cfg: &NftConfig, scale: &StepScale) -> Result<Objecti
     let sum = |x: &Tensor| -> Result<f64> { Ok(x.detach().to_dtype(DType::F64)?.sum_all()?.to_scalar::<f64>()?) };
     let clamped = (terms.negative_ratio.lt(cfg.clamp_negative)?.to_dtype(DType::F32)? * &terms.wrong)?;
     let tokens = scale.tokens.max(1.0);
-    Ok(ObjectiveOutput { loss, metrics: vec![("nft/ratio".into(), sum(&terms.ratio)? / tokens), ("nft/clamped".into(), sum(&clamped)? / tokens)] })
+    Ok(ObjectiveOutput {
+        loss,
+        metrics: vec![
+            ("nft/ratio".into(), sum(&terms.ratio)? / tokens),
+            ("nft/clamped".into(), sum(&clamped)? / tokens),
+        ],
+    })
 }
 
 #[cfg(test)]
@@ -180,7 +186,12 @@ mod tests {
     fn negative_gradient_flows_through_the_clamp() {
         // d l / d log R = r R / (1 − r R) = 0.290323 at R = 0.9 (unweighted); times w = 0.75.
         let (v, x) = tokens(0.9f32.ln(), 0.25, 0.0);
-        let g = token_losses(&x, &NftConfig { clamp_negative: 0.05, ..Default::default() }).unwrap().sum_all().unwrap().backward().unwrap();
+        let g = token_losses(&x, &NftConfig { clamp_negative: 0.05, ..Default::default() })
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
         let d = g.get(v.as_tensor()).unwrap().to_vec1::<f32>().unwrap()[0];
         assert!((d - 0.75 * 0.290_323).abs() < 1e-5, "{d}");
         // Clamped (R = 1.2, ε = 1): the value is 0 but the gradient is the unclamped one, 1/z·dz.

@@ -29,7 +29,9 @@ impl RewardConfig {
     /// Reject out-of-range hyper-parameters.
     pub fn validate(&self) -> Result<()> {
         match self.center_rewards_coefficient {
-            Some(c) if !(c >= 0.0 && c.is_finite()) => Err(invalid("reward", "center_rewards_coefficient", "must be ≥ 0")),
+            Some(c) if !(c >= 0.0 && c.is_finite()) => {
+                Err(invalid("reward", "center_rewards_coefficient", "must be ≥ 0"))
+            }
             _ => Ok(()),
         }
     }
@@ -50,7 +52,8 @@ pub fn loss(x: &PairScores, cfg: &RewardConfig, scale: &StepScale) -> Result<Obj
         let centering = ((&x.chosen + &x.rejected)?.sqr()?.sum(D::Minus1)? * (c / n))?;
         loss = (loss + centering)?;
     }
-    let sum = |t: &candle::Tensor| -> Result<f64> { Ok(t.detach().to_dtype(DType::F64)?.sum_all()?.to_scalar::<f64>()?) };
+    let sum =
+        |t: &candle::Tensor| -> Result<f64> { Ok(t.detach().to_dtype(DType::F64)?.sum_all()?.to_scalar::<f64>()?) };
     let metrics = vec![
         ("accuracy".to_string(), sum(&diff.gt(0.0)?)? / n),
         ("margin".to_string(), sum(&diff)? / n),

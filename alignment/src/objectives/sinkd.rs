@@ -133,13 +133,22 @@ impl SinkdConfig {
         if self.iterations == 0 {
             return Err(invalid("sinkd", "iterations", "must be at least 1"));
         }
-        for (field, v) in [("scale", self.scale), ("sinkhorn_weight", self.sinkhorn_weight), ("kd_weight", self.kd_weight), ("ce_weight", self.ce_weight)] {
+        for (field, v) in [
+            ("scale", self.scale),
+            ("sinkhorn_weight", self.sinkhorn_weight),
+            ("kd_weight", self.kd_weight),
+            ("ce_weight", self.ce_weight),
+        ] {
             if v.is_nan() || v < 0.0 {
                 return Err(invalid("sinkd", field, "must be a non-negative number"));
             }
         }
         if self.top_k == 0 || self.max_samples < 2 {
-            return Err(invalid("sinkd", if self.top_k == 0 { "top_k" } else { "max_samples" }, "too small (top_k ≥ 1, max_samples ≥ 2)"));
+            return Err(invalid(
+                "sinkd",
+                if self.top_k == 0 { "top_k" } else { "max_samples" },
+                "too small (top_k ≥ 1, max_samples ≥ 2)",
+            ));
         }
         Ok(())
     }
@@ -206,7 +215,11 @@ fn groups(rows: &Tensor, mode: SinkhornGroups, max_samples: usize) -> candle::Re
             by_row
         }
     };
-    Ok(whole.into_iter().filter(|g| g.len() >= 2).map(|g| spaced(g.len(), max_samples).into_iter().map(|i| g[i as usize]).collect()).collect())
+    Ok(whole
+        .into_iter()
+        .filter(|g| g.len() >= 2)
+        .map(|g| spaced(g.len(), max_samples).into_iter().map(|i| g[i as usize]).collect())
+        .collect())
 }
 
 /// The SinKD loss of a micro-batch, with `sinkd/sinkhorn` (Σ P ⊙ W per token), `sinkd/kd`,
@@ -232,7 +245,8 @@ pub fn loss(t: &DistillTokens, cfg: &SinkdConfig, scale: &StepScale) -> Result<O
     } else {
         kd.zeros_like()?
     };
-    let loss = ((&sinkhorn * (cfg.scale * cfg.sinkhorn_weight * share))? + (&kd * cfg.kd_weight)? + (&ce * cfg.ce_weight)?)?;
+    let loss =
+        ((&sinkhorn * (cfg.scale * cfg.sinkhorn_weight * share))? + (&kd * cfg.kd_weight)? + (&ce * cfg.ce_weight)?)?;
     let value = |x: &Tensor| -> Result<f64> { Ok(x.to_dtype(DType::F64)?.to_scalar::<f64>()?) };
     Ok(ObjectiveOutput {
         loss,
@@ -314,7 +328,13 @@ mod tests {
         let te: [&[f32]; 4] = [&[2.0, 1.0, 0.0], &[0.0, 3.0, 1.0], &[2.0, 1.0, 0.0], &[0.0, 3.0, 1.0]];
         let (_, mut x) = rows_of(&st, &te);
         x.rows = Tensor::new(&[0u32, 0, 1, 1], &Device::Cpu).unwrap();
-        let only_sinkhorn = SinkdConfig { kd_weight: 0.0, ce_weight: 0.0, sinkhorn_weight: 1.0, mode: SinkhornGroups::Sequence, ..Default::default() };
+        let only_sinkhorn = SinkdConfig {
+            kd_weight: 0.0,
+            ce_weight: 0.0,
+            sinkhorn_weight: 1.0,
+            mode: SinkhornGroups::Sequence,
+            ..Default::default()
+        };
         let out = loss(&x, &only_sinkhorn, &StepScale::single(2, 4.0)).unwrap();
         let l = out.loss.to_scalar::<f32>().unwrap() as f64;
         assert!((l - 2.0 * 0.000_820_727).abs() < 1e-7, "{l}");

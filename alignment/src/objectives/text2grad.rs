@@ -159,7 +159,12 @@ impl Default for Text2GradConfig {
 impl Text2GradConfig {
     /// Reject out-of-range hyper-parameters.
     pub fn validate(&self) -> Result<()> {
-        for (field, v) in [("cliprange", self.cliprange), ("cliprange_value", self.cliprange_value), ("init_kl_coef", self.init_kl_coef), ("vf_coef", self.vf_coef)] {
+        for (field, v) in [
+            ("cliprange", self.cliprange),
+            ("cliprange_value", self.cliprange_value),
+            ("init_kl_coef", self.init_kl_coef),
+            ("vf_coef", self.vf_coef),
+        ] {
             if !(v >= 0.0 && v.is_finite()) {
                 return Err(invalid("text2grad", field, "must be a number ≥ 0"));
             }
@@ -168,7 +173,11 @@ impl Text2GradConfig {
             return Err(invalid("text2grad", "gamma", "gamma and lam must lie in [0, 1]"));
         }
         if !(self.target_kl > 0.0 && self.kl_horizon > 0.0 && self.ratio_threshold > 0.0) {
-            return Err(invalid("text2grad", "target_kl", "target_kl, kl_horizon and ratio_threshold must be positive"));
+            return Err(invalid(
+                "text2grad",
+                "target_kl",
+                "target_kl, kl_horizon and ratio_threshold must be positive",
+            ));
         }
         Ok(())
     }
@@ -266,7 +275,8 @@ pub fn loss(x: &PpoTokens, cfg: &Text2GradConfig, scale: &StepScale) -> Result<O
     let unclipped = (a.neg()? * &ratio)?;
     let clipped = (a.neg()? * ratio.clamp(1.0 - cfg.cliprange, 1.0 + cfg.cliprange)?)?;
     let pg = unclipped.maximum(&clipped)?;
-    let v_clipped = x.values.maximum(&(&x.old_values - cfg.cliprange_value)?)?.minimum(&(&x.old_values + cfg.cliprange_value)?)?;
+    let v_clipped =
+        x.values.maximum(&(&x.old_values - cfg.cliprange_value)?)?.minimum(&(&x.old_values + cfg.cliprange_value)?)?;
     let vf = (&x.values - &x.returns)?.sqr()?.maximum(&(v_clipped - &x.returns)?.sqr()?)?;
     let n = x.policy.dim(0)? as f64;
     let ratio_sum = sum(&ratio)?;
@@ -321,7 +331,14 @@ mod tests {
 
     fn ppo(advantage: f32, ratio: f32) -> f32 {
         let t = |v: f32| Tensor::new(&[v], &Device::Cpu).unwrap();
-        let x = PpoTokens { policy: t(ratio.ln()), values: t(0.0), old_logps: t(0.0), old_values: t(0.0), advantages: t(advantage), returns: t(0.0) };
+        let x = PpoTokens {
+            policy: t(ratio.ln()),
+            values: t(0.0),
+            old_logps: t(0.0),
+            old_values: t(0.0),
+            advantages: t(advantage),
+            returns: t(0.0),
+        };
         loss(&x, &Text2GradConfig::default(), &StepScale::single(1, 1.0)).unwrap().loss.to_scalar::<f32>().unwrap()
     }
 
@@ -346,7 +363,14 @@ mod tests {
         let t = |v: f32| Tensor::new(&[v], &Device::Cpu).unwrap();
         // V = 1, V_old = 0, return 0.5: unclipped (0.5)², clipped V = 0.2 → (−0.3)²; max 0.25,
         // times ½ · vf_coef 0.1.
-        let x = PpoTokens { policy: t(0.0), values: t(1.0), old_logps: t(0.0), old_values: t(0.0), advantages: t(0.0), returns: t(0.5) };
+        let x = PpoTokens {
+            policy: t(0.0),
+            values: t(1.0),
+            old_logps: t(0.0),
+            old_values: t(0.0),
+            advantages: t(0.0),
+            returns: t(0.5),
+        };
         let out = loss(&x, &Text2GradConfig::default(), &StepScale::single(1, 1.0)).unwrap();
         assert!((out.loss.to_scalar::<f32>().unwrap() - 0.0125).abs() < 1e-7);
         let runaway = PpoTokens { policy: t(3.0), ..x };
