@@ -128,10 +128,13 @@ fn gemm(
     }
 }
 
-/// `x ← exp(x − shift)` over a slice: eight lanes at a time with AVX2/FMA where the CPU has
-/// them (the kernels' softmaxes and SiLUs spend a fifth of their time in scalar `expf`),
-/// `f32::exp` elsewhere. Within 2 ulp of `f32::exp`; −∞ gives 0.
-fn shifted_exp(x: &mut [f32], shift: f32) {
+/// `x ← exp(x − shift)` over a slice, returning the sum of the results accumulated in f64:
+/// eight lanes at a time with AVX2/FMA where the CPU has them (the kernels' softmaxes and
+/// SiLUs spend a fifth of their time in scalar `expf`), `f32::exp` elsewhere. Within 2 ulp of
+/// `f32::exp`; −∞ gives 0. The f64 sum matters: a softmax over a 49,152-token vocabulary summed
+/// in one f32 accumulator drops the tail's small terms (each below half an ulp of the running
+/// sum), which made log-probs too high by ~1e-4 per token on SmolLM2.
+fn shifted_exp(x: &mut [f32], shift: f32) -> f64 {
     #[cfg(target_arch = "x86_64")]
     {
         if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
@@ -140,13 +143,26 @@ fn shifted_exp(x: &mut [f32], shift: f32) {
         }
     }
     x.iter_mut().for_each(|v| *v = (*v - shift).exp());
+    sum_f64(x, |v| v as f64)
+}
+
+/// `Σ f(x)` accumulated in eight f64 lanes (vectorisable, and exact enough that the order of
+/// a softmax's or a mean's terms no longer matters at f32 precision).
+fn sum_f64(x: &[f32], f: impl Fn(f32) -> f64) -> f64 {
+    let mut lanes = [0f64; 8];
+    let chunks = x.chunks_exact(8);
+    let tail: f64 = chunks.remainder().iter().map(|&v| f(v)).sum();
+    for chunk in chunks {
+        lanes.iter_mut().zip(chunk).for_each(|(acc, &v)| *acc += f(v));
+    }
+    lanes.iter().sum::<f64>() + tail
 }
 
 /// AVX2 body of [`shifted_exp`]: Cephes' `expf` (range reduction by ln 2 in two parts, a
-/// degree-5 polynomial, the exponent built in the float's bits).
+/// degree-5 polynomial, the exponent built in the float's bits), summed in two f64×4 lanes.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn shifted_exp_avx2(x: &mut [f32], shift: f32) {
+unsafe fn shifted_exp_avx2(x: &mut [f32], shift: f32) -> f64 {
     use std::arch::x86_64::*;
     let (head, tail) = x.split_at_mut(x.len() / 8 * 8);
     let shift_v = _mm256_set1_ps(shift);
@@ -155,9 +171,10 @@ unsafe fn shifted_exp_avx2(x: &mut [f32], shift: f32) {
     let log2e = _mm256_set1_ps(std::f32::consts::LOG2_E);
     let c1 = _mm256_set1_ps(0.693_359_4);
     let c2 = _mm256_set1_ps(-2.121_944_4e-4);
-    let p = [1.987_569_1e-4f32, 1.398_199_9e-3, 8.333_452e-3, 4.166_579_6e-2, 1.666_666_5e-1, 5.000_000_1e-1]
+    let p = [1.987_569_1e-4f32, 1.398_199_9e-3, 8.333_452e-3, 4.166_579_6e-2, 1.666_666_5e-1, 0.5]
         .map(|c| _mm256_set1_ps(c));
     let one = _mm256_set1_ps(1.0);
+    let (mut acc_lo, mut acc_hi) = (_mm256_setzero_pd(), _mm256_setzero_pd());
     for chunk in head.chunks_exact_mut(8) {
         let v = _mm256_sub_ps(_mm256_loadu_ps(chunk.as_ptr()), shift_v);
         // Below the smallest normal result the answer is 0 (−∞ included).
@@ -175,8 +192,13 @@ unsafe fn shifted_exp_avx2(x: &mut [f32], shift: f32) {
             _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23));
         let out = _mm256_andnot_ps(underflow, _mm256_mul_ps(y, pow2n));
         _mm256_storeu_ps(chunk.as_mut_ptr(), out);
+        acc_lo = _mm256_add_pd(acc_lo, _mm256_cvtps_pd(_mm256_castps256_ps128(out)));
+        acc_hi = _mm256_add_pd(acc_hi, _mm256_cvtps_pd(_mm256_extractf128_ps(out, 1)));
     }
+    let mut lanes = [0f64; 4];
+    _mm256_storeu_pd(lanes.as_mut_ptr(), _mm256_add_pd(acc_lo, acc_hi));
     tail.iter_mut().for_each(|v| *v = (*v - shift).exp());
+    lanes.iter().sum::<f64>() + sum_f64(tail, |v| v as f64)
 }
 
 // ---------------------------------------------------------------------------------------
@@ -242,9 +264,10 @@ impl CustomOp2 for RmsNorm {
     }
 }
 
+/// `1 / sqrt(mean(x²) + eps)`, the mean accumulated in f64.
 fn inv_rms(x: &[f32], eps: f32) -> f32 {
-    let mean_sq = x.iter().map(|v| v * v).sum::<f32>() / x.len() as f32;
-    1.0 / (mean_sq + eps).sqrt()
+    let mean_sq = sum_f64(x, |v| (v as f64) * (v as f64)) / x.len() as f64;
+    (1.0 / (mean_sq + eps as f64).sqrt()) as f32
 }
 
 /// Fused RMSNorm (f32 CPU tensors).
@@ -516,9 +539,9 @@ impl Attention {
                 shifted_exp(visible, lse[r]);
             } else {
                 let max = visible.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                shifted_exp(visible, max);
-                let sum: f32 = visible.iter().sum();
-                lse[r] = max + sum.ln();
+                let sum = shifted_exp(visible, max);
+                lse[r] = (max as f64 + sum.ln()) as f32;
+                let sum = sum as f32;
                 visible.iter_mut().for_each(|v| *v /= sum);
             }
             row[..lo].fill(0.0);
@@ -560,7 +583,8 @@ impl CustomOp3 for Attention {
         let mut lse = vec![0f32; b * h * t];
         let out_ptr = SharedMut(out.as_mut_ptr());
         lse.par_chunks_mut(t).enumerate().for_each(|(bh, lse)| {
-            let out_ptr = out_ptr;
+            // The whole pointer wrapper (Sync), not its raw field, is what the closure captures.
+            let out_ptr = &out_ptr;
             let (bi, hi) = (bh / h, bh % h);
             let kvh = hi / self.groups;
             let mut p = vec![0f32; QUERY_TILE * t];
@@ -772,18 +796,16 @@ impl CustomOp2 for LmHeadLogps {
                 .for_each(|(r, (row, (o, l)))| {
                     let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
                     let target_logit = row[self.targets[r0 + r] as usize];
-                    let sum: f32 = if self.keep {
-                        // Turn the row into its softmax.
-                        shifted_exp(row, max);
-                        let sum: f32 = row.iter().sum();
-                        let inv = 1.0 / sum;
+                    // The row's exponentials (its softmax once divided by the sum, kept for the
+                    // backward when `keep`; otherwise the chunk is scratch).
+                    let sum = shifted_exp(row, max);
+                    if self.keep {
+                        let inv = (1.0 / sum) as f32;
                         row.iter_mut().for_each(|x| *x *= inv);
-                        sum
-                    } else {
-                        row.iter().map(|&x| (x - max).exp()).sum()
-                    };
-                    *l = max + sum.ln();
-                    *o = target_logit - *l;
+                    }
+                    let lse_row = max as f64 + sum.ln();
+                    *l = lse_row as f32;
+                    *o = (target_logit as f64 - lse_row) as f32;
                 });
         }
         *self.lse.lock().expect("lse lock") = lse;
@@ -812,7 +834,9 @@ impl CustomOp2 for LmHeadLogps {
                     None => {
                         Self::logits(hid, w, hsize, r0, rows, &mut scratch);
                         let chunk = &mut scratch[..rows * vocab];
-                        chunk.par_chunks_mut(vocab).enumerate().for_each(|(r, row)| shifted_exp(row, lse[r0 + r]));
+                        chunk.par_chunks_mut(vocab).enumerate().for_each(|(r, row)| {
+                            shifted_exp(row, lse[r0 + r]);
+                        });
                         chunk
                     }
                 };
@@ -1089,6 +1113,72 @@ mod tests {
                 },
                 2e-5,
             );
+        }
+    }
+
+    /// The fused ops against their plain twins at SmolLM2-135M's sizes (width 576, 9 heads of
+    /// 64 over 3 KV heads, MLP 1536, vocabulary 49,152) over 260 tokens, where precision lost
+    /// to long reductions shows and the tiny shapes above hide it.
+    #[test]
+    fn fused_ops_match_plain_at_smollm2_sizes() {
+        let (t, width, h, kv, d, mlp, vocab) = (260, 576, 9, 3, 64, 1536, 49_152);
+        let (x, w) = (randn(31, &[1, t, width]), randn(32, &[width]));
+        check_op(
+            &[x, w],
+            |a| rms_norm(&a[0], &a[1], 1e-5).unwrap(),
+            |a| ops::rms_norm(&a[0], &a[1], 1e-5).unwrap(),
+            1e-5,
+        );
+        let (g, u) = ((randn(33, &[t, mlp]) * 4.0).unwrap(), randn(34, &[t, mlp]));
+        check_op(&[g, u], |a| silu_mul(&a[0], &a[1]).unwrap(), |a| (a[0].silu().unwrap() * &a[1]).unwrap(), 1e-5);
+        let mask = ops::attention_mask(None, 1, t, 0, None, &Device::Cpu).unwrap();
+        let pattern = AttentionPattern::new(None, 1, t, None).unwrap();
+        let qkv = [
+            (randn(35, &[1, t, h, d]) * 2.0).unwrap(),
+            (randn(36, &[1, t, kv, d]) * 2.0).unwrap(),
+            randn(37, &[1, t, kv, d]),
+        ];
+        check_op(
+            &qkv,
+            |a| attention(&a[0], &a[1], &a[2], pattern.clone(), h / kv).unwrap(),
+            |a| {
+                let tr = |y: &Tensor| y.transpose(1, 2).unwrap();
+                ops::attention(&tr(&a[0]), &tr(&a[1]), &tr(&a[2]), &mask, h / kv).unwrap().transpose(1, 2).unwrap()
+            },
+            2e-5,
+        );
+        let targets: Vec<u32> = (0..t as u32).map(|i| (i * 7919) % vocab as u32).collect();
+        let tt = Tensor::from_vec(targets.clone(), (1, t), &Device::Cpu).unwrap();
+        check_op(
+            &[randn(38, &[t, width]), (randn(39, &[vocab, width]) * 0.3).unwrap()],
+            |a| lm_head_logps(&a[0], &a[1], &targets).unwrap(),
+            |a| {
+                let logits = a[0].matmul(&a[1].t().unwrap()).unwrap().unsqueeze(0).unwrap();
+                ops::gather_token_logps(&logits, &tt).unwrap().squeeze(0).unwrap()
+            },
+            2e-5,
+        );
+    }
+
+    #[test]
+    fn lm_head_logps_at_smollm2_size_match_f64_log_softmax() {
+        // SmolLM2's vocabulary and width, logits spread like a real model's (std ~4): a
+        // single f32 accumulator over 49,152 exponentials is off by ~1e-5 here.
+        let (n, hs, v) = (3, 576, 49_152);
+        let hidden = randn(21, &[n, hs]);
+        let weight = (randn(22, &[v, hs]) * 0.3).unwrap();
+        let targets = [0u32, 17, 49_151];
+        let (h, w) = (hidden.to_vec2::<f32>().unwrap(), weight.to_vec2::<f32>().unwrap());
+        for budget in [KEEP_PROBABILITIES_BYTES, 0] {
+            let got = lm_head_logps_within(&hidden, &weight, &targets, budget).unwrap().to_vec1::<f32>().unwrap();
+            for (r, (&t, &g)) in targets.iter().zip(&got).enumerate() {
+                let logits: Vec<f64> =
+                    w.iter().map(|wr| wr.iter().zip(&h[r]).map(|(&a, &b)| a as f64 * b as f64).sum()).collect();
+                let max = logits.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                let lse = max + logits.iter().map(|l| (l - max).exp()).sum::<f64>().ln();
+                let want = logits[t as usize] - lse;
+                assert!((g as f64 - want).abs() < 2e-6 * want.abs().max(1.0), "row {r}: {g} vs {want}");
+            }
         }
     }
 
