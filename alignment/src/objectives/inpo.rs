@@ -26,6 +26,21 @@ pub struct InpoConfig {
     /// KL-to-reference strength τ (0 removes the reference).
     #[serde(default = "default_tau")]
     pub tau: f64,
+    /// Whether each completion's log-prob is summed over its tokens or averaged (the scale of
+    /// MNPO's code and re-implementations, with η ≈ 7.5e-3 and τ = η/3).
+    #[serde(default)]
+    pub logps: LogpsReduction,
+}
+
+/// How a completion's token log-probs become the one number the loss reads.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogpsReduction {
+    /// Summed over the completion's tokens (TRL's DPO convention).
+    #[default]
+    Sum,
+    /// Averaged over the completion's tokens.
+    Mean,
 }
 
 fn default_eta() -> f64 {
@@ -37,7 +52,7 @@ fn default_tau() -> f64 {
 
 impl Default for InpoConfig {
     fn default() -> Self {
-        Self { eta: default_eta(), tau: default_tau() }
+        Self { eta: default_eta(), tau: default_tau(), logps: LogpsReduction::Sum }
     }
 }
 
@@ -76,8 +91,13 @@ pub fn loss(x: &PairLogps, cfg: &InpoConfig, scale: &StepScale) -> Result<Object
     let anchored = |policy: &Tensor, reference: &Tensor, prev: &Tensor| -> Result<Tensor> {
         Ok(((policy - (reference * mix)?)? - (prev * (1.0 - mix))?)?)
     };
-    let a_w = anchored(&x.policy_chosen, &x.reference_chosen, &previous.chosen)?;
-    let a_l = anchored(&x.policy_rejected, &x.reference_rejected, &previous.rejected)?;
+    let mut a_w = anchored(&x.policy_chosen, &x.reference_chosen, &previous.chosen)?;
+    let mut a_l = anchored(&x.policy_rejected, &x.reference_rejected, &previous.rejected)?;
+    if cfg.logps == LogpsReduction::Mean {
+        // The anchor is linear in the three log-probs, so averaging it averages each of them.
+        a_w = (a_w / &x.chosen_tokens)?;
+        a_l = (a_l / &x.rejected_tokens)?;
+    }
     let h = (&a_w - &a_l)?;
     let per_pair = (&h - cfg.eta / 2.0)?.sqr()?;
     let mut out =
@@ -94,11 +114,15 @@ mod tests {
     use crate::objectives::one_pair;
     use candle::Device;
 
-    fn value(reference: [f32; 2], eta: f64, tau: f64) -> f32 {
-        let mut x = one_pair([-10.0, -12.0, reference[0], reference[1]], [1.0, 1.0]);
+    fn value_with(reference: [f32; 2], tokens: [f32; 2], cfg: InpoConfig) -> f32 {
+        let mut x = one_pair([-10.0, -12.0, reference[0], reference[1]], tokens);
         let t = |v: f32| Tensor::new(&[v], &Device::Cpu).unwrap();
         x.previous = Some(PreviousIterate { chosen: t(-10.2), rejected: t(-11.6) });
-        loss(&x, &InpoConfig { eta, tau }, &StepScale::single(1, 1.0)).unwrap().loss.to_scalar::<f32>().unwrap()
+        loss(&x, &cfg, &StepScale::single(1, 1.0)).unwrap().loss.to_scalar::<f32>().unwrap()
+    }
+
+    fn value(reference: [f32; 2], eta: f64, tau: f64) -> f32 {
+        value_with(reference, [1.0, 1.0], InpoConfig { eta, tau, logps: LogpsReduction::Sum })
     }
 
     #[test]
@@ -110,7 +134,26 @@ mod tests {
     }
 
     #[test]
+    fn mean_logps_divide_each_completion_by_its_tokens() {
+        // η = 0.0075, τ = 0.0025 (ητ = 1.875e-5), 4 chosen and 2 rejected tokens:
+        // a_w = (0.2 + 0.8·ητ) / 4 = 0.05000375, a_l = (−0.4 − 0.6·ητ) / 2 = −0.200005625,
+        // h = 0.250009375 → (h − η/2)² = 0.246259375² = 0.0606437.
+        let cfg = InpoConfig { eta: 0.0075, tau: 0.0025, logps: LogpsReduction::Mean };
+        let got = value_with([-11.0, -11.0], [4.0, 2.0], cfg) as f64;
+        let (mix, prev_w, prev_l) = (0.0075 * 0.0025, -10.2, -11.6);
+        let a_w = (-10.0 - mix * -11.0 - (1.0 - mix) * prev_w) / 4.0;
+        let a_l = (-12.0 - mix * -11.0 - (1.0 - mix) * prev_l) / 2.0;
+        let want = (a_w - a_l - 0.00375f64).powi(2);
+        assert!((want - 0.060_643_7).abs() < 1e-6, "{want}");
+        assert!((got - want).abs() < 1e-6, "{got} vs {want}");
+    }
+
+    #[test]
     fn eta_tau_above_one_is_rejected() {
-        assert!(InpoConfig { eta: 2.0, tau: 0.6 }.validate().unwrap_err().to_string().contains("`tau`"));
+        assert!(InpoConfig { eta: 2.0, tau: 0.6, logps: LogpsReduction::Sum }
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("`tau`"));
     }
 }

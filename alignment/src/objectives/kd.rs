@@ -54,8 +54,10 @@ pub struct KdConfig {
 fn default_beta() -> f64 {
     0.5
 }
+/// TRL's `generalized_jsd_loss` runs at τ = 1 (`GKDConfig.temperature` is the sampling
+/// temperature, not the loss's).
 fn default_temperature() -> f64 {
-    0.9
+    1.0
 }
 
 impl Default for KdConfig {

@@ -9,7 +9,7 @@
 //! W[i, j] = ‖p_S[i] − p_T[j]‖₁                       (cdist, p = 1; B × B over samples)
 //! P = exp(−W / ε)                                    ε = 0.1
 //! repeat 20 × { P ← P / rowsum(P);  P ← P / colsum(P) }   (no ε-guard, gradient through all)
-//! L_sinkhorn = λ Σᵢⱼ Pᵢⱼ Wᵢⱼ                        λ = 0.002 (GLUE: 0.0008 · 20 / 8)
+//! L_sinkhorn = λ Σᵢⱼ Pᵢⱼ Wᵢⱼ                        λ = 0.001 (official loss.py since 2023-10)
 //! total = kd_weight · KD_T + ce_weight · CE + sinkhorn_weight · L_sinkhorn   (0.8, 0.2, 0.8)
 //! ```
 //!
@@ -84,8 +84,9 @@ fn default_epsilon() -> f64 {
 fn default_iterations() -> usize {
     20
 }
+/// λ of the official `loss.py` since 2023-10 (its first commit used 0.002).
 fn default_scale() -> f64 {
-    0.002
+    0.001
 }
 fn default_sinkhorn_weight() -> f64 {
     0.8
@@ -287,7 +288,7 @@ mod tests {
         }
         let cost = sinkhorn_cost(&s, &t, 0.1, 20).unwrap().to_scalar::<f32>().unwrap() as f64;
         assert!((cost - 0.410_363).abs() < 1e-5, "{cost}");
-        assert!((cost * 0.002 - 0.000_820_727).abs() < 1e-8);
+        assert!((cost * SinkdConfig::default().scale - 0.000_410_363).abs() < 1e-8);
     }
 
     #[test]
@@ -337,7 +338,7 @@ mod tests {
         };
         let out = loss(&x, &only_sinkhorn, &StepScale::single(2, 4.0)).unwrap();
         let l = out.loss.to_scalar::<f32>().unwrap() as f64;
-        assert!((l - 2.0 * 0.000_820_727).abs() < 1e-7, "{l}");
+        assert!((l - 2.0 * 0.000_410_363).abs() < 1e-7, "{l}");
         assert_eq!(out.metrics[0].0, "sinkd/sinkhorn");
         // KD term alone at T = 2: the spec's forward KL for each row pair of §13a.
         let (_, x) = rows_of(&[&[1.0, 1.0, 0.0]], &[&[2.0, 1.0, 0.0]]);

@@ -95,6 +95,26 @@ pub struct Text2GradConfig {
     /// Whiten advantages over the rollout batch.
     #[serde(default = "default_true")]
     pub whiten_advantages: bool,
+    /// Answers per rollout batch, TRL's PPO `batch_size` (12 in the official scripts; 0 = the
+    /// whole round): each batch's advantages are whitened on their own, and the KL coefficient
+    /// adapts after every batch, as each `PPOTrainer.step` call does.
+    #[serde(default = "default_rollout_batch")]
+    pub rollout_batch: usize,
+    /// How the step's token losses are averaged.
+    #[serde(default)]
+    pub loss_reduction: PpoReduction,
+}
+
+/// How a step's per-token PPO losses become one number.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum PpoReduction {
+    /// The mean over answers of each answer's token mean: the official trainer's (mini-batch
+    /// of one answer, gradients accumulated over the batch).
+    #[default]
+    SequenceMean,
+    /// One token mean over every answer token of the step.
+    TokenMean,
 }
 
 fn default_critic() -> String {
@@ -133,6 +153,9 @@ fn default_one() -> f64 {
 fn default_length_start() -> f64 {
     48.0
 }
+fn default_rollout_batch() -> usize {
+    12
+}
 
 impl Default for Text2GradConfig {
     fn default() -> Self {
@@ -152,6 +175,8 @@ impl Default for Text2GradConfig {
             length_alpha: default_one(),
             length_start: default_length_start(),
             whiten_advantages: true,
+            rollout_batch: default_rollout_batch(),
+            loss_reduction: PpoReduction::default(),
         }
     }
 }
@@ -245,6 +270,56 @@ pub fn adapt_kl_coef(coef: f64, kl: f64, samples: usize, cfg: &Text2GradConfig) 
     coef * (1.0 + error * samples as f64 / cfg.kl_horizon)
 }
 
+/// One answer's rollout records, per token.
+#[derive(Debug, Clone, Copy)]
+pub struct RolloutRecords<'a> {
+    /// The critique's span score of each token.
+    pub span_scores: &'a [f64],
+    /// The KL estimate to the reference of each token.
+    pub kl: &'a [f64],
+    /// The value head's prediction at each token.
+    pub values: &'a [f64],
+}
+
+/// Advantages and returns of a round's answers.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RolloutAdvantages {
+    /// `(advantages, returns)` of each answer, in order.
+    pub answers: Vec<(Vec<f64>, Vec<f64>)>,
+    /// The KL coefficient each rollout batch's rewards used.
+    pub kl_coefs: Vec<f64>,
+    /// The coefficient after the last batch's adaptation (the next round starts there).
+    pub next_kl_coef: f64,
+}
+
+/// Advantages of `answers` taken `cfg.rollout_batch` at a time, as successive
+/// `PPOTrainer.step` calls take them: a batch's rewards use the KL coefficient then in force,
+/// its advantages are whitened over the batch, and the coefficient adapts to the batch's mean
+/// summed KL before the next batch.
+pub fn rollout_advantages(answers: &[RolloutRecords], kl_coef: f64, cfg: &Text2GradConfig) -> RolloutAdvantages {
+    let size = if cfg.rollout_batch == 0 { answers.len().max(1) } else { cfg.rollout_batch };
+    let mut out =
+        RolloutAdvantages { answers: Vec::with_capacity(answers.len()), kl_coefs: Vec::new(), next_kl_coef: kl_coef };
+    for batch in answers.chunks(size) {
+        let coef = out.next_kl_coef;
+        let mut done: Vec<(Vec<f64>, Vec<f64>)> = batch
+            .iter()
+            .map(|a| gae(&token_rewards(a.span_scores, a.kl, coef, cfg), a.values, cfg.gamma, cfg.lam))
+            .collect();
+        if cfg.whiten_advantages {
+            let mut all: Vec<f64> = done.iter().flat_map(|(adv, _)| adv.iter().copied()).collect();
+            whiten(&mut all);
+            let mut it = all.into_iter();
+            done.iter_mut().flat_map(|(adv, _)| adv.iter_mut()).for_each(|a| *a = it.next().expect("one per token"));
+        }
+        let mean_kl = batch.iter().map(|a| a.kl.iter().sum::<f64>()).sum::<f64>() / batch.len() as f64;
+        out.next_kl_coef = adapt_kl_coef(coef, mean_kl, batch.len(), cfg);
+        out.kl_coefs.push(coef);
+        out.answers.extend(done);
+    }
+    out
+}
+
 /// The answer tokens of a PPO minibatch, flattened, all `[T]`.
 #[derive(Debug, Clone)]
 pub struct PpoTokens {
@@ -260,15 +335,23 @@ pub struct PpoTokens {
     pub advantages: Tensor,
     /// Returns (advantages before whitening + old values).
     pub returns: Tensor,
+    /// 1 / (answer tokens) of each token's answer, for [`PpoReduction::SequenceMean`].
+    pub token_weights: Tensor,
 }
 
-/// The PPO loss of a minibatch: `pg + vf_coef · vf` over the step's answer tokens, with
-/// `ppo/policy_loss`, `ppo/value_loss`, `ppo/clipfrac`, `ppo/approxkl`, `ppo/ratio` and
-/// `ppo/skipped` (1 when the mean ratio passed `ratio_threshold` and the minibatch was dropped).
+/// The PPO loss of a minibatch: `pg + vf_coef · vf` averaged over the step's answers' token
+/// means (or over its tokens, `loss_reduction`), with `ppo/policy_loss`, `ppo/value_loss`,
+/// `ppo/clipfrac`, `ppo/approxkl`, `ppo/ratio` and `ppo/skipped` (1 when the mean ratio passed
+/// `ratio_threshold` and the minibatch was dropped), averaged the same way.
 pub fn loss(x: &PpoTokens, cfg: &Text2GradConfig, scale: &StepScale) -> Result<ObjectiveOutput> {
     cfg.validate()?;
-    let tokens = scale.tokens.max(1.0);
-    let sum = |t: &Tensor| -> Result<f64> { Ok(t.detach().to_dtype(DType::F64)?.sum_all()?.to_scalar::<f64>()?) };
+    let (weights, tokens) = match cfg.loss_reduction {
+        PpoReduction::SequenceMean => (x.token_weights.clone(), scale.examples.max(1.0)),
+        PpoReduction::TokenMean => (x.token_weights.ones_like()?, scale.tokens.max(1.0)),
+    };
+    let sum = |t: &Tensor| -> Result<f64> {
+        Ok((t.detach().to_dtype(DType::F32)? * &weights)?.to_dtype(DType::F64)?.sum_all()?.to_scalar::<f64>()?)
+    };
     let log_ratio = (&x.policy - &x.old_logps)?;
     let ratio = log_ratio.clamp(-20.0, 20.0)?.exp()?;
     let a = &x.advantages;
@@ -279,17 +362,17 @@ pub fn loss(x: &PpoTokens, cfg: &Text2GradConfig, scale: &StepScale) -> Result<O
         x.values.maximum(&(&x.old_values - cfg.cliprange_value)?)?.minimum(&(&x.old_values + cfg.cliprange_value)?)?;
     let vf = (&x.values - &x.returns)?.sqr()?.maximum(&(v_clipped - &x.returns)?.sqr()?)?;
     let n = x.policy.dim(0)? as f64;
+    let skip = ratio.detach().to_dtype(DType::F64)?.sum_all()?.to_scalar::<f64>()? / n.max(1.0) > cfg.ratio_threshold;
     let ratio_sum = sum(&ratio)?;
-    let skip = ratio_sum / n.max(1.0) > cfg.ratio_threshold;
     let per_token = (&pg + (&vf * (0.5 * cfg.vf_coef))?)?;
-    let loss = (per_token.sum_all()? * if skip { 0.0 } else { 1.0 / tokens })?;
+    let loss = ((per_token * &weights)?.sum_all()? * if skip { 0.0 } else { 1.0 / tokens })?;
     let metrics = vec![
         ("ppo/policy_loss".to_string(), sum(&pg)? / tokens),
         ("ppo/value_loss".to_string(), 0.5 * sum(&vf)? / tokens),
         ("ppo/clipfrac".to_string(), sum(&clipped.gt(&unclipped)?.to_dtype(DType::F32)?)? / tokens),
         ("ppo/approxkl".to_string(), 0.5 * sum(&log_ratio.sqr()?)? / tokens),
         ("ppo/ratio".to_string(), ratio_sum / tokens),
-        ("ppo/skipped".to_string(), if skip { n / tokens } else { 0.0 }),
+        ("ppo/skipped".to_string(), if skip { sum(&x.token_weights.ones_like()?)? / tokens } else { 0.0 }),
     ];
     Ok(ObjectiveOutput { loss, metrics })
 }
@@ -338,6 +421,7 @@ mod tests {
             old_values: t(0.0),
             advantages: t(advantage),
             returns: t(0.0),
+            token_weights: t(1.0),
         };
         loss(&x, &Text2GradConfig::default(), &StepScale::single(1, 1.0)).unwrap().loss.to_scalar::<f32>().unwrap()
     }
@@ -370,6 +454,7 @@ mod tests {
             old_values: t(0.0),
             advantages: t(0.0),
             returns: t(0.5),
+            token_weights: t(1.0),
         };
         let out = loss(&x, &Text2GradConfig::default(), &StepScale::single(1, 1.0)).unwrap();
         assert!((out.loss.to_scalar::<f32>().unwrap() - 0.0125).abs() < 1e-7);
@@ -377,6 +462,62 @@ mod tests {
         let out = loss(&runaway, &Text2GradConfig::default(), &StepScale::single(1, 1.0)).unwrap();
         assert_eq!(out.loss.to_scalar::<f32>().unwrap(), 0.0);
         assert_eq!(out.metrics.iter().find(|m| m.0 == "ppo/skipped").unwrap().1, 1.0);
+    }
+
+    #[test]
+    fn the_loss_averages_answer_token_means_unless_asked_for_one_token_mean() {
+        // Two answers, of 1 and 3 tokens; ratio 1, advantages −1 (answer 1) and −2 (answer 2's
+        // tokens): per-token pg = −A = 1 and 2, 2, 2. Sequence mean: (1 + 2) / 2 = 1.5;
+        // token mean: 7 / 4 = 1.75.
+        let t = |v: &[f32]| Tensor::new(v, &Device::Cpu).unwrap();
+        let zeros = t(&[0.0; 4]);
+        let x = PpoTokens {
+            policy: zeros.clone(),
+            values: zeros.clone(),
+            old_logps: zeros.clone(),
+            old_values: zeros.clone(),
+            advantages: t(&[-1.0, -2.0, -2.0, -2.0]),
+            returns: zeros,
+            token_weights: t(&[1.0, 1.0 / 3.0, 1.0 / 3.0, 1.0 / 3.0]),
+        };
+        let scale = StepScale { examples: 2.0, tokens: 4.0 };
+        let value = |loss_reduction| {
+            let out = loss(&x, &Text2GradConfig { loss_reduction, ..Default::default() }, &scale).unwrap();
+            (out.loss.to_scalar::<f32>().unwrap(), out.metrics.iter().find(|m| m.0 == "ppo/policy_loss").unwrap().1)
+        };
+        let (seq, seq_metric) = value(PpoReduction::SequenceMean);
+        assert!((seq - 1.5).abs() < 1e-6 && (seq_metric - 1.5).abs() < 1e-6, "{seq} {seq_metric}");
+        let (tok, tok_metric) = value(PpoReduction::TokenMean);
+        assert!((tok - 1.75).abs() < 1e-6 && (tok_metric - 1.75).abs() < 1e-6, "{tok} {tok_metric}");
+    }
+
+    #[test]
+    fn rollout_batches_whiten_on_their_own_and_adapt_the_kl_coefficient_between_them() {
+        // Four one-token answers, span scores 1, 3, 0, 2, KL 12 each (twice the target),
+        // values 0, γ = 1: rewards s − β·12, advantages = rewards.
+        let (scores, kl, values) = ([[1.0], [3.0], [0.0], [2.0]], [12.0], [0.0]);
+        let answers: Vec<RolloutRecords> =
+            scores.iter().map(|s| RolloutRecords { span_scores: s, kl: &kl, values: &values }).collect();
+        let cfg = Text2GradConfig { rollout_batch: 2, ..Default::default() };
+        let out = rollout_advantages(&answers, 0.2, &cfg);
+        // Error clipped to +0.2, two samples of a 10000 horizon: × (1 + 0.2·2/10000) per batch.
+        let second = 0.2 * (1.0 + 0.4 / 10_000.0);
+        assert_eq!(out.kl_coefs.len(), 2);
+        close(out.kl_coefs[0], 0.2, 1e-15);
+        close(out.kl_coefs[1], second, 1e-15);
+        close(out.next_kl_coef, second * (1.0 + 0.4 / 10_000.0), 1e-15);
+        // Whitened within each batch of two: ∓1/√2 each (unbiased variance of two values).
+        let adv: Vec<f64> = out.answers.iter().map(|(a, _)| a[0]).collect();
+        let h = std::f64::consts::FRAC_1_SQRT_2;
+        for (got, want) in adv.iter().zip([-h, h, -h, h]) {
+            close(*got, want, 1e-6);
+        }
+        // Returns are the raw advantages + values: s · lwp₁ − β·12 with each batch's β.
+        close(out.answers[3].1[0], 2.0 * length_weight(1, 1.0, 48.0) - second * 12.0, 1e-12);
+        // One batch over the round whitens all four together.
+        let whole = rollout_advantages(&answers, 0.2, &Text2GradConfig { rollout_batch: 0, ..Default::default() });
+        assert_eq!(whole.kl_coefs, [0.2]);
+        assert!(whole.answers[1].0[0] > 1.0, "3 is the largest of four: {:?}", whole.answers);
     }
 
     #[test]
