@@ -53,6 +53,7 @@ pub fn train(cfg: &TrainConfig, opts: &RunOptions) -> Result<RunSummary> {
     }
     if distill.teacher_logits_cache {
         let teacher = trainer.teacher.as_ref().context("distillation needs the teacher")?;
+        let phase = trainer.phase("caching the teacher's states");
         cache_teacher_states(
             teacher,
             &mut items,
@@ -69,6 +70,7 @@ pub fn train(cfg: &TrainConfig, opts: &RunOptions) -> Result<RunSummary> {
                 trainer.pad,
             )?;
         }
+        phase.done();
     }
     if distill.source == DistillSource::Student {
         train_on_policy(&mut trainer, &distill, &items, eval_items.as_deref())?;
@@ -133,9 +135,7 @@ fn teacher_answers(trainer: &Trainer, distill: &DistillSection, path: &Path, cac
         Some(a) => a,
         None => {
             let teacher = trainer.teacher.as_ref().context("distillation needs the teacher")?;
-            if let Some(bar) = trainer.bar() {
-                bar.set_message(format!("the teacher answers {} prompts", ids.len()));
-            }
+            let phase = trainer.phase(format!("the teacher answers {} prompts", ids.len()));
             let answers = answer_each(
                 teacher,
                 &ids,
@@ -144,6 +144,7 @@ fn teacher_answers(trainer: &Trainer, distill: &DistillSection, path: &Path, cac
                 &sampling(distill, cfg.run.seed),
                 distill.sampling_batch_size,
             )?;
+            phase.done();
             let mut lines = String::new();
             for (p, a) in prompts.iter().zip(&answers) {
                 let completion = trainer.policy.tokenizer.decode(a, true)?;

@@ -190,6 +190,12 @@ fn ppo_tokens(models: StepModels, items: &[&Item]) -> Result<PpoTokens> {
         old_values: flat(&|p| &p.old_values)?,
         advantages: flat(&|p| &p.advantages)?,
         returns: flat(&|p| &p.returns)?,
+        token_weights: Tensor::new(
+            ps.iter()
+                .flat_map(|p| vec![1.0 / p.old_logps.len().max(1) as f32; p.old_logps.len()])
+                .collect::<Vec<f32>>(),
+            device,
+        )?,
     })
 }
 

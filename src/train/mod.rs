@@ -11,6 +11,7 @@ pub mod items;
 pub mod offline;
 pub mod online;
 pub mod optim;
+pub mod progress;
 pub mod trainer;
 
 pub use config::TrainConfig;

@@ -131,6 +131,7 @@ pub fn train(cfg: &TrainConfig, opts: &RunOptions) -> Result<RunSummary> {
         if let Some(reference) = trainer.reference.take() {
             // Score the data once, cache it next to the run, and free the reference.
             let run_dir = &cfg.run.output;
+            let phase = trainer.phase("precomputing the reference's log-probs");
             precompute_reference(
                 &reference,
                 &mut items,
@@ -147,6 +148,7 @@ pub fn train(cfg: &TrainConfig, opts: &RunOptions) -> Result<RunSummary> {
                     trainer.pad,
                 )?;
             }
+            phase.done();
         }
     }
 

@@ -17,7 +17,7 @@ use anyhow::{bail, Context, Result};
 use candle::Tensor;
 use candor_alignment::objectives::kdrl::group_advantages;
 use candor_alignment::objectives::nft::question_accuracy;
-use candor_alignment::objectives::text2grad::{adapt_kl_coef, gae, token_rewards, whiten, KlPenalty, Text2GradConfig};
+use candor_alignment::objectives::text2grad::{rollout_advantages, KlPenalty, RolloutRecords, Text2GradConfig};
 use candor_alignment::{DataNeed, Objective};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
@@ -118,9 +118,12 @@ struct RoundData {
     rollouts: Vec<RoundRollout>,
     #[serde(default)]
     ppo: Vec<RoundPpo>,
-    /// PPO: the KL coefficient the round's rewards used.
+    /// PPO: the KL coefficient the round's first rollout batch used.
     #[serde(default)]
     kl_coef: Option<f64>,
+    /// PPO: the coefficient after the round's last rollout batch (the next round's start).
+    #[serde(default)]
+    next_kl_coef: Option<f64>,
     /// The round's line of `rounds.jsonl`.
     summary: Map<String, Value>,
 }
@@ -322,13 +325,7 @@ struct RoundSources<'a> {
 /// The KL coefficient of a round: the configured start, then TRL's adaptive step from the
 /// previous round's mean summed KL per sample.
 fn kl_coef_for(previous: Option<&RoundData>, cfg: &Text2GradConfig) -> f64 {
-    match previous.and_then(|p| Some((p.kl_coef?, &p.ppo))) {
-        Some((coef, ppo)) if !ppo.is_empty() => {
-            let mean_kl = ppo.iter().map(|p| p.kl.iter().sum::<f64>()).sum::<f64>() / ppo.len() as f64;
-            adapt_kl_coef(coef, mean_kl, ppo.len(), cfg)
-        }
-        _ => cfg.init_kl_coef,
-    }
+    previous.and_then(|p| p.next_kl_coef).unwrap_or(cfg.init_kl_coef)
 }
 
 /// Sample, judge and build round `round`'s training set from the policy as it stands.
@@ -345,11 +342,8 @@ fn build_round(
     let chosen = round_prompts(prompts.len(), online.prompts_per_round, cfg.run.seed, round);
     let ids: Vec<Vec<u32>> = chosen.iter().map(|&p| prompt_ids[p].clone()).collect();
     let policy = &trainer.policy;
-    let say = |msg: String| {
-        if let Some(bar) = trainer.bar() {
-            bar.set_message(msg);
-        }
-    };
+    let mut phases = trainer.phases();
+    let mut say = |msg: String| phases.next(msg);
     // Sample from the live weights (a view: no copy, no graph).
     say(format!("round {}: sampling {} x {}", round + 1, ids.len(), online.samples_per_prompt));
     let frozen = policy.model.frozen_view();
@@ -394,7 +388,7 @@ fn build_round(
     say(format!("round {}: scoring the samples under the previous iterate", round + 1));
     let sequence = |i: usize, s: &Sample| answer_sequence(&ids[i], &s.tokens);
     let (mut pairs, mut rollouts, mut ppo) = (Vec::new(), Vec::new(), Vec::new());
-    let mut ppo_kl_coef = None;
+    let (mut ppo_kl_coef, mut next_kl_coef) = (None, None);
     match &cfg.objective {
         Objective::Nft(_) => {
             for (i, pool) in pools.iter().enumerate() {
@@ -486,35 +480,38 @@ fn build_round(
                 };
                 Ok([logps, values, kl])
             })?;
-            let kl_coef = kl_coef_for(previous, t2g);
+            let mut round_ppo = Vec::with_capacity(cases.len());
             for (k, (&(i, j), [old_logps, old_values, kl])) in cases.iter().zip(records).enumerate() {
                 let words = critiques[k].as_ref().map(|c| c.word_scores.clone()).unwrap_or_default();
                 let span_scores = token_scores(&decoded_tokens(&policy.tokenizer, &pools[i][j].tokens)?, &words);
                 let kl64: Vec<f64> = kl.iter().map(|&x| x as f64).collect();
-                let rewards = token_rewards(&span_scores, &kl64, kl_coef, t2g);
-                let (advantages, returns) =
-                    gae(&rewards, &old_values.iter().map(|&v| v as f64).collect::<Vec<_>>(), t2g.gamma, t2g.lam);
-                ppo.push(RoundPpo {
-                    prompt: i,
-                    sample: j,
-                    old_logps,
-                    old_values,
-                    advantages,
-                    returns,
-                    span_scores,
-                    kl: kl64,
-                    critiqued: critiques[k].is_some(),
-                });
+                let values: Vec<f64> = old_values.iter().map(|&v| v as f64).collect();
+                round_ppo.push((
+                    RoundPpo {
+                        prompt: i,
+                        sample: j,
+                        old_logps,
+                        old_values,
+                        advantages: Vec::new(),
+                        returns: Vec::new(),
+                        span_scores,
+                        kl: kl64,
+                        critiqued: critiques[k].is_some(),
+                    },
+                    values,
+                ));
             }
-            if t2g.whiten_advantages {
-                let mut all: Vec<f64> = ppo.iter().flat_map(|p| p.advantages.iter().copied()).collect();
-                whiten(&mut all);
-                let mut it = all.into_iter();
-                for p in &mut ppo {
-                    p.advantages.iter_mut().for_each(|a| *a = it.next().expect("one per token"));
-                }
+            let records: Vec<RolloutRecords> = round_ppo
+                .iter()
+                .map(|(p, values)| RolloutRecords { span_scores: &p.span_scores, kl: &p.kl, values })
+                .collect();
+            let done = rollout_advantages(&records, kl_coef_for(previous, t2g), t2g);
+            for ((mut p, _), (advantages, returns)) in round_ppo.into_iter().zip(done.answers) {
+                (p.advantages, p.returns) = (advantages, returns);
+                ppo.push(p);
             }
-            ppo_kl_coef = Some(kl_coef);
+            ppo_kl_coef = done.kl_coefs.first().copied();
+            next_kl_coef = Some(done.next_kl_coef);
         }
         Objective::Inpo(_) | Objective::Dno(_) => {
             for (i, pool) in pools.iter().enumerate() {
@@ -551,7 +548,7 @@ fn build_round(
         other => bail!("objective `{}` is not an online objective", other.name()),
     }
     let items = pairs.len() + rollouts.len() + ppo.len();
-    Ok(RoundData {
+    let data = RoundData {
         round,
         start_step: trainer.step,
         steps: steps_for(items, cfg) as u64,
@@ -562,8 +559,11 @@ fn build_round(
         rollouts,
         ppo,
         kl_coef: ppo_kl_coef,
+        next_kl_coef,
         summary: Map::new(),
-    })
+    };
+    phases.done();
+    Ok(data)
 }
 
 /// The prompts of round `round`: all of them, or the round's slice of a seeded shuffle.
@@ -707,6 +707,9 @@ fn round_items(data: &RoundData, prompt_ids: &[Vec<u32>]) -> Vec<Item> {
         .iter()
         .map(|p| {
             let mut pair = PairItem::new(sequence(p.prompt, p.chosen), sequence(p.prompt, p.rejected));
+            // The judge's scores of the two answers (soft DNO's win-rates).
+            let score = |j: usize| data.samples[p.prompt][j].score as f32;
+            pair.rewards = Some((score(p.chosen), score(p.rejected)));
             match p.reference {
                 // INPO: π_ref is the reference, π_t the previous iterate.
                 Some(reference) => {
