@@ -187,7 +187,9 @@ pub fn row_sequences(tok: &SequenceTokenizer, example: &Example) -> Result<Vec<(
         Example::PromptCompletion { prompt, completion } | Example::Unpaired { prompt, completion, .. } => {
             vec![("completion", tok.prompt_completion(prompt, completion)?)]
         }
-        Example::Conversation { messages } => vec![("completion", tok.conversation(messages, true)?)],
+        Example::Conversation { messages } => {
+            vec![("completion", tok.conversation(messages, true)?)]
+        }
         Example::LanguageModeling { text } => vec![("completion", tok.text(text)?)],
         Example::Prompt { .. } => bail!("a prompt-only row has no completion to score"),
     })

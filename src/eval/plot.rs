@@ -32,7 +32,13 @@ pub fn win_tie_loss(s: &Summary, path: &Path) -> Result<()> {
         .configure_mesh()
         .disable_y_mesh()
         .x_desc("% of comparisons")
-        .x_label_formatter(&|x| if *x < 0.0 { String::new() } else { format!("{x:.0}") })
+        .x_label_formatter(&|x| {
+            if *x < 0.0 {
+                String::new()
+            } else {
+                format!("{x:.0}")
+            }
+        })
         .y_label_formatter(&|_| String::new())
         .draw()
         .map_err(plot_err)?;

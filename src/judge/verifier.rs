@@ -54,7 +54,9 @@ impl Verifier {
                 (Some(kind), _) => kind.to_string(),
                 (None, Some(answer)) if number(&answer_text(answer)).is_some() => "numeric".into(),
                 (None, Some(_)) => "exact".into(),
-                (None, None) => bail!("the row has neither `answer` nor `constraint` to verify against"),
+                (None, None) => {
+                    bail!("the row has neither `answer` nor `constraint` to verify against")
+                }
             },
             named => named.to_string(),
         };

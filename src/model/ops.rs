@@ -67,7 +67,9 @@ fn matvec_group(x: &Tensor, ws: &[&Tensor]) -> Result<Vec<Tensor>> {
         let mut y = vec![0f32; rows * total];
         let chunks: Vec<std::sync::Mutex<&mut [f32]>> = y.chunks_mut(block * rows).map(std::sync::Mutex::new).collect();
         super::spin_pool::run(&|part| {
-            let Some(chunk) = chunks.get(part) else { return };
+            let Some(chunk) = chunks.get(part) else {
+                return;
+            };
             let mut chunk = chunk.lock().expect("each part locks its own chunk once");
             let (first, last) = (part * block, part * block + chunk.len() / rows);
             let mut base = 0;

@@ -270,7 +270,9 @@ impl CausalLm {
     /// The model as one mixed-precision forward of the blocks sees it: projection weights
     /// rounded and their inputs marked for rounding. `None` without mixed precision.
     fn rounded_view(&self) -> Result<Option<Self>> {
-        let Some(dtype) = self.matmul_precision else { return Ok(None) };
+        let Some(dtype) = self.matmul_precision else {
+            return Ok(None);
+        };
         if self.checkpoint_grads.is_some() {
             candle::bail!("gradient checkpointing with bf16 mixed precision is not supported; use one or the other");
         }
