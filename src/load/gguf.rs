@@ -13,7 +13,8 @@ use std::io::Cursor;
 use std::path::Path;
 
 use anyhow::{anyhow, bail, Context, Result};
-use candle::quantized::gguf_file::{Content, Value};
+use candle::quantized::gguf_file::{Content, TensorInfo, Value, VersionedMagic};
+use candle::quantized::GgmlDType;
 use candle::{Device, Tensor};
 use rayon::prelude::*;
 use tokenizers::models::bpe::{Vocab, BPE};
@@ -23,6 +24,7 @@ use tokenizers::pre_tokenizers::sequence::Sequence;
 use tokenizers::{AddedToken, PreTokenizerWrapper, Tokenizer};
 
 use super::tokenizer::TextTokenizer;
+use super::{check_weights, TensorHeader, WeightCheck};
 use crate::model::config::{Architecture, ModelConfig};
 
 /// Everything a GGUF file holds, ready to build a model from.
@@ -44,19 +46,30 @@ struct Metadata<'a> {
 
 impl Metadata<'_> {
     fn get(&self, key: &str) -> Result<&Value> {
-        self.map.get(key).ok_or_else(|| anyhow!("`{}`: GGUF metadata has no `{key}`", self.path.display()))
+        self.map.get(key).ok_or_else(|| anyhow!("{}: GGUF metadata has no `{key}`", self.path.display()))
     }
 
     fn usize(&self, key: &str) -> Result<usize> {
         let v = self.get(key)?;
-        Ok(match v {
-            Value::U64(x) => *x as usize,
-            Value::I64(x) => *x as usize,
-            Value::U32(x) => *x as usize,
-            Value::I32(x) => *x as usize,
-            Value::U16(x) => *x as usize,
-            Value::U8(x) => *x as usize,
-            other => bail!("`{}`: GGUF metadata `{key}` is not an integer: {other:?}", self.path.display()),
+        let n: Option<usize> = match v {
+            Value::U64(x) => usize::try_from(*x).ok(),
+            Value::I64(x) => usize::try_from(*x).ok(),
+            Value::U32(x) => usize::try_from(*x).ok(),
+            Value::I32(x) => usize::try_from(*x).ok(),
+            Value::U16(x) => Some(*x as usize),
+            Value::I16(x) => usize::try_from(*x).ok(),
+            Value::U8(x) => Some(*x as usize),
+            Value::I8(x) => usize::try_from(*x).ok(),
+            other => {
+                bail!("{}: metadata `{key}` must be an integer (got {})", self.path.display(), describe_value(other))
+            }
+        };
+        n.ok_or_else(|| {
+            anyhow!(
+                "{}: metadata `{key}` must be a non-negative integer (got {})",
+                self.path.display(),
+                describe_value(v)
+            )
         })
     }
 
@@ -68,12 +81,15 @@ impl Metadata<'_> {
         }
     }
 
-    fn opt_f64(&self, key: &str) -> Option<f64> {
-        match self.map.get(key)? {
-            Value::F32(x) => Some(*x as f64),
-            Value::F64(x) => Some(*x),
-            _ => None,
-        }
+    fn opt_f64(&self, key: &str) -> Result<Option<f64>> {
+        Ok(match self.map.get(key) {
+            None => None,
+            Some(Value::F32(x)) => Some(*x as f64),
+            Some(Value::F64(x)) => Some(*x),
+            Some(other) => {
+                bail!("{}: metadata `{key}` must be a float (got {})", self.path.display(), describe_value(other))
+            }
+        })
     }
 
     fn opt_str(&self, key: &str) -> Option<&str> {
@@ -83,9 +99,17 @@ impl Metadata<'_> {
     fn strings(&self, key: &str) -> Result<Vec<String>> {
         self.get(key)?
             .to_vec()
-            .map_err(|e| anyhow!("`{}`: `{key}`: {e}", self.path.display()))?
+            .map_err(|_| anyhow!("{}: metadata `{key}` must be an array of strings", self.path.display()))?
             .iter()
-            .map(|v| v.to_string().cloned().map_err(|e| anyhow!("`{}`: `{key}`: {e}", self.path.display())))
+            .map(|v| {
+                v.to_string().cloned().map_err(|_| {
+                    anyhow!(
+                        "{}: metadata `{key}` must be an array of strings (holds {})",
+                        self.path.display(),
+                        describe_value(v)
+                    )
+                })
+            })
             .collect()
     }
 }
@@ -119,6 +143,58 @@ fn hf_tensor_name(gguf: &str) -> Option<String> {
     Some(format!("model.layers.{layer}.{module}.{kind}"))
 }
 
+/// llama.cpp's name of a transformers tensor name (the inverse of [`hf_tensor_name`]), for
+/// errors about a tensor the file lacks.
+fn gguf_tensor_name(hf: &str) -> String {
+    let fixed = match hf {
+        "model.embed_tokens.weight" => Some("token_embd.weight"),
+        "model.norm.weight" => Some("output_norm.weight"),
+        "lm_head.weight" => Some("output.weight"),
+        _ => None,
+    };
+    if let Some(n) = fixed {
+        return n.to_string();
+    }
+    let Some((layer, rest)) = hf.strip_prefix("model.layers.").and_then(|r| r.split_once('.')) else {
+        return hf.to_string();
+    };
+    let Some((module, kind)) = rest.rsplit_once('.') else {
+        return hf.to_string();
+    };
+    let part = match module {
+        "self_attn.q_proj" => "attn_q",
+        "self_attn.k_proj" => "attn_k",
+        "self_attn.v_proj" => "attn_v",
+        "self_attn.o_proj" => "attn_output",
+        "mlp.gate_proj" => "ffn_gate",
+        "mlp.up_proj" => "ffn_up",
+        "mlp.down_proj" => "ffn_down",
+        "input_layernorm" => "attn_norm",
+        "post_attention_layernorm" => "ffn_norm",
+        _ => return hf.to_string(),
+    };
+    format!("blk.{layer}.{part}.{kind}")
+}
+
+/// Where a [`ModelConfig`] field comes from in a GGUF file of architecture `arch`.
+fn gguf_field(arch: &str, field: &str) -> String {
+    let key = match field {
+        "vocab_size" => return "the rows of tensor `token_embd.weight`".into(),
+        "hidden_size" => "embedding_length",
+        "intermediate_size" => "feed_forward_length",
+        "num_hidden_layers" => "block_count",
+        "num_attention_heads" => "attention.head_count",
+        "num_key_value_heads" => "attention.head_count_kv",
+        "head_dim" => "attention.key_length",
+        "rms_norm_eps" => "attention.layer_norm_rms_epsilon",
+        "rope_theta" => "rope.freq_base",
+        "max_position_embeddings" => "context_length",
+        "sliding_window" => "attention.sliding_window",
+        other => return format!("`{other}`"),
+    };
+    format!("`{arch}.{key}`")
+}
+
 /// Undo llama.cpp's q/k permutation: raw rows are `[heads, D/2, 2]`, transformers' rows are
 /// `[heads, 2, D/2]` (transformers' `_reverse_permute_weights`).
 pub fn unpermute_rope_rows(w: &Tensor, heads: usize) -> candle::Result<Tensor> {
@@ -131,8 +207,14 @@ pub fn unpermute_rope_rows(w: &Tensor, heads: usize) -> candle::Result<Tensor> {
 /// Read and dequantize a GGUF file.
 pub fn load_gguf(path: &Path) -> Result<GgufModel> {
     let bytes = std::fs::read(path).with_context(|| format!("failed to read `{}`", path.display()))?;
-    let content = Content::read(&mut Cursor::new(&bytes))
-        .map_err(|e| anyhow!("`{}` is not a valid GGUF file: {e}", path.display()))?;
+    load_gguf_bytes(&bytes, path)
+}
+
+/// [`load_gguf`] on the bytes of a file already read; `path` names it in errors. The header
+/// is read with every count and size checked against the bytes left, the configuration is
+/// validated and every tensor's shape checked against it before any tensor is read.
+pub fn load_gguf_bytes(bytes: &[u8], path: &Path) -> Result<GgufModel> {
+    let content = read_header(bytes, path)?;
     let meta = Metadata { map: &content.metadata, path };
     let arch_name = meta.opt_str("general.architecture").unwrap_or("llama").to_string();
     let architecture = match arch_name.as_str() {
@@ -140,7 +222,7 @@ pub fn load_gguf(path: &Path) -> Result<GgufModel> {
         "mistral" => Architecture::Mistral,
         "qwen2" => Architecture::Qwen2,
         other => {
-            bail!("`{}`: unsupported GGUF architecture `{other}` (supported: llama, mistral, qwen2)", path.display())
+            bail!("{}: unsupported GGUF architecture `{other}` (supported: llama, mistral, qwen2)", path.display())
         }
     };
     let tokenizer = gguf_tokenizer(&meta)?;
@@ -148,11 +230,27 @@ pub fn load_gguf(path: &Path) -> Result<GgufModel> {
     let heads = meta.usize(&key("attention.head_count"))?;
     let kv_heads = meta.opt_usize(&key("attention.head_count_kv"))?.unwrap_or(heads);
     let hidden = meta.usize(&key("embedding_length"))?;
-    let head_dim = meta.opt_usize(&key("attention.key_length"))?.unwrap_or(hidden / heads);
+    let head_dim = match meta.opt_usize(&key("attention.key_length"))? {
+        Some(d) => d,
+        None if heads == 0 => {
+            bail!("{}: metadata `{}` must be positive (got 0)", path.display(), key("attention.head_count"))
+        }
+        None if !hidden.is_multiple_of(heads) => bail!(
+            "{}: metadata `{}` must divide `{}` = {hidden} (got {heads}) when `{}` is not given",
+            path.display(),
+            key("attention.head_count"),
+            key("embedding_length"),
+            key("attention.key_length")
+        ),
+        None => hidden / heads,
+    };
     let has_output = content.tensor_infos.contains_key("output.weight");
-    let vocab_size = match content.tensor_infos.get("token_embd.weight") {
-        Some(info) => info.shape.dims()[0],
-        None => bail!("`{}`: GGUF file has no `token_embd.weight`", path.display()),
+    let vocab_size = match content.tensor_infos.get("token_embd.weight").map(|i| i.shape.dims()) {
+        Some(&[rows, _]) => rows,
+        Some(dims) => {
+            bail!("{}: tensor `token_embd.weight` has shape {dims:?}; expected [vocab, hidden]", path.display())
+        }
+        None => bail!("{}: GGUF file has no `token_embd.weight`", path.display()),
     };
     let config = ModelConfig {
         architecture,
@@ -163,8 +261,8 @@ pub fn load_gguf(path: &Path) -> Result<GgufModel> {
         num_attention_heads: heads,
         num_key_value_heads: kv_heads,
         head_dim,
-        rms_norm_eps: meta.opt_f64(&key("attention.layer_norm_rms_epsilon")).unwrap_or(1e-5),
-        rope_theta: meta.opt_f64(&key("rope.freq_base")).unwrap_or(10_000.0),
+        rms_norm_eps: meta.opt_f64(&key("attention.layer_norm_rms_epsilon"))?.unwrap_or(1e-5),
+        rope_theta: meta.opt_f64(&key("rope.freq_base"))?.unwrap_or(10_000.0),
         rope_scaling: None,
         max_position_embeddings: meta.opt_usize(&key("context_length"))?.unwrap_or(2048),
         sliding_window: meta.opt_usize(&key("attention.sliding_window"))?,
@@ -178,26 +276,322 @@ pub fn load_gguf(path: &Path) -> Result<GgufModel> {
         eos_token_ids: tokenizer.eos.iter().map(|e| e.1).collect(),
         num_labels: None,
     };
+    config.validate().map_err(|e| match &e {
+        crate::model::config::ConfigError::Invalid { field, reason } => {
+            anyhow!("{}: {} (`{field}`) {reason}", path.display(), gguf_field(&arch_name, field))
+        }
+        _ => anyhow!("{}: {e}", path.display()),
+    })?;
+    // Check every tensor the model reads against the configuration, on the header alone.
+    let headers: HashMap<String, TensorHeader> = content
+        .tensor_infos
+        .iter()
+        .filter_map(|(name, info)| {
+            let header = TensorHeader {
+                shape: info.shape.dims().to_vec(),
+                dtype: format!("{:?}", info.ggml_dtype),
+                float: true,
+                file: path.to_path_buf(),
+                display_name: name.clone(),
+            };
+            hf_tensor_name(name).map(|hf| (hf, header))
+        })
+        .collect();
+    let holder = path.display().to_string();
+    let names = WeightCheck {
+        config_name: "the GGUF metadata",
+        holder: &holder,
+        field: &|f| gguf_field(&arch_name, f),
+        tensor: &gguf_tensor_name,
+    };
+    check_weights(&config, &headers, has_output, &names)?;
+    let used: std::collections::HashSet<String> = (0..config.num_hidden_layers)
+        .flat_map(|i| config.expected_layer_tensors(i))
+        .chain(config.expected_outer_tensors(has_output))
+        .map(|t| t.name)
+        .collect();
     let permuted = matches!(architecture, Architecture::Llama | Architecture::Mistral);
-    let names: Vec<(&String, String)> =
-        content.tensor_infos.keys().filter_map(|n| hf_tensor_name(n).map(|hf| (n, hf))).collect();
+    let names: Vec<(&String, String)> = content
+        .tensor_infos
+        .keys()
+        .filter_map(|n| hf_tensor_name(n).filter(|hf| used.contains(hf)).map(|hf| (n, hf)))
+        .collect();
     let weights = names
         .par_iter()
         .map(|(gguf_name, hf_name)| -> Result<(String, Tensor)> {
-            let q = content
-                .tensor(&mut Cursor::new(&bytes), gguf_name, &Device::Cpu)
-                .with_context(|| format!("`{}`: failed to read tensor `{gguf_name}`", path.display()))?;
-            let mut w = q.dequantize(&Device::Cpu)?;
+            let tensor_err = |e: candle::Error| anyhow!("{}: tensor `{gguf_name}`: {e}", path.display());
+            let q = content.tensor(&mut Cursor::new(bytes), gguf_name, &Device::Cpu).map_err(tensor_err)?;
+            let mut w = q.dequantize(&Device::Cpu).map_err(tensor_err)?;
             if permuted && gguf_name.contains("attn_q.") {
-                w = unpermute_rope_rows(&w, heads)?;
+                w = unpermute_rope_rows(&w, heads).map_err(tensor_err)?;
             } else if permuted && gguf_name.contains("attn_k.") {
-                w = unpermute_rope_rows(&w, kv_heads)?;
+                w = unpermute_rope_rows(&w, kv_heads).map_err(tensor_err)?;
             }
             Ok((hf_name.clone(), w))
         })
         .collect::<Result<HashMap<_, _>>>()?;
     let chat_template = meta.opt_str("tokenizer.chat_template").map(str::to_string);
     Ok(GgufModel { config, weights, tokenizer, chat_template })
+}
+
+/// A short description of a metadata value for errors (arrays by length only).
+fn describe_value(v: &Value) -> String {
+    match v {
+        Value::Array(a) => format!("an array of {} values", a.len()),
+        Value::String(s) if s.len() > 40 => format!("a string of {} bytes", s.len()),
+        other => format!("{other:?}"),
+    }
+}
+
+/// Longest metadata array accepted: far above any vocabulary or merge list, and with the
+/// check against the bytes left in the file, bounds the memory a header can ask for.
+const MAX_ARRAY_LEN: u64 = 1 << 26;
+/// Deepest nesting of metadata arrays accepted.
+const MAX_DEPTH: usize = 8;
+
+/// Reads a GGUF header from bytes, checking every count and length against the bytes left.
+struct HeaderReader<'a> {
+    bytes: &'a [u8],
+    pos: usize,
+    path: &'a Path,
+    /// Version 2 and 3 store lengths and counts in 64 bits, version 1 in 32.
+    wide: bool,
+}
+
+impl<'a> HeaderReader<'a> {
+    fn fail(&self, what: impl std::fmt::Display) -> anyhow::Error {
+        anyhow!("{}: not a valid GGUF file: {what} (at byte {})", self.path.display(), self.pos)
+    }
+
+    fn left(&self) -> u64 {
+        (self.bytes.len() - self.pos) as u64
+    }
+
+    fn take(&mut self, n: u64, what: &str) -> Result<&'a [u8]> {
+        let left = self.left();
+        if n > left {
+            return Err(self.fail(format_args!("{what} needs {n} bytes, the file has {left} left")));
+        }
+        let out = &self.bytes[self.pos..self.pos + n as usize];
+        self.pos += n as usize;
+        Ok(out)
+    }
+
+    fn array<const N: usize>(&mut self, what: &str) -> Result<[u8; N]> {
+        Ok(self.take(N as u64, what)?.try_into().expect("take returns N bytes"))
+    }
+
+    fn u32(&mut self, what: &str) -> Result<u32> {
+        Ok(u32::from_le_bytes(self.array(what)?))
+    }
+
+    fn u64(&mut self, what: &str) -> Result<u64> {
+        Ok(u64::from_le_bytes(self.array(what)?))
+    }
+
+    /// A count or length: 64 bits from version 2 on, 32 in version 1.
+    fn len(&mut self, what: &str) -> Result<u64> {
+        if self.wide {
+            self.u64(what)
+        } else {
+            self.u32(what).map(u64::from)
+        }
+    }
+
+    fn string(&mut self, what: &str) -> Result<String> {
+        let n = self.len(what)?;
+        let mut b = self.take(n, what)?;
+        // Strings are not NUL-terminated by the spec, but some writers add one.
+        while let [rest @ .., 0] = b {
+            b = rest;
+        }
+        Ok(String::from_utf8_lossy(b).into_owned())
+    }
+
+    /// The fewest bytes a value of type `ty` can take.
+    fn min_size(&self, ty: u32) -> u64 {
+        let prefix = if self.wide { 8 } else { 4 };
+        match ty {
+            0 | 1 | 7 => 1,
+            2 | 3 => 2,
+            4..=6 => 4,
+            10..=12 => 8,
+            8 => prefix,
+            9 => 4 + prefix,
+            _ => 1,
+        }
+    }
+
+    fn value(&mut self, ty: u32, depth: usize, key: &str) -> Result<Value> {
+        let what = format!("the value of `{key}`");
+        Ok(match ty {
+            0 => Value::U8(self.array::<1>(&what)?[0]),
+            1 => Value::I8(self.array::<1>(&what)?[0] as i8),
+            2 => Value::U16(u16::from_le_bytes(self.array(&what)?)),
+            3 => Value::I16(i16::from_le_bytes(self.array(&what)?)),
+            4 => Value::U32(u32::from_le_bytes(self.array(&what)?)),
+            5 => Value::I32(i32::from_le_bytes(self.array(&what)?)),
+            6 => Value::F32(f32::from_le_bytes(self.array(&what)?)),
+            7 => match self.array::<1>(&what)?[0] {
+                0 => Value::Bool(false),
+                1 => Value::Bool(true),
+                b => return Err(self.fail(format_args!("`{key}`: a bool must be 0 or 1 (got {b})"))),
+            },
+            8 => Value::String(self.string(&what)?),
+            9 => {
+                if depth >= MAX_DEPTH {
+                    return Err(self.fail(format_args!("`{key}`: arrays nested deeper than {MAX_DEPTH}")));
+                }
+                let elem = self.u32(&what)?;
+                let n = self.len(&what)?;
+                let min = self.min_size(elem);
+                if n > MAX_ARRAY_LEN || n.saturating_mul(min) > self.left() {
+                    return Err(self.fail(format_args!(
+                        "`{key}`: an array of {n} values of type {elem} does not fit in the {} bytes left",
+                        self.left()
+                    )));
+                }
+                let mut out = Vec::with_capacity(n as usize);
+                for _ in 0..n {
+                    out.push(self.value(elem, depth + 1, key)?);
+                }
+                Value::Array(out)
+            }
+            10 => Value::U64(self.u64(&what)?),
+            11 => Value::I64(i64::from_le_bytes(self.array(&what)?)),
+            12 => Value::F64(f64::from_le_bytes(self.array(&what)?)),
+            other => return Err(self.fail(format_args!("`{key}`: unknown value type {other}"))),
+        })
+    }
+}
+
+/// ggml's tensor type ids that candle reads.
+fn ggml_dtype(id: u32) -> Option<GgmlDType> {
+    Some(match id {
+        0 => GgmlDType::F32,
+        1 => GgmlDType::F16,
+        2 => GgmlDType::Q4_0,
+        3 => GgmlDType::Q4_1,
+        6 => GgmlDType::Q5_0,
+        7 => GgmlDType::Q5_1,
+        8 => GgmlDType::Q8_0,
+        9 => GgmlDType::Q8_1,
+        10 => GgmlDType::Q2K,
+        11 => GgmlDType::Q3K,
+        12 => GgmlDType::Q4K,
+        13 => GgmlDType::Q5K,
+        14 => GgmlDType::Q6K,
+        15 => GgmlDType::Q8K,
+        30 => GgmlDType::BF16,
+        _ => return None,
+    })
+}
+
+/// Read a GGUF header (metadata and tensor infos) from the file's bytes. Unlike candle's
+/// reader, which this replaces, every count, length, shape and offset is checked against the
+/// file before anything is allocated or read, and an alignment of 0 is an error, not a panic.
+fn read_header(bytes: &[u8], path: &Path) -> Result<Content> {
+    let mut r = HeaderReader { bytes, pos: 0, path, wide: true };
+    if r.take(4, "the magic number")? != b"GGUF" {
+        return Err(r.fail("the file does not start with `GGUF`"));
+    }
+    let magic = match r.u32("the version")? {
+        1 => VersionedMagic::GgufV1,
+        2 => VersionedMagic::GgufV2,
+        3 => VersionedMagic::GgufV3,
+        v => return Err(r.fail(format_args!("unsupported version {v} (supported: 1, 2, 3)"))),
+    };
+    r.wide = magic != VersionedMagic::GgufV1;
+    let tensor_count = r.len("the tensor count")?;
+    let kv_count = r.len("the metadata count")?;
+    // The smallest metadata entry and tensor info, to refuse counts the file cannot hold.
+    let prefix = if r.wide { 8 } else { 4 };
+    let needed =
+        kv_count.saturating_mul(prefix + 4 + 1).saturating_add(tensor_count.saturating_mul(prefix + 4 + 4 + 8));
+    if needed > r.left() {
+        return Err(r.fail(format_args!(
+            "the header declares {tensor_count} tensors and {kv_count} metadata entries, which need at least {needed} bytes; the file has {} left",
+            r.left()
+        )));
+    }
+    let mut metadata = HashMap::new();
+    for _ in 0..kv_count {
+        let key = r.string("a metadata key")?;
+        let ty = r.u32(&format!("the type of `{key}`"))?;
+        let value = r.value(ty, 0, &key)?;
+        metadata.insert(key, value);
+    }
+    let mut infos: Vec<(String, Vec<u64>, u32, u64)> = Vec::with_capacity(tensor_count as usize);
+    for _ in 0..tensor_count {
+        let name = r.string("a tensor name")?;
+        let what = format!("the info of tensor `{name}`");
+        let n_dims = r.u32(&what)?;
+        if n_dims > 4 {
+            return Err(r.fail(format_args!("tensor `{name}` has {n_dims} dimensions (at most 4)")));
+        }
+        let mut dims = Vec::with_capacity(n_dims as usize);
+        for _ in 0..n_dims {
+            dims.push(r.len(&what)?);
+        }
+        let dtype = r.u32(&what)?;
+        let offset = r.u64(&what)?;
+        infos.push((name, dims, dtype, offset));
+    }
+    let alignment = match metadata.get("general.alignment") {
+        None => 32,
+        Some(v) => match v {
+            Value::U8(a) => u64::from(*a),
+            Value::U16(a) => u64::from(*a),
+            Value::U32(a) => u64::from(*a),
+            Value::U64(a) => *a,
+            Value::I8(a) => u64::try_from(*a).unwrap_or(0),
+            Value::I16(a) => u64::try_from(*a).unwrap_or(0),
+            Value::I32(a) => u64::try_from(*a).unwrap_or(0),
+            Value::I64(a) => u64::try_from(*a).unwrap_or(0),
+            other => bail!(
+                "{}: metadata `general.alignment` must be an integer (got {})",
+                path.display(),
+                describe_value(other)
+            ),
+        },
+    };
+    if alignment == 0 {
+        bail!("{}: metadata `general.alignment` must be positive (got 0)", path.display());
+    }
+    let file_len = bytes.len() as u64;
+    let data_offset = (r.pos as u64).div_ceil(alignment).saturating_mul(alignment);
+    let mut tensor_infos = HashMap::with_capacity(infos.len());
+    for (name, mut dims, dtype_id, offset) in infos {
+        let bad = |why: String| anyhow!("{}: tensor `{name}` {why}", path.display());
+        let Some(ggml_dtype) = ggml_dtype(dtype_id) else {
+            return Err(bad(format!("has tensor type {dtype_id}, which candor cannot read")));
+        };
+        dims.reverse(); // ggml lists the fastest-varying dimension first
+        let elems = dims.iter().try_fold(1u64, |acc, &d| acc.checked_mul(d));
+        let (block, type_size) = (ggml_dtype.block_size() as u64, ggml_dtype.type_size() as u64);
+        let bytes_needed = match elems {
+            Some(e) if e.is_multiple_of(block) => (e / block).checked_mul(type_size),
+            Some(e) => {
+                return Err(bad(format!("has {e} elements, not a multiple of the {ggml_dtype:?} block of {block}")))
+            }
+            None => None,
+        };
+        let end = bytes_needed.and_then(|b| data_offset.checked_add(offset)?.checked_add(b));
+        match end {
+            Some(end) if end <= file_len => {}
+            _ => {
+                return Err(bad(format!(
+                    "of shape {dims:?} ({ggml_dtype:?}) at data offset {offset} does not fit in the file ({file_len} bytes)"
+                )))
+            }
+        }
+        let dims: Vec<usize> = dims.into_iter().map(|d| d as usize).collect();
+        if tensor_infos.contains_key(&name) {
+            return Err(bad("appears twice in the header".into()));
+        }
+        tensor_infos.insert(name, TensorInfo { ggml_dtype, shape: candle::Shape::from(dims), offset });
+    }
+    Ok(Content { magic, metadata, tensor_infos, tensor_data_offset: data_offset })
 }
 
 /// Build the tokenizer from `tokenizer.ggml.*`, as transformers' `GGUFGPTConverter` does:
@@ -248,6 +642,13 @@ fn gguf_tokenizer(meta: &Metadata) -> Result<TextTokenizer> {
             .collect(),
         None => Vec::new(),
     };
+    if types.len() > tokens.len() {
+        bail!(
+            "{path}: metadata `tokenizer.ggml.token_type` has {} entries but `tokenizer.ggml.tokens` has {}",
+            types.len(),
+            tokens.len()
+        );
+    }
     let special: Vec<AddedToken> = types
         .iter()
         .enumerate()

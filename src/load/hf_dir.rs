@@ -2,40 +2,94 @@
 //! `model.safetensors.index.json`), `tokenizer.json`, `tokenizer_config.json`,
 //! `chat_template.jinja` and `generation_config.json`.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use candle::safetensors::MmapedSafetensors;
 use candle::{Device, Tensor};
 
+use super::TensorHeader;
 use crate::model::WeightSource;
 
 /// Memory-mapped safetensors files, read by tensor name.
 pub struct SafetensorsWeights {
-    files: MmapedSafetensors,
-    names: std::collections::HashSet<String>,
+    /// Each file with its mapping.
+    files: Vec<(PathBuf, MmapedSafetensors)>,
+    /// Tensor name -> index into `files`.
+    index: HashMap<String, usize>,
 }
 
 impl SafetensorsWeights {
-    /// Map the weight files of the model directory `dir`.
+    /// Map the weight files of the model directory `dir` and read their headers (no tensor
+    /// data is touched). A file that is not valid safetensors (bad header length, bad JSON,
+    /// offsets outside the file or inconsistent with a shape) is an error naming that file.
     pub fn open_dir(dir: &Path) -> Result<Self> {
-        let files = weight_files(dir)?;
-        // SAFETY: the files are only read; like every mmap-based loader (transformers included),
-        // we rely on nobody truncating them while the model is loading.
-        let files_mapped = unsafe { MmapedSafetensors::multi(&files) }
-            .with_context(|| format!("failed to read safetensors in `{}`", dir.display()))?;
-        let names = files_mapped.tensors().into_iter().map(|(n, _)| n).collect();
-        Ok(Self { files: files_mapped, names })
+        let paths = weight_files(dir)?;
+        let mut files = Vec::with_capacity(paths.len());
+        let mut index = HashMap::new();
+        for path in paths {
+            // SAFETY: the files are only read; like every mmap-based loader (transformers
+            // included), we rely on nobody truncating them while the model is loading.
+            let mapped = unsafe { MmapedSafetensors::new(&path) }
+                .map_err(|e| anyhow!("{}: not a valid safetensors file: {}", path.display(), without_path(e)))?;
+            for (name, _) in mapped.tensors() {
+                index.insert(name, files.len());
+            }
+            files.push((path, mapped));
+        }
+        Ok(Self { files, index })
+    }
+
+    /// Every tensor's shape and dtype as the file headers state them.
+    pub fn headers(&self) -> HashMap<String, TensorHeader> {
+        let mut out = HashMap::with_capacity(self.index.len());
+        for (path, mapped) in &self.files {
+            for (name, view) in mapped.tensors() {
+                use safetensors::Dtype;
+                let float = matches!(view.dtype(), Dtype::F16 | Dtype::BF16 | Dtype::F32 | Dtype::F64);
+                if self.index.get(&name).is_some_and(|&i| self.files[i].0 == *path) {
+                    let header = TensorHeader {
+                        shape: view.shape().to_vec(),
+                        dtype: format!("{:?}", view.dtype()),
+                        float,
+                        file: path.clone(),
+                        display_name: name.clone(),
+                    };
+                    out.insert(name, header);
+                }
+            }
+        }
+        out
+    }
+
+    /// The file holding tensor `name`.
+    pub fn file_of(&self, name: &str) -> Option<&Path> {
+        self.index.get(name).map(|&i| self.files[i].0.as_path())
+    }
+}
+
+/// candle's error without its `path: "…"` prefix (the caller names the file itself).
+fn without_path(e: candle::Error) -> candle::Error {
+    match e {
+        candle::Error::WithPath { inner, .. } => *inner,
+        e => e,
     }
 }
 
 impl WeightSource for SafetensorsWeights {
     fn get(&mut self, name: &str) -> candle::Result<Tensor> {
-        self.files.load(name, &Device::Cpu)
+        let Some(&i) = self.index.get(name) else {
+            return Err(candle::Error::Msg(format!("no tensor `{name}` in the weight files")));
+        };
+        let (path, mapped) = &self.files[i];
+        mapped
+            .load(name, &Device::Cpu)
+            .map_err(|e| candle::Error::Msg(format!("{}: tensor `{name}`: {}", path.display(), without_path(e))))
     }
 
     fn contains(&self, name: &str) -> bool {
-        self.names.contains(name)
+        self.index.contains_key(name)
     }
 }
 

@@ -10,7 +10,7 @@ pub mod tokenizer;
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use candle::{DType, Device};
 
 pub use chat_template::{ChatTemplate, Message};
@@ -111,6 +111,7 @@ pub fn load_with_adapter(dir: &Path, dtype: DType, device: &Device) -> Result<Lo
     let saved = crate::model::lora::load_adapter(dir)?;
     let mut base = load_model(&saved.base_model, dtype, device)
         .with_context(|| format!("cannot load the base model `{}` of adapter `{}`", saved.base_model, dir.display()))?;
+    saved.check_against(&base.model, dir)?;
     base.model.attach_lora(&saved).with_context(|| format!("adapter `{}`", dir.display()))?;
     base.origin = dir.display().to_string();
     Ok(base)
@@ -121,28 +122,166 @@ pub fn load_gguf_model(path: &Path, dtype: DType, device: &Device) -> Result<Loa
     let mut g = gguf::load_gguf(path)?;
     let model = CausalLm::new(g.config.clone(), &mut g.weights, dtype, device)
         .with_context(|| format!("failed to build the model from `{}`", path.display()))?;
-    let chat_template = g.chat_template.as_deref().map(|src| compile_template(src, &g.tokenizer)).transpose()?;
+    let chat_template = g
+        .chat_template
+        .as_deref()
+        .map(|src| compile_template(src, &g.tokenizer))
+        .transpose()
+        .with_context(|| format!("{}: metadata `tokenizer.chat_template`", path.display()))?;
     let eos_token_ids = merge_eos(&g.config, None, &g.tokenizer);
     Ok(LoadedModel { model, tokenizer: g.tokenizer, chat_template, eos_token_ids, origin: path.display().to_string() })
 }
 
 /// Load a transformers model directory.
 pub fn load_hf_dir(dir: &Path, dtype: DType, device: &Device) -> Result<LoadedModel> {
-    let config_path = dir.join("config.json");
-    let text = std::fs::read_to_string(&config_path)
-        .with_context(|| format!("`{}` is not a model directory: cannot read `config.json`", dir.display()))?;
-    let config = ModelConfig::from_hf_json(&text).with_context(|| format!("in `{}`", config_path.display()))?;
-    let mut weights = hf_dir::SafetensorsWeights::open_dir(dir)?;
+    let (config, mut weights) = open_hf_weights(dir)?;
     let model = CausalLm::new(config.clone(), &mut weights, dtype, device)
         .with_context(|| format!("failed to build the model from `{}`", dir.display()))?;
     let tok_config = dir.join("tokenizer_config.json");
     let tok_config = tok_config.exists().then_some(tok_config);
     let tokenizer = TextTokenizer::from_hf_files(&dir.join("tokenizer.json"), tok_config.as_deref())?;
-    let chat_template =
-        read_chat_template(dir, tok_config.as_deref())?.map(|src| compile_template(&src, &tokenizer)).transpose()?;
+    let jinja = dir.join("chat_template.jinja");
+    let template_file = if jinja.exists() { jinja } else { dir.join("tokenizer_config.json") };
+    let chat_template = read_chat_template(dir, tok_config.as_deref())?
+        .map(|src| compile_template(&src, &tokenizer))
+        .transpose()
+        .with_context(|| format!("{}: chat template", template_file.display()))?;
     let gen_eos = read_generation_eos(dir)?;
     let eos_token_ids = merge_eos(&config, gen_eos, &tokenizer);
     Ok(LoadedModel { model, tokenizer, chat_template, eos_token_ids, origin: dir.display().to_string() })
+}
+
+/// Read and validate `config.json` of a transformers directory, map its safetensors files and
+/// check every tensor the model will read against the configuration, all before any tensor
+/// data is read or anything sized by the configuration is allocated. Errors name the file and
+/// the field (or tensor).
+pub fn open_hf_weights(dir: &Path) -> Result<(ModelConfig, hf_dir::SafetensorsWeights)> {
+    let config_path = dir.join("config.json");
+    if !config_path.is_file() {
+        bail!("`{}` is not a model directory: it has no `config.json`", dir.display());
+    }
+    let bytes = std::fs::read(&config_path).with_context(|| format!("cannot read `{}`", config_path.display()))?;
+    let text = String::from_utf8(bytes).map_err(|e| anyhow!("{}: not UTF-8 text: {e}", config_path.display()))?;
+    let config = ModelConfig::from_hf_json(&text).map_err(|e| anyhow!("{}: {e}", config_path.display()))?;
+    let weights = hf_dir::SafetensorsWeights::open_dir(dir)?;
+    let headers = weights.headers();
+    let has_lm_head = !config.tie_word_embeddings && headers.contains_key("lm_head.weight");
+    let files = hf_dir::weight_files(dir)?;
+    let holder = match files.as_slice() {
+        [one] => one.display().to_string(),
+        _ => dir.join("model.safetensors.index.json").display().to_string(),
+    };
+    let names = WeightCheck {
+        config_name: "config.json",
+        holder: &holder,
+        field: &|f| format!("`{f}`"),
+        tensor: &|t| t.to_string(),
+    };
+    check_weights(&config, &headers, has_lm_head, &names)?;
+    Ok((config, weights))
+}
+
+/// A tensor as a weight file's header describes it (nothing loaded).
+#[derive(Debug, Clone)]
+pub struct TensorHeader {
+    /// Its shape in transformers' `[out, in]` order.
+    pub shape: Vec<usize>,
+    /// Its stored dtype, as a name.
+    pub dtype: String,
+    /// Whether candor can load the dtype as weights (floating point or GGUF quantized).
+    pub float: bool,
+    /// The file that holds it.
+    pub file: PathBuf,
+    /// Its name in that file (a GGUF file names tensors differently from transformers).
+    pub display_name: String,
+}
+
+/// How [`check_weights`] names things in its errors.
+pub struct WeightCheck<'a> {
+    /// What states the configuration: `config.json`, or the GGUF metadata.
+    pub config_name: &'a str,
+    /// The file (or index) named when a tensor is missing.
+    pub holder: &'a str,
+    /// How a configuration field (transformers' name) is written in an error.
+    pub field: &'a dyn Fn(&str) -> String,
+    /// The file's name of a tensor, from its transformers name.
+    pub tensor: &'a dyn Fn(&str) -> String,
+}
+
+/// Check the tensors of a weight file (`headers`, by transformers name) against a validated
+/// configuration: the decoder layers present are exactly `0..num_hidden_layers`, and every
+/// tensor the model reads exists, has a loadable dtype, and has the shape the configuration
+/// implies. Runs on headers only, so a wrong size is refused before anything sized by it is
+/// allocated.
+pub fn check_weights(
+    config: &ModelConfig,
+    headers: &std::collections::HashMap<String, TensorHeader>,
+    has_lm_head: bool,
+    names: &WeightCheck,
+) -> Result<()> {
+    let WeightCheck { config_name, holder, field, tensor } = names;
+    let n = config.num_hidden_layers;
+    let mut present = std::collections::BTreeSet::new();
+    for (name, h) in headers {
+        if let Some(i) = ModelConfig::layer_of(name) {
+            if i >= n {
+                bail!(
+                    "{}: tensor `{}` belongs to layer {i} but {config_name} says {} = {n} (layers 0 to {})",
+                    h.file.display(),
+                    h.display_name,
+                    field("num_hidden_layers"),
+                    n.saturating_sub(1)
+                );
+            }
+            present.insert(i);
+        }
+    }
+    if present.len() < n {
+        // `present` holds fewer than `n` indices below `n`: one of the first `present.len() + 1`
+        // is missing, so this search is bounded by the file, not by the configuration.
+        let missing = (0..=present.len()).find(|i| !present.contains(i)).unwrap_or(present.len());
+        bail!(
+            "{holder}: holds {} decoder layers but {config_name} says {} = {n} (no tensor of layer {missing})",
+            present.len(),
+            field("num_hidden_layers"),
+        );
+    }
+    let describe = |t: &crate::model::config::ExpectedTensor| {
+        let parts: Vec<String> = t
+            .dims
+            .iter()
+            .map(|d| format!("{} ({})", d.size, d.from.split(" × ").map(field).collect::<Vec<_>>().join(" × ")))
+            .collect();
+        format!("[{}]", parts.join(", "))
+    };
+    let outer = config.expected_outer_tensors(has_lm_head);
+    for t in (0..n).flat_map(|i| config.expected_layer_tensors(i)).chain(outer) {
+        let Some(h) = headers.get(&t.name) else {
+            bail!(
+                "{holder}: has no tensor `{}`, which {config_name} requires (shape {})",
+                tensor(&t.name),
+                describe(&t)
+            );
+        };
+        if h.shape != t.shape() {
+            bail!(
+                "{}: tensor `{}` has shape {:?} but {config_name} says {}",
+                h.file.display(),
+                h.display_name,
+                h.shape,
+                describe(&t)
+            );
+        }
+        if !h.float {
+            bail!(
+                "{}: tensor `{}` has dtype {}; weights must be F32, F16, BF16 or F64",
+                h.file.display(),
+                h.display_name,
+                h.dtype
+            );
+        }
+    }
+    Ok(())
 }
 
 /// Compile a chat template with the tokenizer's BOS and EOS texts.

@@ -81,17 +81,19 @@ pub struct ModelConfig {
     pub num_labels: Option<usize>,
 }
 
-/// `config.json` as transformers writes it; only the keys candor reads.
-#[derive(Debug, Deserialize)]
+/// `config.json` as transformers writes it; only the keys candor reads. Every key is optional
+/// here so that a key of the wrong type can be found by deserializing it alone; required keys
+/// are checked in [`RawConfig::resolve`].
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
 struct RawConfig {
     model_type: Option<String>,
-    #[serde(default)]
     architectures: Vec<String>,
-    vocab_size: usize,
-    hidden_size: usize,
-    intermediate_size: usize,
-    num_hidden_layers: usize,
-    num_attention_heads: usize,
+    vocab_size: Option<usize>,
+    hidden_size: Option<usize>,
+    intermediate_size: Option<usize>,
+    num_hidden_layers: Option<usize>,
+    num_attention_heads: Option<usize>,
     num_key_value_heads: Option<usize>,
     head_dim: Option<usize>,
     rms_norm_eps: Option<f64>,
@@ -113,11 +115,12 @@ struct RawConfig {
     hidden_act: Option<String>,
 }
 
-/// Errors while interpreting a `config.json`.
+/// Errors while interpreting a `config.json` (or the configuration read from GGUF metadata).
+/// None names the file: the loader that read it adds the path.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    /// The JSON did not have the expected fields or types.
-    #[error("invalid config: {0}")]
+    /// The text is not JSON, or not a JSON object.
+    #[error("invalid JSON: {0}")]
     Json(#[from] serde_json::Error),
     /// A field has a value candor does not support.
     #[error("unsupported `{field}` in config: {value}")]
@@ -127,13 +130,221 @@ pub enum ConfigError {
         /// What was found there.
         value: String,
     },
+    /// A field is missing, of the wrong type, or out of range.
+    #[error("field `{field}` {reason}")]
+    Invalid {
+        /// The `config.json` key (transformers' name).
+        field: String,
+        /// What is wrong with it, e.g. `must be positive (got 0)`.
+        reason: String,
+    },
+}
+
+impl ConfigError {
+    fn invalid(field: &str, reason: impl Into<String>) -> Self {
+        Self::Invalid { field: field.to_string(), reason: reason.into() }
+    }
+
+    /// The `config.json` key this error is about, if it is about one.
+    pub fn field(&self) -> Option<&str> {
+        match self {
+            Self::Json(_) => None,
+            Self::Unsupported { field, .. } => Some(field),
+            Self::Invalid { field, .. } => Some(field),
+        }
+    }
+}
+
+/// One dimension of an expected tensor shape and the configuration fields it comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Dim {
+    /// The size.
+    pub size: usize,
+    /// The fields that determine it, e.g. `hidden_size` or `num_attention_heads × head_dim`.
+    pub from: &'static str,
+}
+
+/// A tensor the model reads, under its transformers name, with the shape the configuration
+/// implies.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExpectedTensor {
+    /// transformers' name, e.g. `model.layers.0.mlp.up_proj.weight`.
+    pub name: String,
+    /// Its shape.
+    pub dims: Vec<Dim>,
+}
+
+impl ExpectedTensor {
+    /// The bare sizes.
+    pub fn shape(&self) -> Vec<usize> {
+        self.dims.iter().map(|d| d.size).collect()
+    }
 }
 
 impl ModelConfig {
-    /// Parse the text of a transformers `config.json`.
+    /// Parse and validate the text of a transformers `config.json`. Errors name the field
+    /// (not the file: the caller knows the path).
     pub fn from_hf_json(text: &str) -> Result<Self, ConfigError> {
-        let raw: RawConfig = serde_json::from_str(text)?;
+        // Some editors write a UTF-8 BOM; it carries no meaning, so skip it rather than report
+        // line 1 as broken JSON.
+        let text = text.strip_prefix('\u{feff}').unwrap_or(text);
+        let value: serde_json::Value = serde_json::from_str(text)?;
+        let Some(obj) = value.as_object() else {
+            return Err(ConfigError::invalid(
+                "(top level)",
+                format!("must be a JSON object (got {})", json_kind(&value)),
+            ));
+        };
+        let raw: RawConfig = match serde_json::from_value(value.clone()) {
+            Ok(raw) => raw,
+            Err(e) => {
+                // Find the key: deserialize each one alone (every field is optional).
+                for (k, v) in obj {
+                    let one = serde_json::Value::Object(std::iter::once((k.clone(), v.clone())).collect());
+                    if let Err(e) = serde_json::from_value::<RawConfig>(one) {
+                        return Err(ConfigError::invalid(k, format!("has a wrong type or value: {e}")));
+                    }
+                }
+                return Err(ConfigError::Json(e));
+            }
+        };
         raw.resolve()
+    }
+
+    /// Check that every size is positive and the sizes agree with each other, that the norm
+    /// epsilon and RoPE settings are positive finite numbers: everything that can be checked
+    /// without the weights. Errors name the `config.json` field.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        for (field, v) in [
+            ("vocab_size", self.vocab_size),
+            ("hidden_size", self.hidden_size),
+            ("intermediate_size", self.intermediate_size),
+            ("num_hidden_layers", self.num_hidden_layers),
+            ("num_attention_heads", self.num_attention_heads),
+            ("num_key_value_heads", self.num_key_value_heads),
+            ("head_dim", self.head_dim),
+            ("max_position_embeddings", self.max_position_embeddings),
+        ] {
+            if v == 0 {
+                return Err(ConfigError::invalid(field, "must be positive (got 0)"));
+            }
+        }
+        if !self.num_attention_heads.is_multiple_of(self.num_key_value_heads) {
+            return Err(ConfigError::invalid(
+                "num_key_value_heads",
+                format!(
+                    "must divide `num_attention_heads` = {} (got {})",
+                    self.num_attention_heads, self.num_key_value_heads
+                ),
+            ));
+        }
+        if !self.head_dim.is_multiple_of(2) {
+            return Err(ConfigError::invalid(
+                "head_dim",
+                format!("must be even for rotary embeddings (got {})", self.head_dim),
+            ));
+        }
+        for (field, n) in
+            [("num_attention_heads", self.num_attention_heads), ("num_key_value_heads", self.num_key_value_heads)]
+        {
+            if n.checked_mul(self.head_dim).is_none() {
+                return Err(ConfigError::invalid(field, format!("× `head_dim` = {n} × {} overflows", self.head_dim)));
+            }
+        }
+        if !(self.rms_norm_eps.is_finite() && self.rms_norm_eps > 0.0) {
+            return Err(ConfigError::invalid(
+                "rms_norm_eps",
+                format!("must be a positive finite number (got {})", self.rms_norm_eps),
+            ));
+        }
+        check_rope_theta(self.rope_theta, "rope_theta")?;
+        if let Some(s) = &self.rope_scaling {
+            for (key, v) in
+                [("factor", s.factor), ("low_freq_factor", s.low_freq_factor), ("high_freq_factor", s.high_freq_factor)]
+            {
+                if !(v.is_finite() && v > 0.0) {
+                    return Err(ConfigError::invalid(
+                        "rope_scaling",
+                        format!("`{key}` must be a positive finite number (got {v})"),
+                    ));
+                }
+            }
+            if s.high_freq_factor <= s.low_freq_factor {
+                return Err(ConfigError::invalid(
+                    "rope_scaling",
+                    format!(
+                        "`high_freq_factor` ({}) must be greater than `low_freq_factor` ({})",
+                        s.high_freq_factor, s.low_freq_factor
+                    ),
+                ));
+            }
+            if s.original_max_position_embeddings == 0 {
+                return Err(ConfigError::invalid(
+                    "rope_scaling",
+                    "`original_max_position_embeddings` must be positive (got 0)",
+                ));
+            }
+        }
+        if self.sliding_window == Some(0) {
+            return Err(ConfigError::invalid("sliding_window", "must be positive (got 0)"));
+        }
+        if self.num_labels == Some(0) {
+            return Err(ConfigError::invalid("num_labels", "must be positive (got 0)"));
+        }
+        Ok(())
+    }
+
+    /// The decoder layer a weight's transformers name belongs to (`model.layers.{i}.…`).
+    pub fn layer_of(name: &str) -> Option<usize> {
+        name.strip_prefix("model.layers.")?.split('.').next()?.parse().ok()
+    }
+
+    /// The tensors of decoder layer `i` with the shapes this configuration implies, in the order
+    /// [`crate::model::CausalLm::new`] reads them. Call [`ModelConfig::validate`] first.
+    pub fn expected_layer_tensors(&self, i: usize) -> Vec<ExpectedTensor> {
+        let hidden = Dim { size: self.hidden_size, from: "hidden_size" };
+        let q = Dim { size: self.num_attention_heads * self.head_dim, from: "num_attention_heads × head_dim" };
+        let kv = Dim { size: self.num_key_value_heads * self.head_dim, from: "num_key_value_heads × head_dim" };
+        let inter = Dim { size: self.intermediate_size, from: "intermediate_size" };
+        let p = format!("model.layers.{i}");
+        let mut out = vec![ExpectedTensor { name: format!("{p}.input_layernorm.weight"), dims: vec![hidden] }];
+        let mut linear = |name: String, o: Dim, i: Dim, bias: bool| {
+            if bias {
+                out.push(ExpectedTensor { name: format!("{name}.bias"), dims: vec![o] });
+            }
+            out.push(ExpectedTensor { name: format!("{name}.weight"), dims: vec![o, i] });
+        };
+        linear(format!("{p}.self_attn.q_proj"), q, hidden, self.qkv_bias);
+        linear(format!("{p}.self_attn.k_proj"), kv, hidden, self.qkv_bias);
+        linear(format!("{p}.self_attn.v_proj"), kv, hidden, self.qkv_bias);
+        linear(format!("{p}.self_attn.o_proj"), hidden, q, self.o_bias);
+        linear(format!("{p}.mlp.gate_proj"), inter, hidden, self.mlp_bias);
+        linear(format!("{p}.mlp.up_proj"), inter, hidden, self.mlp_bias);
+        linear(format!("{p}.mlp.down_proj"), hidden, inter, self.mlp_bias);
+        out.push(ExpectedTensor { name: format!("{p}.post_attention_layernorm.weight"), dims: vec![hidden] });
+        out
+    }
+
+    /// The tensors outside the decoder layers: embedding, final norm, the untied LM head when
+    /// `has_lm_head`, the classification head when `num_labels` is set.
+    pub fn expected_outer_tensors(&self, has_lm_head: bool) -> Vec<ExpectedTensor> {
+        let hidden = Dim { size: self.hidden_size, from: "hidden_size" };
+        let vocab = Dim { size: self.vocab_size, from: "vocab_size" };
+        let mut out = vec![
+            ExpectedTensor { name: "model.embed_tokens.weight".into(), dims: vec![vocab, hidden] },
+            ExpectedTensor { name: "model.norm.weight".into(), dims: vec![hidden] },
+        ];
+        match self.num_labels {
+            Some(n) => out.push(ExpectedTensor {
+                name: "score.weight".into(),
+                dims: vec![Dim { size: n, from: "num_labels" }, hidden],
+            }),
+            None if has_lm_head && !self.tie_word_embeddings => {
+                out.push(ExpectedTensor { name: "lm_head.weight".into(), dims: vec![vocab, hidden] })
+            }
+            None => {}
+        }
+        out
     }
 
     /// Number of query heads sharing one key/value head.
@@ -209,8 +420,57 @@ impl ModelConfig {
     }
 }
 
+fn json_kind(v: &serde_json::Value) -> &'static str {
+    match v {
+        serde_json::Value::Null => "null",
+        serde_json::Value::Bool(_) => "a boolean",
+        serde_json::Value::Number(_) => "a number",
+        serde_json::Value::String(_) => "a string",
+        serde_json::Value::Array(_) => "an array",
+        serde_json::Value::Object(_) => "an object",
+    }
+}
+
+/// RoPE runs in f32: a base that is 0, negative or infinite there gives NaN angles.
+fn check_rope_theta(theta: f64, field: &str) -> Result<(), ConfigError> {
+    if !(theta.is_finite() && theta > 0.0 && (theta as f32).is_normal()) {
+        return Err(ConfigError::invalid(
+            field,
+            format!("must be a positive finite number within f32 range (got {theta})"),
+        ));
+    }
+    Ok(())
+}
+
+fn required<T>(v: Option<T>, field: &str) -> Result<T, ConfigError> {
+    v.ok_or_else(|| ConfigError::invalid(field, "is missing"))
+}
+
 impl RawConfig {
     fn resolve(self) -> Result<ModelConfig, ConfigError> {
+        let vocab_size = required(self.vocab_size, "vocab_size")?;
+        let hidden_size = required(self.hidden_size, "hidden_size")?;
+        let intermediate_size = required(self.intermediate_size, "intermediate_size")?;
+        let num_hidden_layers = required(self.num_hidden_layers, "num_hidden_layers")?;
+        let num_attention_heads = required(self.num_attention_heads, "num_attention_heads")?;
+        if hidden_size == 0 {
+            return Err(ConfigError::invalid("hidden_size", "must be positive (got 0)"));
+        }
+        if num_attention_heads == 0 {
+            return Err(ConfigError::invalid("num_attention_heads", "must be positive (got 0)"));
+        }
+        let head_dim = match self.head_dim {
+            Some(d) => d,
+            None if !hidden_size.is_multiple_of(num_attention_heads) => {
+                return Err(ConfigError::invalid(
+                    "num_attention_heads",
+                    format!(
+                        "must divide `hidden_size` = {hidden_size} (got {num_attention_heads}) when `head_dim` is not given"
+                    ),
+                ))
+            }
+            None => hidden_size / num_attention_heads,
+        };
         let architecture = match self.model_type.as_deref() {
             Some("llama") | None => Architecture::Llama,
             Some("mistral") => Architecture::Mistral,
@@ -225,8 +485,19 @@ impl RawConfig {
         // transformers 5 moved rope settings into `rope_parameters`; 4.x used `rope_theta` plus
         // an optional `rope_scaling` dict. Accept both, the newer one first.
         let rope = self.rope_parameters.as_ref().filter(|v| v.is_object());
-        let rope_theta =
-            rope.and_then(|r| r.get("rope_theta")).and_then(|v| v.as_f64()).or(self.rope_theta).unwrap_or(10_000.0);
+        let (rope_theta, theta_field) = match rope.and_then(|r| r.get("rope_theta")) {
+            None | Some(serde_json::Value::Null) => (self.rope_theta.unwrap_or(10_000.0), "rope_theta"),
+            Some(v) => (
+                v.as_f64().ok_or_else(|| {
+                    ConfigError::invalid(
+                        "rope_parameters.rope_theta",
+                        format!("must be a number (got {})", json_kind(v)),
+                    )
+                })?,
+                "rope_parameters.rope_theta",
+            ),
+        };
+        check_rope_theta(rope_theta, theta_field)?;
         let scaling = rope
             .filter(|r| r.get("rope_type").and_then(|t| t.as_str()).is_some_and(|t| t != "default"))
             .or(self.rope_scaling.as_ref().filter(|v| v.is_object()));
@@ -250,15 +521,15 @@ impl RawConfig {
         let is_classifier = self.architectures.iter().any(|a| a.ends_with("ForSequenceClassification"));
         let num_labels =
             is_classifier.then(|| self.num_labels.or(self.id2label.as_ref().map(|m| m.len())).unwrap_or(2));
-        Ok(ModelConfig {
+        let config = ModelConfig {
             architecture,
-            vocab_size: self.vocab_size,
-            hidden_size: self.hidden_size,
-            intermediate_size: self.intermediate_size,
-            num_hidden_layers: self.num_hidden_layers,
-            num_attention_heads: self.num_attention_heads,
-            num_key_value_heads: self.num_key_value_heads.unwrap_or(self.num_attention_heads),
-            head_dim: self.head_dim.unwrap_or(self.hidden_size / self.num_attention_heads),
+            vocab_size,
+            hidden_size,
+            intermediate_size,
+            num_hidden_layers,
+            num_attention_heads,
+            num_key_value_heads: self.num_key_value_heads.unwrap_or(num_attention_heads),
+            head_dim,
             rms_norm_eps: self.rms_norm_eps.unwrap_or(1e-6),
             rope_theta,
             rope_scaling,
@@ -273,7 +544,9 @@ impl RawConfig {
             bos_token_id: self.bos_token_id,
             eos_token_ids,
             num_labels,
-        })
+        };
+        config.validate()?;
+        Ok(config)
     }
 }
 
@@ -354,5 +627,166 @@ mod tests {
         )
         .unwrap_err();
         assert!(err.to_string().contains("gpt2"), "{err}");
+    }
+    /// A valid Llama config with `edit` applied to its JSON object.
+    fn with(edit: impl FnOnce(&mut serde_json::Map<String, serde_json::Value>)) -> Result<ModelConfig, ConfigError> {
+        let mut v = serde_json::json!({"model_type":"llama","vocab_size":10,"hidden_size":8,
+            "intermediate_size":16,"num_hidden_layers":2,"num_attention_heads":2,"num_key_value_heads":1,
+            "rms_norm_eps":1e-5,"rope_theta":10000.0,"max_position_embeddings":64});
+        edit(v.as_object_mut().unwrap());
+        ModelConfig::from_hf_json(&v.to_string())
+    }
+
+    fn set(
+        key: &'static str,
+        value: serde_json::Value,
+    ) -> impl FnOnce(&mut serde_json::Map<String, serde_json::Value>) {
+        move |m| {
+            m.insert(key.into(), value);
+        }
+    }
+
+    /// The error names `field` and contains `text`.
+    fn rejects(r: Result<ModelConfig, ConfigError>, field: &str, text: &str) {
+        let err = r.expect_err("config must be refused");
+        let msg = err.to_string();
+        assert_eq!(err.field(), Some(field), "{msg}");
+        assert!(msg.contains(&format!("`{field}`")) && msg.contains(text), "{msg}");
+    }
+
+    #[test]
+    fn zero_heads_is_an_error_not_a_division_by_zero() {
+        rejects(with(set("num_attention_heads", 0.into())), "num_attention_heads", "must be positive (got 0)");
+        // Also with head_dim given (no division on that path).
+        rejects(
+            with(|m| {
+                m.insert("num_attention_heads".into(), 0.into());
+                m.insert("head_dim".into(), 4.into());
+            }),
+            "num_attention_heads",
+            "got 0",
+        );
+    }
+
+    #[test]
+    fn heads_must_divide_the_width_unless_head_dim_is_given() {
+        rejects(
+            with(set("num_attention_heads", 3.into())),
+            "num_attention_heads",
+            "must divide `hidden_size` = 8 (got 3)",
+        );
+        // An explicit head_dim may differ from hidden / heads (checked against the weights).
+        let cfg = with(|m| {
+            m.insert("num_attention_heads".into(), 3.into());
+            m.insert("num_key_value_heads".into(), 3.into());
+            m.insert("head_dim".into(), 4.into());
+        })
+        .unwrap();
+        assert_eq!((cfg.num_attention_heads, cfg.head_dim), (3, 4));
+        rejects(with(set("head_dim", 0.into())), "head_dim", "must be positive (got 0)");
+        rejects(with(set("head_dim", 3.into())), "head_dim", "must be even");
+    }
+
+    #[test]
+    fn kv_heads_must_be_positive_and_divide_the_heads() {
+        rejects(with(set("num_key_value_heads", 0.into())), "num_key_value_heads", "must be positive (got 0)");
+        rejects(
+            with(set("num_key_value_heads", 3.into())),
+            "num_key_value_heads",
+            "must divide `num_attention_heads` = 2 (got 3)",
+        );
+    }
+
+    #[test]
+    fn every_size_must_be_positive() {
+        for field in ["vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "max_position_embeddings"]
+        {
+            rejects(with(set(field, 0.into())), field, "must be positive (got 0)");
+        }
+        rejects(
+            with(|m| {
+                m.insert("model_type".into(), "mistral".into());
+                m.insert("sliding_window".into(), 0.into());
+            }),
+            "sliding_window",
+            "must be positive (got 0)",
+        );
+        rejects(
+            with(|m| {
+                m.insert("architectures".into(), serde_json::json!(["LlamaForSequenceClassification"]));
+                m.insert("num_labels".into(), 0.into());
+            }),
+            "num_labels",
+            "must be positive (got 0)",
+        );
+    }
+
+    #[test]
+    fn norm_epsilon_and_rope_base_must_be_positive_finite() {
+        rejects(with(set("rms_norm_eps", (-1.0).into())), "rms_norm_eps", "got -1");
+        rejects(with(set("rms_norm_eps", 0.0.into())), "rms_norm_eps", "positive finite");
+        rejects(with(set("rope_theta", 0.0.into())), "rope_theta", "got 0");
+        rejects(with(set("rope_theta", (-5.0).into())), "rope_theta", "got -5");
+        rejects(with(set("rope_theta", 1e300.into())), "rope_theta", "f32 range");
+        // transformers 5 keeps the base in `rope_parameters`: that is the field named.
+        rejects(
+            with(set("rope_parameters", serde_json::json!({"rope_type": "default", "rope_theta": 0.0}))),
+            "rope_parameters.rope_theta",
+            "got 0",
+        );
+        rejects(
+            with(set(
+                "rope_scaling",
+                serde_json::json!({"rope_type":"llama3","factor":0.0,"low_freq_factor":1.0,
+                "high_freq_factor":4.0,"original_max_position_embeddings":8}),
+            )),
+            "rope_scaling",
+            "`factor` must be a positive finite number",
+        );
+    }
+
+    #[test]
+    fn wrong_types_and_missing_fields_are_named() {
+        rejects(with(set("num_attention_heads", "4".into())), "num_attention_heads", "wrong type");
+        rejects(with(set("vocab_size", (-1).into())), "vocab_size", "wrong type or value");
+        rejects(with(set("vocab_size", 1e12.into())), "vocab_size", "floating point");
+        rejects(with(set("pad_token_id", serde_json::json!(1u64 << 40))), "pad_token_id", "wrong type or value");
+        rejects(
+            with(|m| {
+                m.remove("hidden_size");
+            }),
+            "hidden_size",
+            "is missing",
+        );
+        let err = ModelConfig::from_hf_json("[1, 2]").unwrap_err();
+        assert!(err.to_string().contains("must be a JSON object (got an array)"), "{err}");
+        assert!(matches!(ModelConfig::from_hf_json("{\"vocab_size\": "), Err(ConfigError::Json(_))));
+        // A byte-order mark is skipped.
+        let text = format!(
+            "\u{feff}{}",
+            serde_json::json!({"vocab_size":10,"hidden_size":8,"intermediate_size":16,"num_hidden_layers":1,"num_attention_heads":2})
+        );
+        assert_eq!(ModelConfig::from_hf_json(&text).unwrap().head_dim, 4);
+    }
+
+    #[test]
+    fn expected_tensors_follow_the_config() {
+        let mut cfg = with(set("head_dim", 6.into())).unwrap();
+        cfg.qkv_bias = true;
+        let layer = cfg.expected_layer_tensors(1);
+        let shape = |n: &str| layer.iter().find(|t| t.name == format!("model.layers.1.{n}")).unwrap().shape();
+        assert_eq!(shape("self_attn.q_proj.weight"), [12, 8]);
+        assert_eq!(shape("self_attn.q_proj.bias"), [12]);
+        assert_eq!(shape("self_attn.k_proj.weight"), [6, 8]);
+        assert_eq!(shape("self_attn.o_proj.weight"), [8, 12]);
+        assert!(layer.iter().all(|t| t.name != "model.layers.1.self_attn.o_proj.bias"));
+        assert_eq!(shape("mlp.up_proj.weight"), [16, 8]);
+        assert_eq!(shape("mlp.down_proj.weight"), [8, 16]);
+        assert_eq!(shape("input_layernorm.weight"), [8]);
+        assert_eq!(layer.len(), 12);
+        let outer: Vec<String> = cfg.expected_outer_tensors(true).into_iter().map(|t| t.name).collect();
+        assert_eq!(outer, ["model.embed_tokens.weight", "model.norm.weight"], "tied: no lm_head");
+        assert_eq!(ModelConfig::layer_of("model.layers.12.mlp.up_proj.weight"), Some(12));
+        assert_eq!(ModelConfig::layer_of("model.norm.weight"), None);
     }
 }

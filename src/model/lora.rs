@@ -47,17 +47,53 @@ impl Default for LoraConfig {
 }
 
 impl LoraConfig {
-    /// Reject impossible settings.
+    /// Reject impossible settings; errors name the recipe key and the flag.
     pub fn validate(&self) -> Result<()> {
         const KNOWN: &[&str] = &["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"];
-        if self.r == 0 {
-            bail!("`lora.r` must be at least 1");
-        }
-        if !(0.0..1.0).contains(&self.dropout) {
-            bail!("`lora.dropout` must be in [0, 1)");
+        if let Err((field, reason)) = self.check() {
+            let flag = match field {
+                "r" => "--lora-r",
+                "lora_alpha" => "--lora-alpha",
+                _ => "--lora-dropout",
+            };
+            let key = match field {
+                "lora_alpha" => "alpha",
+                "lora_dropout" => "dropout",
+                k => k,
+            };
+            bail!("`lora.{key}` (`{flag}`) {reason}");
         }
         if let Some(t) = self.targets.iter().find(|t| !KNOWN.contains(&t.as_str())) {
-            bail!("unknown LoRA target `{t}` (known: {})", KNOWN.join(", "));
+            bail!("unknown LoRA target `{t}` in `lora.targets` (known: {})", KNOWN.join(", "));
+        }
+        Ok(())
+    }
+
+    /// The first out-of-range value as (PEFT's `adapter_config.json` key, reason).
+    fn check(&self) -> std::result::Result<(), (&'static str, String)> {
+        if self.r == 0 {
+            return Err(("r", "must be at least 1 (got 0)".into()));
+        }
+        if !(self.alpha.is_finite() && self.alpha > 0.0) {
+            return Err(("lora_alpha", format!("must be a positive finite number (got {})", self.alpha)));
+        }
+        if !(0.0..1.0).contains(&self.dropout) {
+            return Err(("lora_dropout", format!("must be in [0, 1) (got {})", self.dropout)));
+        }
+        Ok(())
+    }
+
+    /// The rank must not exceed the smaller side of an adapted `[out, in]` layer: `B A` has rank
+    /// at most `min(in, out)`, so a larger r only adds parameters (and memory) that cannot
+    /// change the update. Checked before anything of size r is allocated.
+    pub fn check_rank(&self, out: usize, inp: usize) -> Result<()> {
+        let bound = out.min(inp);
+        if self.r > bound {
+            bail!(
+                "`lora.r` (`--lora-r`) is {} but an adapted layer of shape [out, in] = [{out}, {inp}] allows at most \
+                 min(in, out) = {bound}: LoRA's update B·A cannot have a higher rank than the layer",
+                self.r
+            );
         }
         Ok(())
     }
@@ -85,6 +121,7 @@ pub struct LoraAdapter {
 
 impl LoraAdapter {
     /// A fresh adapter for a `[out, in]` weight: A Kaiming-uniform from `rng`, B zeros.
+    /// Refuses a rank above `min(in, out)` (see [`LoraConfig::check_rank`]) before allocating.
     pub fn init(
         out: usize,
         inp: usize,
@@ -93,6 +130,8 @@ impl LoraAdapter {
         dtype: DType,
         device: &candle::Device,
     ) -> Result<Self> {
+        cfg.validate()?;
+        cfg.check_rank(out, inp)?;
         let bound = 1.0 / (inp as f64).sqrt();
         let a: Vec<f32> = (0..cfg.r * inp).map(|_| rng.random_range(-bound..bound) as f32).collect();
         Ok(Self {
@@ -183,36 +222,88 @@ pub struct SavedAdapter {
     pub tensors: HashMap<String, (Tensor, Tensor)>,
 }
 
-/// Read a PEFT adapter directory.
+/// Read a PEFT adapter directory. `adapter_config.json` is validated (errors name the file
+/// and the field), and every adapter's A must be `[r, in]` and its B `[out, r]`.
 pub fn load_adapter(dir: &Path) -> Result<SavedAdapter> {
     let cfg_path = dir.join("adapter_config.json");
     let json: serde_json::Value = serde_json::from_str(
         &std::fs::read_to_string(&cfg_path).with_context(|| format!("cannot read `{}`", cfg_path.display()))?,
     )
     .with_context(|| format!("invalid JSON in `{}`", cfg_path.display()))?;
-    let field = |k: &str| json.get(k).ok_or_else(|| anyhow::anyhow!("`{}`: missing field `{k}`", cfg_path.display()));
+    let p = cfg_path.display();
+    let field = |k: &str| json.get(k).ok_or_else(|| anyhow::anyhow!("{p}: missing field `{k}`"));
     let targets = match field("target_modules")? {
         serde_json::Value::Array(a) => a.iter().filter_map(|v| v.as_str().map(str::to_string)).collect(),
         serde_json::Value::String(s) => vec![s.clone()],
-        _ => bail!("`{}`: `target_modules` must be a list", cfg_path.display()),
+        _ => bail!("{p}: field `target_modules` must be a list"),
     };
-    let config = LoraConfig {
-        r: field("r")?.as_u64().unwrap_or(8) as usize,
-        alpha: field("lora_alpha")?.as_f64().unwrap_or(8.0),
-        dropout: json.get("lora_dropout").and_then(|v| v.as_f64()).unwrap_or(0.0),
-        targets,
+    let r = field("r")?;
+    let r = r
+        .as_u64()
+        .and_then(|r| usize::try_from(r).ok())
+        .ok_or_else(|| anyhow::anyhow!("{p}: field `r` must be a positive integer (got {r})"))?;
+    let alpha = field("lora_alpha")?;
+    let alpha =
+        alpha.as_f64().ok_or_else(|| anyhow::anyhow!("{p}: field `lora_alpha` must be a number (got {alpha})"))?;
+    let dropout = match json.get("lora_dropout") {
+        None | Some(serde_json::Value::Null) => 0.0,
+        Some(v) => v.as_f64().ok_or_else(|| anyhow::anyhow!("{p}: field `lora_dropout` must be a number (got {v})"))?,
     };
+    let config = LoraConfig { r, alpha, dropout, targets };
+    if let Err((key, reason)) = config.check() {
+        bail!("{p}: field `{key}` {reason}");
+    }
     let base_model = json.get("base_model_name_or_path").and_then(|v| v.as_str()).unwrap_or("default").to_string();
-    let raw = candle::safetensors::load(dir.join("adapter_model.safetensors"), &candle::Device::Cpu)
-        .with_context(|| format!("cannot read `{}`", dir.join("adapter_model.safetensors").display()))?;
+    let weights_path = dir.join("adapter_model.safetensors");
+    let raw = candle::safetensors::load(&weights_path, &candle::Device::Cpu)
+        .with_context(|| format!("cannot read `{}`", weights_path.display()))?;
     let mut tensors = HashMap::new();
     for (name, a) in &raw {
         let Some(module) = name.strip_prefix("base_model.model.").and_then(|n| n.strip_suffix(".lora_A.weight")) else {
             continue;
         };
         let b_name = format!("base_model.model.{module}.lora_B.weight");
-        let b = raw.get(&b_name).with_context(|| format!("adapter lacks `{b_name}`"))?;
+        let b = raw.get(&b_name).with_context(|| format!("{}: adapter lacks `{b_name}`", weights_path.display()))?;
+        match (a.dims(), b.dims()) {
+            (&[ra, _], &[_, rb]) if ra == r && rb == r => {}
+            (da, db) => bail!(
+                "{}: `{name}` has shape {da:?} and `{b_name}` {db:?}, but {p} says `r` = {r} (A must be [r, in], B [out, r])",
+                weights_path.display()
+            ),
+        }
         tensors.insert(module.to_string(), (a.clone(), b.clone()));
     }
     Ok(SavedAdapter { config, base_model, tensors })
+}
+
+impl SavedAdapter {
+    /// Check that every adapted module exists in `model` and that its A is `[r, in]` and its
+    /// B `[out, r]` for that module's `[out, in]` weight; `dir` is named in errors.
+    pub fn check_against(&self, model: &super::CausalLm, dir: &Path) -> Result<()> {
+        let shapes: HashMap<String, Vec<usize>> = model
+            .named_weights()
+            .into_iter()
+            .filter_map(|(n, w)| Some((n.strip_suffix(".weight")?.to_string(), w.dims().to_vec())))
+            .collect();
+        let file = dir.join("adapter_model.safetensors");
+        for (module, (a, b)) in &self.tensors {
+            let Some(w) = shapes.get(module) else {
+                bail!("{}: adapts `{module}`, which the base model does not have", file.display());
+            };
+            let (out, inp) = match w.as_slice() {
+                &[o, i] => (o, i),
+                _ => bail!("{}: adapts `{module}`, which is not a linear layer", file.display()),
+            };
+            if a.dims() != [self.config.r, inp] || b.dims() != [out, self.config.r] {
+                bail!(
+                    "{}: the adapter of `{module}` has A {:?} and B {:?}, but the base layer is [out, in] = [{out}, {inp}] \
+                     (A must be [r, in], B [out, r])",
+                    file.display(),
+                    a.dims(),
+                    b.dims()
+                );
+            }
+        }
+        Ok(())
+    }
 }
