@@ -161,6 +161,9 @@ pub fn resolve(args: &TrainArgs, global: &GlobalArgs) -> Result<TrainConfig> {
     if args.packing {
         put("run.packing", toml::Value::Boolean(true));
     }
+    if args.overwrite {
+        put("run.overwrite", toml::Value::Boolean(true));
+    }
     if args.gradient_checkpointing {
         put("run.gradient_checkpointing", toml::Value::Boolean(true));
     }
@@ -188,5 +191,8 @@ pub fn resolve(args: &TrainArgs, global: &GlobalArgs) -> Result<TrainConfig> {
     if let Some(v) = &args.lora_targets {
         put("lora.targets", toml::Value::Array(v.iter().map(|t| s(t)).collect()));
     }
-    TrainConfig::resolve(recipe.as_deref(), &overrides).context("cannot build the training configuration")
+    TrainConfig::resolve(recipe.as_deref(), &overrides).with_context(|| match &recipe {
+        Some(p) => format!("cannot build the training configuration from `{}`", p.display()),
+        None => "cannot build the training configuration".to_string(),
+    })
 }

@@ -127,8 +127,10 @@ pub struct Dataset {
     pub skipped: Vec<DataError>,
 }
 
-/// Read a JSONL dataset. Blank lines are ignored. With `skip_bad_rows`, bad rows are collected
-/// in [`Dataset::skipped`]; without it, the first bad row is the error.
+/// Read a JSONL dataset. Blank lines are ignored, and so is a UTF-8 byte-order mark at the start
+/// of the file and a `\r` before each line end. With `skip_bad_rows`, bad rows (including lines
+/// that are not UTF-8) are collected in [`Dataset::skipped`]; without it, the first bad row is
+/// the error.
 pub fn read_jsonl(path: &Path, skip_bad_rows: bool) -> Result<Dataset, DataError> {
     let err = |line: usize, field: Option<&str>, message: String| DataError {
         file: path.to_path_buf(),
@@ -137,15 +139,31 @@ pub fn read_jsonl(path: &Path, skip_bad_rows: bool) -> Result<Dataset, DataError
         message,
     };
     let file = std::fs::File::open(path).map_err(|e| err(0, None, format!("cannot open: {e}")))?;
+    let mut reader = std::io::BufReader::new(file);
     let mut rows = Vec::new();
     let mut skipped = Vec::new();
-    for (i, line) in std::io::BufReader::new(file).lines().enumerate() {
-        let line_no = i + 1;
-        let text = line.map_err(|e| err(line_no, None, format!("cannot read: {e}")))?;
-        if text.trim().is_empty() {
-            continue;
+    let mut bytes = Vec::new();
+    let mut line_no = 0;
+    loop {
+        bytes.clear();
+        let n =
+            reader.read_until(b'\n', &mut bytes).map_err(|e| err(line_no + 1, None, format!("cannot read: {e}")))?;
+        if n == 0 {
+            break;
         }
-        match parse_row(&text).map_err(|(field, message)| err(line_no, field, message)) {
+        line_no += 1;
+        let mut line: &[u8] = &bytes;
+        if line_no == 1 {
+            line = line.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(line);
+        }
+        line = line.strip_suffix(b"\n").unwrap_or(line);
+        line = line.strip_suffix(b"\r").unwrap_or(line);
+        let parsed = match std::str::from_utf8(line) {
+            Ok(text) if text.trim().is_empty() => continue,
+            Ok(text) => parse_row(text),
+            Err(e) => Err((None, format!("not UTF-8 text (invalid byte at column {})", e.valid_up_to() + 1))),
+        };
+        match parsed.map_err(|(field, message)| err(line_no, field, message)) {
             Ok((example, fields)) => rows.push(Row { line: line_no, example, fields }),
             Err(e) if skip_bad_rows => skipped.push(e),
             Err(e) => return Err(e),
@@ -190,6 +208,14 @@ fn parse_row(text: &str) -> Result<(Example, Map<String, Value>), FieldError> {
         }
     } else if let Some(messages) = obj.get("messages") {
         match parse_text(messages).map_err(|m| (Some("messages"), m))? {
+            Text::Chat(messages) if !messages.iter().any(|m| m.role == "assistant") => {
+                let roles: Vec<&str> = messages.iter().map(|m| m.role.as_str()).collect();
+                let roles = if roles.is_empty() { "none".to_string() } else { roles.join(", ") };
+                return Err((
+                    Some("messages"),
+                    format!("the conversation has no `assistant` turn to learn from or score (its roles: {roles})"),
+                ));
+            }
             Text::Chat(messages) => Example::Conversation { messages },
             Text::Plain(_) => return Err((Some("messages"), "expected a list of {role, content} messages".into())),
         }
@@ -221,6 +247,7 @@ fn parse_text(v: &Value) -> Result<Text, String> {
                 let role = m.get("role").and_then(Value::as_str);
                 let content = m.get("content").and_then(Value::as_str);
                 match (role, content) {
+                    (Some(role), Some(_)) if !ROLES.contains(&role) => Err(unknown_role(i, role)),
                     (Some(role), Some(content)) => Ok(Message { role: role.into(), content: content.into() }),
                     _ => Err(format!("message {i} must be an object with string `role` and `content`, got {m}")),
                 }
@@ -229,6 +256,19 @@ fn parse_text(v: &Value) -> Result<Text, String> {
             .map(Text::Chat),
         other => Err(format!("expected a string or a list of messages, got {}", json_kind(other))),
     }
+}
+
+/// The message roles chat templates know.
+const ROLES: [&str; 7] = ["system", "developer", "user", "assistant", "tool", "function", "ipython"];
+
+fn unknown_role(i: usize, role: &str) -> String {
+    let lower = role.trim().to_lowercase();
+    let hint = if ROLES.contains(&lower.as_str()) {
+        format!(" (did you mean `{lower}`? roles are lower case)")
+    } else {
+        String::new()
+    };
+    format!("message {i} has the unknown role `{role}`{hint}; expected one of {}", ROLES.join(", "))
 }
 
 fn json_kind(v: &Value) -> &'static str {
@@ -245,7 +285,13 @@ fn json_kind(v: &Value) -> &'static str {
 fn same_form(prompt: &Text, others: &[(&'static str, &Text)]) -> Result<(), FieldError> {
     for (name, t) in others {
         if t.is_chat() != prompt.is_chat() {
-            let form = |c: bool| if c { "conversational (a list of messages)" } else { "standard (a string)" };
+            let form = |c: bool| {
+                if c {
+                    "conversational (a list of messages)"
+                } else {
+                    "standard (a string)"
+                }
+            };
             return Err((Some(name), format!("is {} but `prompt` is {}", form(t.is_chat()), form(prompt.is_chat()))));
         }
     }

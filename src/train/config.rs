@@ -10,6 +10,22 @@ use serde::{Deserialize, Serialize};
 use super::optim::Scheduler;
 use crate::data::TruncationMode;
 
+/// A setting whose value is out of range, named by its dotted key (`optim.max_grad_norm`).
+/// [`TrainConfig::resolve`] adds where the value came from: the recipe's file and line, or the
+/// command line.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("setting `{key}`: {message}")]
+pub struct SettingError {
+    /// The dotted key.
+    pub key: String,
+    /// What is wrong with its value.
+    pub message: String,
+}
+
+fn setting(key: &str, message: impl Into<String>) -> anyhow::Error {
+    SettingError { key: key.to_string(), message: message.into() }.into()
+}
+
 /// Everything a run needs; written to the run directory as `config.toml`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -319,6 +335,11 @@ pub struct RunSection {
     /// Also evaluate before the first step (transformers' `eval_on_start`), logged as step 0.
     #[serde(default)]
     pub eval_on_start: bool,
+    /// Start afresh in an `output` directory that already holds a run, clearing its
+    /// checkpoints, metrics and final model first (transformers' `overwrite_output_dir`;
+    /// `--overwrite`). Without it (or `--resume`) such a directory is refused.
+    #[serde(default)]
+    pub overwrite: bool,
 }
 
 fn default_model() -> String {
@@ -362,13 +383,18 @@ impl TrainConfig {
     /// Build the configuration: the recipe file (if any), then `overrides` (`key.path`, TOML
     /// value) in order. Unknown keys and wrong types are errors naming the key.
     pub fn resolve(recipe: Option<&Path>, overrides: &[(String, toml::Value)]) -> Result<Self> {
-        let mut doc = match recipe {
+        let text = match recipe {
             Some(p) => {
-                let text =
-                    std::fs::read_to_string(p).with_context(|| format!("cannot read recipe `{}`", p.display()))?;
-                text.parse::<toml::Table>().with_context(|| format!("invalid TOML in `{}`", p.display()))?
+                Some(std::fs::read_to_string(p).with_context(|| format!("cannot read recipe `{}`", p.display()))?)
             }
-            None => toml::Table::new(),
+            None => None,
+        };
+        let mut doc = match (recipe, &text) {
+            (Some(p), Some(text)) => text.trim_start_matches('\u{feff}').parse::<toml::Table>().map_err(|e| {
+                let line = e.span().map(|s| format!(":{}", line_of(text, s.start))).unwrap_or_default();
+                anyhow!("{}{line}: invalid TOML: {}", p.display(), e.message().trim_end())
+            })?,
+            _ => toml::Table::new(),
         };
         // Switching objective by name starts from that objective's own defaults.
         if let Some((_, toml::Value::String(name))) = overrides.iter().rev().find(|(k, _)| k == "objective.name") {
@@ -378,21 +404,63 @@ impl TrainConfig {
             }
         }
         for (key, value) in overrides {
-            set_path(&mut doc, key, value.clone())?;
+            set_path(&mut doc, key, value.clone()).with_context(|| {
+                recipe.map(|p| format!("applying command-line settings to `{}`", p.display())).unwrap_or_default()
+            })?;
         }
-        let origin =
-            recipe.map(|p| format!(" (recipe `{}` plus command-line settings)", p.display())).unwrap_or_default();
-        Self::from_table(doc, &origin)
+        // Where a setting's value came from, for errors: the command line, or the recipe's line.
+        let locate = |key: &str| -> String {
+            let from_command_line = overrides.iter().any(|(k, _)| k == key || key.starts_with(&format!("{k}.")));
+            match (recipe, &text) {
+                _ if from_command_line => "command line".to_string(),
+                (Some(p), Some(text)) => match key_line(text, key) {
+                    Some(line) => format!("{}:{line}", p.display()),
+                    None => format!("{} (default value)", p.display()),
+                },
+                _ => "default value".to_string(),
+            }
+        };
+        let cfg = Self::deserialize_table(doc).map_err(|(key, message)| match key {
+            Some(key) => anyhow!("invalid training configuration: {}: setting `{key}`: {message}", locate(&key)),
+            None => match recipe {
+                Some(p) => anyhow!("invalid training configuration in `{}`: {message}", p.display()),
+                None => anyhow!("invalid training configuration: {message}"),
+            },
+        })?;
+        cfg.validate().map_err(|e| match e.downcast_ref::<SettingError>() {
+            Some(s) => anyhow!("invalid training configuration: {}: {s}", locate(&s.key)),
+            None => match recipe {
+                Some(p) => e.context(format!(
+                    "invalid training configuration in `{}` (with the command-line settings)",
+                    p.display()
+                )),
+                None => e,
+            },
+        })?;
+        Ok(cfg)
     }
 
     /// The configuration a TOML table holds (already merged with any overrides); `origin` is
     /// named in errors.
     pub fn from_table(doc: toml::Table, origin: &str) -> Result<Self> {
-        let text = toml::to_string(&doc)?;
-        let cfg: TrainConfig =
-            toml::from_str(&text).map_err(|e| anyhow!("invalid training configuration{origin}: {}", e.message()))?;
-        cfg.validate()?;
+        let cfg = Self::deserialize_table(doc).map_err(|(key, message)| {
+            let key = key.map(|k| format!("setting `{k}`: ")).unwrap_or_default();
+            anyhow!("invalid training configuration{origin}: {key}{message}")
+        })?;
+        cfg.validate().map_err(|e| match e.downcast_ref::<SettingError>() {
+            Some(s) => anyhow!("invalid training configuration{origin}: {s}"),
+            None => e,
+        })?;
         Ok(cfg)
+    }
+
+    /// Deserialize a merged table; an error comes with the dotted key it is about, when known.
+    fn deserialize_table(doc: toml::Table) -> std::result::Result<Self, (Option<String>, String)> {
+        let text = toml::to_string(&doc).map_err(|e| (None, e.to_string()))?;
+        toml::from_str(&text).map_err(|e: toml::de::Error| {
+            let key = e.span().and_then(|span| key_at(&text, span.start));
+            (key, e.message().trim_end().to_string())
+        })
     }
 
     /// Check every rule before anything is loaded.
@@ -401,10 +469,22 @@ impl TrainConfig {
         if let Some(lora) = &self.lora {
             lora.validate()?;
         }
+        crate::cli::check_device(&self.model.device).map_err(|m| setting("model.device", m))?;
+        crate::cli::check_dtype(&self.model.dtype).map_err(|m| setting("model.dtype", m))?;
         let r = &self.run;
-        if r.batch_size == 0 || r.grad_accum == 0 {
-            bail!("`run.batch_size` and `run.grad_accum` must be at least 1");
+        if r.output.as_os_str().is_empty() || r.output.to_str().is_some_and(|s| s.trim().is_empty()) {
+            return Err(setting(
+                "run.output",
+                "empty: name the run directory (an empty path would write the run into the working directory)",
+            ));
         }
+        if r.batch_size == 0 {
+            return Err(setting("run.batch_size", "must be at least 1"));
+        }
+        if r.grad_accum == 0 {
+            return Err(setting("run.grad_accum", "must be at least 1"));
+        }
+        self.validate_numbers()?;
         if r.packing && self.objective.data_need() != candor_alignment::DataNeed::Sequences {
             bail!("`run.packing` applies to single-sequence objectives such as `sft`, not `{}`", self.objective.name());
         }
@@ -479,11 +559,34 @@ impl TrainConfig {
             }
             (None, _) => {}
         }
-        if !(self.optim.lr > 0.0 && self.optim.lr.is_finite()) {
-            bail!("`optim.lr` must be a positive number, got {}", self.optim.lr);
+        Ok(())
+    }
+
+    /// Every float setting outside the objective: finite and in its range (NaN compares false
+    /// with everything, so an unchecked `nan` would silently act as "off").
+    fn validate_numbers(&self) -> Result<()> {
+        fn check(key: &str, v: f64, ok: bool, range: &str) -> Result<()> {
+            if v.is_finite() && ok {
+                Ok(())
+            } else {
+                Err(setting(key, format!("must be a finite number {range}, got {v}")))
+            }
         }
-        if self.optim.max_grad_norm < 0.0 || self.optim.weight_decay < 0.0 {
-            bail!("`optim.max_grad_norm` and `optim.weight_decay` must be ≥ 0");
+        let o = &self.optim;
+        check("optim.lr", o.lr, o.lr > 0.0, "above 0")?;
+        check("optim.weight_decay", o.weight_decay, o.weight_decay >= 0.0, "≥ 0 (0 = off)")?;
+        check("optim.max_grad_norm", o.max_grad_norm, o.max_grad_norm >= 0.0, "≥ 0 (0 = no clipping)")?;
+        check("optim.adam_beta1", o.adam_beta1, (0.0..1.0).contains(&o.adam_beta1), "in [0, 1)")?;
+        check("optim.adam_beta2", o.adam_beta2, (0.0..1.0).contains(&o.adam_beta2), "in [0, 1)")?;
+        check("optim.adam_epsilon", o.adam_epsilon, o.adam_epsilon >= 0.0, "≥ 0")?;
+        if let Some(on) = &self.online {
+            check("online.temperature", on.temperature, on.temperature >= 0.0, "≥ 0 (0 = greedy)")?;
+            check("online.top_p", on.top_p, on.top_p > 0.0 && on.top_p <= 1.0, "in (0, 1]")?;
+            check("online.min_margin", on.min_margin, on.min_margin >= 0.0, "≥ 0")?;
+        }
+        if let Some(d) = &self.distill {
+            check("distill.temperature", d.temperature, d.temperature >= 0.0, "≥ 0 (0 = greedy)")?;
+            check("distill.top_p", d.top_p, d.top_p > 0.0 && d.top_p <= 1.0, "in (0, 1]")?;
         }
         Ok(())
     }
@@ -492,6 +595,52 @@ impl TrainConfig {
     pub fn to_toml(&self) -> Result<String> {
         Ok(toml::to_string_pretty(self)?)
     }
+}
+
+/// 1-based line of byte offset `pos` in `text`.
+fn line_of(text: &str, pos: usize) -> usize {
+    text.as_bytes()[..pos.min(text.len())].iter().filter(|&&b| b == b'\n').count() + 1
+}
+
+/// The line of a recipe that sets the dotted `key` (its innermost key), if the recipe sets it.
+fn key_line(text: &str, key: &str) -> Option<usize> {
+    let doc = toml::de::DeTable::parse(text.trim_start_matches('\u{feff}')).ok()?;
+    let offset = text.len() - text.trim_start_matches('\u{feff}').len();
+    let mut table = doc.get_ref();
+    let mut parts = key.split('.').peekable();
+    while let Some(part) = parts.next() {
+        let (k, v) = table.iter().find(|(k, _)| k.get_ref().as_ref() == part)?;
+        if parts.peek().is_none() {
+            return Some(line_of(text, offset + k.span().start));
+        }
+        match v.get_ref() {
+            toml::de::DeValue::Table(t) => table = t,
+            _ => return Some(line_of(text, offset + k.span().start)),
+        }
+    }
+    None
+}
+
+/// The dotted key of TOML `text` whose key or value holds byte offset `pos`.
+fn key_at(text: &str, pos: usize) -> Option<String> {
+    fn walk(table: &toml::de::DeTable, pos: usize, path: &mut Vec<String>) -> bool {
+        for (k, v) in table.iter() {
+            path.push(k.get_ref().to_string());
+            if let toml::de::DeValue::Table(inner) = v.get_ref() {
+                if walk(inner, pos, path) {
+                    return true;
+                }
+            }
+            if k.span().contains(&pos) || v.span().contains(&pos) {
+                return true;
+            }
+            path.pop();
+        }
+        false
+    }
+    let doc = toml::de::DeTable::parse(text).ok()?;
+    let mut path = Vec::new();
+    walk(doc.get_ref(), pos, &mut path).then(|| path.join("."))
 }
 
 /// Parse `--set key.path=value`: the value as TOML if it parses, else as a string.

@@ -110,10 +110,7 @@ impl Item {
     pub fn loss_tokens(&self) -> usize {
         match self {
             Item::Sequence(s) => s.completion_tokens(),
-            // The first token of each sequence is never predicted in a packed row.
-            Item::Packed(seqs) => {
-                seqs.iter().map(|s| s.completion_tokens() - usize::from(s.completion_mask[0] != 0)).sum()
-            }
+            Item::Packed(seqs) => seqs.iter().map(|s| s.completion_tokens()).sum(),
             Item::Pair(p) => p.chosen.completion_tokens(),
             Item::Rollout(r) => r.sequence.completion_tokens(),
             Item::Ppo(p) => p.sequence.completion_tokens(),
@@ -223,8 +220,10 @@ fn item_of_row(tok: &SequenceTokenizer, objective: &Objective, seed: u64, row: &
         (DataNeed::Pairs | DataNeed::ScoredPairs, Example::Preference { prompt, chosen, rejected }) => {
             let mut pair =
                 PairItem::new(tok.prompt_completion(prompt, chosen)?, tok.prompt_completion(prompt, rejected)?);
-            pair.rewards = pair_rewards(row, objective.needs_pair_rewards() && !judged)?;
-            pair.margin = number_field(row, "margin")?;
+            // Columns the objective does not read are ignored, as TRL ignores them.
+            let needs_rewards = objective.needs_pair_rewards();
+            pair.rewards = if needs_rewards || judged { pair_rewards(row, needs_rewards && !judged)? } else { None };
+            pair.margin = if need == DataNeed::ScoredPairs { number_field(row, "margin")? } else { None };
             if let Some(degrees) = objective.degree_heads().map(|h| h.classes) {
                 for (head, completion) in [chosen, rejected].into_iter().enumerate() {
                     for k in 0..degrees {
