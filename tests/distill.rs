@@ -111,7 +111,8 @@ fn the_teacher_cache_gives_the_same_run_and_is_reused() {
     assert_eq!(saved.len(), 12, "ids and states of six sequences");
     // A second run over the same data reads the cache instead of writing it again.
     let written = std::fs::metadata(&cache).unwrap().modified().unwrap();
-    let again = distill_run("kd", dir.path(), "cached", &["--beta", "0.5", "--teacher-logits-cache"]);
+    // A second run into the same directory must say so (`--overwrite`); the cache stays.
+    let again = distill_run("kd", dir.path(), "cached", &["--beta", "0.5", "--teacher-logits-cache", "--overwrite"]);
     assert_eq!(std::fs::metadata(&cache).unwrap().modified().unwrap(), written);
     assert_eq!(series(&again, "loss"), series(&cached, "loss"));
 }

@@ -340,6 +340,56 @@ fn plot_draws_a_runs_curves() {
     assert!(svg.contains("rewards/margins") && svg.contains("held-out") && !svg.contains("rewards/accuracies"));
 }
 
+/// The verifier's rules (README, `verifier:auto`) for the checks of the first 12 held-out rows:
+/// the last number equals a numeric `answer`; `uppercase`, `keywords` and `json_keys`
+/// constraints.
+fn passes(row: &Value, output: &str) -> bool {
+    let out = output.trim();
+    match row["constraint"]["type"].as_str() {
+        Some("uppercase") => out.chars().any(char::is_alphabetic) && !out.chars().any(char::is_lowercase),
+        Some("keywords") => row["constraint"]["value"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|k| out.to_lowercase().contains(&k.as_str().unwrap().to_lowercase())),
+        Some("json_keys") => {
+            let inner = out.trim_start_matches("```json").trim_start_matches("```").trim_end_matches("```").trim();
+            serde_json::from_str::<Value>(inner).ok().and_then(|v| v.as_object().cloned()).is_some_and(|o| {
+                row["constraint"]["value"].as_array().unwrap().iter().all(|k| o.contains_key(k.as_str().unwrap()))
+            })
+        }
+        Some(other) => panic!("no independent check written for `{other}`"),
+        None => {
+            let want: f64 =
+                row["answer"].as_str().map_or_else(|| row["answer"].as_f64().unwrap(), |a| a.parse().unwrap());
+            // Numbers as written: an optional minus, a digit, digits and commas, an optional
+            // decimal part.
+            let b = out.as_bytes();
+            let (mut i, mut last) = (0, None);
+            while i < b.len() {
+                let start = i;
+                let neg = b[i] == b'-' && i + 1 < b.len() && b[i + 1].is_ascii_digit();
+                if !(neg || b[i].is_ascii_digit()) {
+                    i += 1;
+                    continue;
+                }
+                i += usize::from(neg) + 1;
+                while i < b.len() && (b[i].is_ascii_digit() || b[i] == b',') {
+                    i += 1;
+                }
+                if i + 1 < b.len() && b[i] == b'.' && b[i + 1].is_ascii_digit() {
+                    i += 1;
+                    while i < b.len() && b[i].is_ascii_digit() {
+                        i += 1;
+                    }
+                }
+                last = out[start..i].replace(',', "").parse::<f64>().ok();
+            }
+            last.is_some_and(|got| (got - want).abs() <= 1e-6)
+        }
+    }
+}
+
 /// The README's first command at CI size: four DPO steps, twelve held-out prompts.
 #[test]
 fn quickstart_pipeline_runs_end_to_end_on_smollm2() {
@@ -365,10 +415,41 @@ fn quickstart_pipeline_runs_end_to_end_on_smollm2() {
     assert!(stdout.contains("win-rate") && stdout.contains("[4/4]"), "{stdout}");
     assert_eq!(metrics(&run).len(), 4);
     let s: Value = serde_json::from_str(&std::fs::read_to_string(run.join("eval/summary.json")).unwrap()).unwrap();
-    let (w, t, l) = (s["wins"].as_u64().unwrap(), s["ties"].as_u64().unwrap(), s["losses"].as_u64().unwrap());
-    assert_eq!(w + t + l, 12);
-    assert!((s["win_rate"].as_f64().unwrap() - (w as f64 + t as f64 / 2.0) / 12.0).abs() < 1e-12);
     assert_eq!(s["judge"], "verifier:auto");
+    // The win-rate against one computed here from the recorded answers: each answer re-checked
+    // against its row by the verifier's documented rules (written again below, independently of
+    // `src/judge/verifier.rs`), a win when only the trained model's answer passes.
+    let rows: Vec<Value> =
+        std::fs::read_to_string(&prompts).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let annotations: Vec<Value> = std::fs::read_to_string(run.join("eval/annotations.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(annotations.len(), 12);
+    let (mut w, mut t, mut l) = (0u64, 0u64, 0u64);
+    for a in &annotations {
+        let row = &rows[a["line"].as_u64().unwrap() as usize - 1];
+        let (m, b) =
+            (passes(row, a["model_output"].as_str().unwrap()), passes(row, a["baseline_output"].as_str().unwrap()));
+        let want = match (m, b) {
+            (true, false) => "win",
+            (false, true) => "loss",
+            _ => "tie",
+        };
+        assert_eq!(
+            (&a["outcome"], &a["scores"]),
+            (&json!(want), &json!([f64::from(u8::from(m)), f64::from(u8::from(b))])),
+            "{a}"
+        );
+        match want {
+            "win" => w += 1,
+            "loss" => l += 1,
+            _ => t += 1,
+        }
+    }
+    assert_eq!((s["wins"].as_u64(), s["ties"].as_u64(), s["losses"].as_u64()), (Some(w), Some(t), Some(l)));
+    assert!((s["win_rate"].as_f64().unwrap() - (w as f64 + t as f64 / 2.0) / 12.0).abs() < 1e-12);
     for f in ["curves.svg", "eval/annotations.jsonl", "eval/winrate.svg"] {
         assert!(run.join(f).exists(), "{f}");
     }

@@ -73,6 +73,9 @@ pub fn winrate(args: &WinrateArgs, global: &GlobalArgs, quiet: bool) -> Result<S
     let started = Instant::now();
     sampling(&args.generation)?;
     let prompts = read_prompts(&args.prompts)?;
+    if prompts.is_empty() {
+        bail!("`{}` holds no prompts", args.prompts.display());
+    }
     // Build the judge first: a bad `--judge` fails before any generation.
     let judge = crate::judge::from_spec(&args.judge.judge, &args.judge.options(), global)?;
     let model_outputs = outputs_of(&args.model, args.outputs.as_deref(), &prompts, &args.generation, global, quiet)?;
@@ -94,6 +97,13 @@ pub fn winrate(args: &WinrateArgs, global: &GlobalArgs, quiet: bool) -> Result<S
         &progress,
     )?;
     progress.finish_and_clear();
+    if let Some(failure) = judge.failure() {
+        eprintln!(
+            "candor: warning: {} of {} comparisons had no verdict (left out of the rates): {failure}",
+            summary.unparsed,
+            summary.unparsed + summary.overall.comparisons
+        );
+    }
     print!("{}", table(&summary));
     println!(
         "wrote {}/{{annotations.jsonl, summary.json, winrate.svg}} in {:.0} s",
@@ -110,6 +120,9 @@ fn single(args: &EvalArgs, global: &GlobalArgs) -> Result<()> {
     };
     sampling(&args.generation)?;
     let prompts = read_prompts(prompts_path)?;
+    if prompts.is_empty() {
+        bail!("`{}` holds no prompts", prompts_path.display());
+    }
     let judge = crate::judge::from_spec(&judge_args.judge, &judge_args.options(), global)?;
     let outputs = outputs_of(model, args.outputs.as_deref(), &prompts, &args.generation, global, false)?;
     // Every output with the prompt it answers, in order.
@@ -127,7 +140,7 @@ fn single(args: &EvalArgs, global: &GlobalArgs) -> Result<()> {
         e.0 += s;
         e.1 += 1;
     }
-    let mean = scores.iter().sum::<f64>() / scores.len().max(1) as f64;
+    let mean = scores.iter().fold(0.0, |a, b| a + b) / scores.len().max(1) as f64;
     for (task, (sum, n)) in &per_task {
         println!("{task:<18} {metric} {:.3} ({n} outputs)", sum / *n as f64);
     }

@@ -77,8 +77,17 @@ pub fn run(args: &RunArgs, global: &GlobalArgs) -> Result<()> {
     if let Some(extra) = doc.keys().next() {
         return Err(anyhow!("unknown section [{extra}]{origin} (known: train, eval, export)"));
     }
-    let cfg = TrainConfig::from_table(train_doc, &format!(" ([train]{origin})"))?;
+    let mut cfg = TrainConfig::from_table(train_doc, &format!(" ([train]{origin})"))?;
+    cfg.run.overwrite |= args.overwrite;
     let run_dir = cfg.run.output.clone();
+    if cfg.run.overwrite && !args.resume && export.output.is_none() {
+        // The pipeline's own export of the run it replaces (the training clears the rest).
+        let model_dir = run_dir.join("model");
+        if model_dir.is_dir() {
+            std::fs::remove_dir_all(&model_dir)
+                .with_context(|| format!("--overwrite: cannot remove `{}`", model_dir.display()))?;
+        }
+    }
 
     println!("[1/4] model: {} (fetched into candor's cache if needed)", cfg.model.model);
     println!("[2/4] fine-tuning with `{}` into {}", cfg.objective.name(), run_dir.display());
@@ -90,7 +99,7 @@ pub fn run(args: &RunArgs, global: &GlobalArgs) -> Result<()> {
         "[3/4] win-rate of the fine-tuned model against {} on {} ({})",
         cfg.model.model,
         eval.prompts.display(),
-        eval.judge
+        crate::judge::redact_url_credentials(&eval.judge)
     );
     let eval_dir = run_dir.join("eval");
     let summary = super::eval::winrate(

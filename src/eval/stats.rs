@@ -46,15 +46,17 @@ pub struct WinRate {
 /// Bootstrap resamples behind [`WinRate::ci95`].
 pub const BOOTSTRAP_SAMPLES: usize = 2000;
 
-/// Win-rate of `outcomes` with a 95% bootstrap interval from `seed`.
+/// Win-rate of `outcomes` with a 95% bootstrap interval from `seed`. Every number is finite and
+/// never -0.0: with no outcomes there is no evidence either way, a rate of ½ in [0, 1].
 pub fn win_rate(outcomes: &[Outcome], seed: u64) -> WinRate {
     let count = |o: Outcome| outcomes.iter().filter(|&&x| x == o).count();
     let n = outcomes.len();
     let scores: Vec<f64> = outcomes.iter().map(|o| o.score()).collect();
-    let mean = |xs: &mut dyn Iterator<Item = f64>| xs.sum::<f64>() / n.max(1) as f64;
-    let rate = mean(&mut scores.iter().copied());
+    // A fold from +0.0: an empty `sum()` of f64 is -0.0.
+    let mean = |xs: &mut dyn Iterator<Item = f64>| xs.fold(0.0, |a, b| a + b) / n.max(1) as f64;
+    let rate = if n == 0 { 0.5 } else { mean(&mut scores.iter().copied()) };
     let ci95 = if n == 0 {
-        (f64::NAN, f64::NAN)
+        (0.0, 1.0)
     } else {
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
         let mut rates: Vec<f64> =
@@ -75,12 +77,23 @@ fn percentile(xs: &[f64], q: f64) -> f64 {
 /// Length-controlled win-rate: fit `P(model preferred) = σ(b₀ + b₁ · tanh(Δ / s))` to the
 /// outcomes (ties as ½) by Newton's method, where Δ is the model's output length minus the
 /// baseline's and `s` their standard deviation, and return `σ(b₀)`: the win-rate the judge would
-/// give at equal lengths. Equal lengths everywhere give the plain win-rate.
+/// give at equal lengths. Equal lengths everywhere give the plain win-rate. Always finite: ½
+/// with no outcomes, the plain win-rate should the fit not converge to a number.
 pub fn length_controlled_win_rate(outcomes: &[Outcome], length_differences: &[f64]) -> f64 {
     let n = outcomes.len();
     if n == 0 {
-        return f64::NAN;
+        return 0.5;
     }
+    let lc = fit_length_control(outcomes, length_differences);
+    if lc.is_finite() {
+        lc + 0.0
+    } else {
+        outcomes.iter().map(|o| o.score()).fold(0.0, |a, b| a + b) / n as f64
+    }
+}
+
+fn fit_length_control(outcomes: &[Outcome], length_differences: &[f64]) -> f64 {
+    let n = outcomes.len();
     let mean_d = length_differences.iter().sum::<f64>() / n as f64;
     let sd = (length_differences.iter().map(|d| (d - mean_d).powi(2)).sum::<f64>() / n as f64).sqrt();
     let x: Vec<f64> = length_differences.iter().map(|d| if sd > 0.0 { (d / sd).tanh() } else { 0.0 }).collect();
@@ -128,6 +141,22 @@ mod tests {
         assert_eq!(win_rate(&outcomes, 0), w, "seeded");
         let all = win_rate(&[Win; 5], 1);
         assert_eq!((all.win_rate, all.ci95), (1.0, (1.0, 1.0)));
+    }
+
+    #[test]
+    fn no_outcomes_give_finite_numbers_and_never_negative_zero() {
+        let w = win_rate(&[], 3);
+        assert_eq!((w.wins, w.ties, w.losses), (0, 0, 0));
+        assert_eq!((w.win_rate, w.ci95), (0.5, (0.0, 1.0)));
+        assert_eq!(length_controlled_win_rate(&[], &[]), 0.5);
+        let all_lost = win_rate(&[Loss; 3], 0);
+        for x in [all_lost.win_rate, all_lost.ci95.0, all_lost.ci95.1] {
+            assert!(x == 0.0 && x.is_sign_positive(), "{x:?}");
+        }
+        let lc = length_controlled_win_rate(&[Loss; 3], &[1.0, -2.0, 5.0]);
+        assert!(lc.is_finite() && lc.is_sign_positive(), "{lc}");
+        let json = serde_json::to_string(&w).unwrap();
+        assert!(!json.contains("null") && !json.contains("-0"), "{json}");
     }
 
     #[test]

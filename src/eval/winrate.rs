@@ -150,7 +150,10 @@ pub struct Summary {
 }
 
 /// Judge every (prompt, sample) pair and summarise; writes `annotations.jsonl`,
-/// `summary.json` and `winrate.svg` into `out_dir`.
+/// `summary.json` and `winrate.svg` into `out_dir`. When no comparison got a verdict (a judge
+/// server that refuses or fails every request) only the annotations are written and the error
+/// says why (the HTTP status and the server's message); a summary never holds a number that is
+/// not finite.
 #[allow(clippy::too_many_arguments)]
 pub fn judge_and_summarise(
     judge: &dyn Judge,
@@ -169,6 +172,9 @@ pub fn judge_and_summarise(
             cases.push(Case { prompt: &p.prompt, row: &p.row, model: m, baseline: b });
             owners.push((i, s));
         }
+    }
+    if cases.is_empty() {
+        bail!("nothing to judge: no prompts with outputs of both models");
     }
     let mut judgments: Vec<Judgment> = Vec::with_capacity(cases.len());
     for chunk in cases.chunks(16) {
@@ -191,6 +197,31 @@ pub fn judge_and_summarise(
         }
     }
     annotations.finish()?;
+    if readable.is_empty() {
+        // No stale summary of an earlier evaluation may stand beside these annotations.
+        for stale in ["summary.json", "winrate.svg"] {
+            let _ = std::fs::remove_file(out_dir.join(stale));
+        }
+        let why = match judge.failure() {
+            Some(failure) => failure,
+            None => {
+                let example = judgments
+                    .iter()
+                    .flat_map(|j| &j.asked)
+                    .map(|a| a.raw.as_str())
+                    .find(|r| !r.is_empty())
+                    .unwrap_or("");
+                let example: String = example.chars().take(crate::judge::openai::MESSAGE_CHARS).collect();
+                format!("none of its replies named an answer (one of them: {example:?})")
+            }
+        };
+        bail!(
+            "the judge `{}` gave no verdict on any of the {} comparisons, so there is no win-rate: {why} (what it answered is in `{}`)",
+            judge.name(),
+            judgments.len(),
+            out_dir.join("annotations.jsonl").display()
+        );
+    }
     let breakdown = |items: &[&(Outcome, f64, String)]| {
         let outcomes: Vec<Outcome> = items.iter().map(|x| x.0).collect();
         Breakdown { comparisons: outcomes.len(), rate: win_rate(&outcomes, seed) }
@@ -203,7 +234,7 @@ pub fn judge_and_summarise(
     }
     let mean_len = |outs: &[Vec<String>]| {
         let lens: Vec<f64> = outs.iter().flatten().map(|o| o.chars().count() as f64).collect();
-        lens.iter().sum::<f64>() / lens.len().max(1) as f64
+        lens.iter().fold(0.0, |a, b| a + b) / lens.len().max(1) as f64
     };
     let summary = Summary {
         model: names.0.to_string(),
@@ -223,11 +254,27 @@ pub fn judge_and_summarise(
         ]),
         per_task,
     };
+    let value = serde_json::to_value(&summary)?;
+    // serde_json writes a NaN or an infinity as `null`: none may reach the summary.
+    if has_null(&value) {
+        bail!("internal error: a summary number is not finite: {value}");
+    }
+    let text = serde_json::to_string_pretty(&value)?;
     let tmp = out_dir.join("summary.json.partial");
-    std::fs::write(&tmp, serde_json::to_string_pretty(&summary)?)?;
-    std::fs::rename(&tmp, out_dir.join("summary.json"))?;
+    std::fs::write(&tmp, text).with_context(|| format!("cannot write `{}`", tmp.display()))?;
+    std::fs::rename(&tmp, out_dir.join("summary.json"))
+        .with_context(|| format!("cannot write `{}`", out_dir.join("summary.json").display()))?;
     super::plot::win_tie_loss(&summary, &out_dir.join("winrate.svg"))?;
     Ok(summary)
+}
+
+fn has_null(v: &Value) -> bool {
+    match v {
+        Value::Null => true,
+        Value::Array(a) => a.iter().any(has_null),
+        Value::Object(o) => o.values().any(has_null),
+        _ => false,
+    }
 }
 
 /// The compact table printed after an evaluation.

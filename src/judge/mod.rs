@@ -81,6 +81,23 @@ pub trait Judge: Send + Sync {
     fn score(&self, _outputs: &[(&Text, &Map<String, Value>, &str)]) -> Result<Option<Vec<f64>>> {
         Ok(None)
     }
+
+    /// Remote judges: how many requests got no usable reply and why the first did (its HTTP
+    /// status and the server's message, truncated, secrets redacted); `None` when none failed.
+    fn failure(&self) -> Option<String> {
+        None
+    }
+}
+
+/// `text` with the credentials of every URL in it hidden: `scheme://user:pass@` becomes
+/// `scheme://user:***@`, and a bare `scheme://token@` becomes `scheme://***@`.
+pub fn redact_url_credentials(text: &str) -> String {
+    let re = regex::Regex::new(r"([A-Za-z][A-Za-z0-9+.-]*://)([^/?#@\s]*)@").expect("valid pattern");
+    re.replace_all(text, |c: &regex::Captures| match c[2].split_once(':') {
+        Some((user, _)) => format!("{}{user}:***@", &c[1]),
+        None => format!("{}***@", &c[1]),
+    })
+    .into_owned()
 }
 
 /// Win / tie / loss from two pointwise scores: a tie within `tie_margin`.
@@ -152,15 +169,17 @@ pub struct JudgeOptions {
 
 /// Build the judge a `--judge` value names.
 pub fn from_spec(spec: &str, opts: &JudgeOptions, global: &crate::cli::GlobalArgs) -> Result<Box<dyn Judge>> {
+    // Errors show the spec with any URL credentials hidden.
+    let shown = redact_url_credentials(spec);
     let Some((kind, arg)) = spec.split_once(':') else {
-        bail!("`--judge {spec}`: expected KIND:ARG with KIND one of rm, verifier, llm, openai (e.g. verifier:auto, rm:runs/reward/final)");
+        bail!("`--judge {shown}`: expected KIND:ARG with KIND one of rm, verifier, llm, openai (e.g. verifier:auto, rm:runs/reward/final)");
     };
     Ok(match kind {
         "verifier" => Box::new(verifier::VerifierJudge::new(arg)?),
         "rm" => Box::new(reward_model::RewardModelJudge::load(arg, opts.tie_margin, global)?),
         "llm" => Box::new(llm::LocalLlmJudge::load(arg, opts.template.as_deref(), global)?),
         "openai" => Box::new(openai::OpenAiJudge::new(arg, opts)?),
-        other => bail!("`--judge {spec}`: unknown judge kind `{other}` (known: rm, verifier, llm, openai)"),
+        other => bail!("`--judge {shown}`: unknown judge kind `{other}` (known: rm, verifier, llm, openai)"),
     })
 }
 

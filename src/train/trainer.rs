@@ -2,7 +2,6 @@
 //! extra heads), the optimizer, the step counter, the metrics log, checkpoints and the final
 //! export. A loop only decides which micro-batches make each step.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -17,6 +16,7 @@ use super::config::TrainConfig;
 use super::inputs::{objective_input, StepModels};
 use super::items::Item;
 use super::optim::{clip_grad_norm, lr_at, AdamW, AdamWConfig};
+use super::progress::{eval_line, Phase, Phases, Progress};
 use super::{RunOptions, RunSummary};
 use crate::load::{self, LoadedModel};
 use crate::model::{fused, CausalLm};
@@ -41,8 +41,8 @@ pub struct Trainer<'c> {
     /// Steps the run will take (the learning-rate schedule's length).
     total: u64,
     metrics_file: std::fs::File,
-    bar: Option<indicatif::ProgressBar>,
-    quiet: bool,
+    metrics_path: PathBuf,
+    progress: Progress,
     /// The padding id.
     pub pad: u32,
     last_checkpoint: Option<PathBuf>,
@@ -62,13 +62,19 @@ impl<'c> Trainer<'c> {
             other => (other, None),
         };
         let objective = &cfg.objective;
+        // A directory holding another run is refused (or cleared with `run.overwrite`) before
+        // anything loads: its checkpoints and metrics must never mix with this run's.
+        checkpoint::prepare_run_dir(run_dir, opts.resume, cfg.run.overwrite)?;
         let resume_from = if opts.resume { checkpoint::latest(run_dir)? } else { None };
         if opts.resume && resume_from.is_none() {
             eprintln!("candor: no checkpoint in `{}`; starting from step 0", run_dir.display());
         }
         std::fs::create_dir_all(run_dir)
             .with_context(|| format!("cannot create run directory `{}`", run_dir.display()))?;
-        std::fs::write(run_dir.join("config.toml"), cfg.to_toml()?)?;
+        // The saved recipe never carries `overwrite`: reusing it must not clear another run.
+        let mut saved_cfg = cfg.clone();
+        saved_cfg.run.overwrite = false;
+        checkpoint::write_atomically(&run_dir.join("config.toml"), saved_cfg.to_toml()?.as_bytes())?;
 
         // Models: the policy (from the checkpoint when resuming) and the frozen reference.
         let mut start = load::load_model(&cfg.model.model, dtype, &device)
@@ -157,7 +163,9 @@ impl<'c> Trainer<'c> {
         for (name, init) in fresh {
             let value = match saved.remove(&name) {
                 Some(t) => t,
-                None if resume_from.is_some() => bail!("the checkpoint lacks `{name}` in `{HEADS_FILE}`"),
+                None if resume_from.is_some() => {
+                    bail!("the checkpoint lacks `{name}` in `{HEADS_FILE}`")
+                }
                 None => init,
             };
             let var = Var::from_tensor(&value)?;
@@ -185,7 +193,12 @@ impl<'c> Trainer<'c> {
         } else {
             let _ = std::fs::remove_file(run_dir.join("metrics.jsonl"));
         }
-        let metrics_file = std::fs::OpenOptions::new().create(true).append(true).open(run_dir.join("metrics.jsonl"))?;
+        let metrics_path = run_dir.join("metrics.jsonl");
+        let metrics_file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&metrics_path)
+            .with_context(|| format!("cannot open `{}`", metrics_path.display()))?;
         let pad = policy.tokenizer.pad_id();
         Ok(Self {
             cfg,
@@ -197,8 +210,8 @@ impl<'c> Trainer<'c> {
             step,
             total: 0,
             metrics_file,
-            bar: None,
-            quiet: opts.quiet,
+            metrics_path,
+            progress: Progress::new(opts.quiet),
             pad,
             last_checkpoint: None,
         })
@@ -220,19 +233,7 @@ impl<'c> Trainer<'c> {
     /// Set the run's length in steps (the schedule's horizon) and show the progress bar.
     pub fn set_total(&mut self, total: u64) {
         self.total = total;
-        if self.quiet {
-            return;
-        }
-        let bar = self.bar.get_or_insert_with(|| {
-            indicatif::ProgressBar::new(total).with_style(
-                indicatif::ProgressStyle::with_template(
-                    "{spinner} step {pos}/{len} [{elapsed_precise} < {eta_precise}] {msg}",
-                )
-                .expect("valid template"),
-            )
-        });
-        bar.set_length(total);
-        bar.set_position(self.step);
+        self.progress.steps(self.step, total);
     }
 
     /// With `run.eval_on_start`, evaluate on `eval` before the first step and log it as step 0
@@ -247,23 +248,37 @@ impl<'c> Trainer<'c> {
     }
 
     /// `eval_loss` and the `eval_`-prefixed metrics of the held-out set.
+    /// Shown as a phase of its own, its metrics printed when computed.
     fn evaluation(&self, eval: &[Item]) -> Result<Map<String, Value>> {
+        let phase = self.progress.phase(format!("evaluating {} held-out examples", eval.len()));
         let (eval_loss, eval_metrics) = evaluate(&self.cfg.objective, self.models(), eval, self.cfg.run.batch_size)?;
+        drop(phase); // the metrics line printed below takes its place
         let mut fields = Map::from_iter([("eval_loss".to_string(), Value::from(eval_loss))]);
         fields.extend(eval_metrics.into_iter().map(|(k, v)| (format!("eval_{k}"), Value::from(v))));
+        self.progress.println(&eval_line(self.step, &fields));
         Ok(fields)
     }
 
-    /// Append one line to `metrics.jsonl`.
+    /// Append one line to `metrics.jsonl`, whole: formatted in memory and written with one
+    /// `write_all`, cut back on failure, so a full disk never leaves a partial line. The error
+    /// names the file and the step.
     fn log(&mut self, line: Map<String, Value>) -> Result<()> {
-        writeln!(self.metrics_file, "{}", Value::Object(line))?;
-        self.metrics_file.flush()?;
-        Ok(())
+        let step = line.get("step").cloned().unwrap_or(Value::Null);
+        let mut text = Value::Object(line).to_string();
+        text.push('\n');
+        checkpoint::append_whole(&mut self.metrics_file, text.as_bytes()).with_context(|| {
+            format!("step {step}: cannot append the metrics line to `{}`", self.metrics_path.display())
+        })
     }
 
-    /// The progress bar, if one is shown (for the online loop's sampling messages).
-    pub fn bar(&self) -> Option<&indicatif::ProgressBar> {
-        self.bar.as_ref()
+    /// Start a phase of work shown on its own progress line (sampling, judging, caching).
+    pub fn phase(&self, what: impl Into<String>) -> Phase {
+        self.progress.phase(what)
+    }
+
+    /// Phases shown one after another (a round's sampling, judging, scoring).
+    pub fn phases(&self) -> Phases<'_> {
+        Phases::new(&self.progress)
     }
 
     /// One optimizer step over `micro` (its micro-batches): forward, backward, clip, AdamW,
@@ -313,10 +328,7 @@ impl<'c> Trainer<'c> {
                 line.extend(self.evaluation(eval)?);
             }
         }
-        if let Some(bar) = &self.bar {
-            bar.set_position(self.step);
-            bar.set_message(format!("loss {loss:.4} | {:.0} tok/s", tokens as f64 / secs));
-        }
+        self.progress.step_done(self.step, format!("loss {loss:.4} | {:.0} tok/s", tokens as f64 / secs));
         self.log(line)?;
         if checkpoint_now || is_last || (r.save_every > 0 && self.step.is_multiple_of(r.save_every)) {
             self.save_checkpoint()?;
@@ -340,37 +352,58 @@ impl<'c> Trainer<'c> {
             Ok(())
         })?;
         self.last_checkpoint = Some(saved);
-        checkpoint::prune(&r.output, r.keep_last)?;
+        checkpoint::prune(&r.output, r.keep_last).with_context(|| {
+            format!("step {}: cannot remove old checkpoints of `{}`", self.step, r.output.display())
+        })?;
         Ok(())
     }
 
     /// End the run: `final/` gets the trained model (merged, plus the adapter, for LoRA runs;
     /// hard links to the last checkpoint's files when it holds the final weights).
     pub fn finish(self) -> Result<RunSummary> {
-        if let Some(bar) = &self.bar {
-            bar.finish();
-        }
+        self.progress.finish();
         let run_dir = &self.cfg.run.output;
         let final_dir = run_dir.join("final");
         let tmp = run_dir.join(".tmp-final");
         let _ = std::fs::remove_dir_all(&tmp);
+        let written = self.write_final(&tmp, &final_dir);
+        if written.is_err() {
+            // Free what a full disk let through; the checkpoints stay as they were.
+            let _ = std::fs::remove_dir_all(&tmp);
+        }
+        written.with_context(|| {
+            format!(
+                "step {}: cannot write the final model `{}` (the last checkpoint is intact)",
+                self.step,
+                final_dir.display()
+            )
+        })?;
+        Ok(RunSummary { steps: self.step, final_dir })
+    }
+
+    /// `final/`'s files into `tmp`, then renamed into place.
+    fn write_final(&self, tmp: &Path, final_dir: &Path) -> Result<()> {
         let at_last_step = self.last_checkpoint.as_ref().filter(|dir| dir.ends_with(format!("step-{}", self.step)));
         if self.cfg.lora.is_some() {
             // final/ is a complete transformers model (adapters merged) plus the PEFT adapter.
-            write_trainable(&tmp.join("adapter"), self.cfg, &self.policy)?;
+            write_trainable(&tmp.join("adapter"), self.cfg, &self.policy)
+                .with_context(|| format!("cannot write `{}`", tmp.join("adapter").display()))?;
             let mut merged = self.policy.clone();
             merged.model = self.policy.model.frozen_view();
             merged.model.merge_lora()?;
-            write_policy(&tmp, &merged)?;
+            write_policy(tmp, &merged)
+                .with_context(|| format!("cannot write the model files into `{}`", tmp.display()))?;
         } else if let Some(saved) = at_last_step {
             // The last checkpoint already holds exactly these weights.
-            checkpoint::link_model_files(saved, &tmp, &[HEADS_FILE])?;
+            checkpoint::link_model_files(saved, tmp, &[HEADS_FILE])?;
         } else {
-            write_policy(&tmp, &self.policy)?;
+            write_policy(tmp, &self.policy)
+                .with_context(|| format!("cannot write the model files into `{}`", tmp.display()))?;
         }
-        let _ = std::fs::remove_dir_all(&final_dir);
-        std::fs::rename(&tmp, &final_dir)?;
-        Ok(RunSummary { steps: self.step, final_dir })
+        let _ = std::fs::remove_dir_all(final_dir);
+        std::fs::rename(tmp, final_dir)
+            .with_context(|| format!("cannot move `{}` to `{}`", tmp.display(), final_dir.display()))?;
+        Ok(())
     }
 }
 

@@ -108,3 +108,114 @@ pub fn write_examples(path: &Path) {
     let rows: String = exp["examples"].as_array().unwrap().iter().map(|ex| format!("{ex}\n")).collect();
     std::fs::write(path, rows).unwrap();
 }
+
+/// A scripted HTTP server on 127.0.0.1 for tests (an OpenAI-compatible judge that fails, say):
+/// the n-th request (0-based) is answered with `reply(n, head)` as `(status, JSON body)`, where
+/// `head` is the request line and headers. It serves at most `max_requests` requests and stops
+/// accepting after `lifetime`; every answer carries `Retry-After: 0`. Returns the base URL
+/// (`http://127.0.0.1:PORT/v1`) and the count of requests served.
+pub fn http_server(
+    max_requests: usize,
+    lifetime: std::time::Duration,
+    reply: impl Fn(usize, &str) -> (u16, String) + Send + Sync + 'static,
+) -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    use std::io::{BufRead, BufReader, Read, Write};
+    use std::sync::atomic::Ordering;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let url = format!("http://{}/v1", listener.local_addr().unwrap());
+    let count = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let served = count.clone();
+    let reply = std::sync::Arc::new(reply);
+    std::thread::spawn(move || {
+        let deadline = std::time::Instant::now() + lifetime;
+        while served.load(Ordering::SeqCst) < max_requests && std::time::Instant::now() < deadline {
+            let mut stream = match listener.accept() {
+                Ok((stream, _)) => stream,
+                Err(_) => {
+                    std::thread::sleep(std::time::Duration::from_millis(2));
+                    continue;
+                }
+            };
+            let n = served.fetch_add(1, Ordering::SeqCst);
+            let reply = reply.clone();
+            std::thread::spawn(move || {
+                let _ = stream.set_nonblocking(false);
+                let _ = stream.set_read_timeout(Some(std::time::Duration::from_secs(10)));
+                let mut reader = BufReader::new(stream.try_clone().unwrap());
+                let (mut head, mut length) = (String::new(), 0usize);
+                loop {
+                    let mut line = String::new();
+                    if reader.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
+                        break;
+                    }
+                    if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                        length = v.trim().parse().unwrap_or(0);
+                    }
+                    head.push_str(&line);
+                }
+                let mut body = vec![0; length.min(1 << 20)];
+                let _ = reader.read_exact(&mut body);
+                let (status, body) = reply(n, &head);
+                let reason = match status {
+                    200 => "OK",
+                    401 => "Unauthorized",
+                    429 => "Too Many Requests",
+                    500 => "Internal Server Error",
+                    _ => "Status",
+                };
+                let _ = write!(stream, "HTTP/1.1 {status} {reason}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nRetry-After: 0\r\nConnection: close\r\n\r\n{body}", body.len());
+            });
+        }
+    });
+    (url, count)
+}
+
+/// A chat completion whose message content is `text` (what an OpenAI-compatible server sends).
+pub fn chat_completion(text: &str) -> String {
+    serde_json::json!({"choices": [{"message": {"role": "assistant", "content": text}}]}).to_string()
+}
+
+/// The value of header `name` (case-insensitive) in a request head, or "".
+pub fn header<'a>(head: &'a str, name: &str) -> &'a str {
+    head.lines()
+        .find_map(|l| l.split_once(':').filter(|(k, _)| k.trim().eq_ignore_ascii_case(name)).map(|(_, v)| v.trim()))
+        .unwrap_or("")
+}
+
+/// Greedy decoding of `user` (as a chat turn, then `prefix` tokenized on its own, as
+/// `candor generate --hindsight-prefix` builds it) recomputed without a KV cache: each new
+/// token is the argmax of a full forward pass over everything so far.
+pub fn greedy_by_full_forward(
+    model: &Path,
+    user: &str,
+    prefix: Option<&str>,
+    max_new_tokens: usize,
+) -> (Vec<u32>, String) {
+    use candor::data::{SequenceTokenizer, Text, Truncation};
+    let m = candor::load::load_model(model.to_str().unwrap(), DType::F32, &Device::Cpu).unwrap();
+    let tok = SequenceTokenizer {
+        tokenizer: &m.tokenizer,
+        chat_template: m.chat_template.as_ref(),
+        truncation: Truncation::default(),
+    };
+    let mut ids =
+        tok.prompt_ids(&Text::Chat(vec![candor::load::Message { role: "user".into(), content: user.into() }])).unwrap();
+    if let Some(prefix) = prefix {
+        ids.extend(m.tokenizer.encode(prefix, false).unwrap());
+    }
+    let mut new = Vec::new();
+    while new.len() < max_new_tokens {
+        let input = candle::Tensor::new(&ids[..], &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+        let logits = m.model.forward(&input, Default::default(), None).unwrap();
+        let last: Vec<f32> = logits.get(0).unwrap().get(ids.len() - 1).unwrap().to_vec1().unwrap();
+        let next = (0..last.len()).max_by(|&a, &b| last[a].total_cmp(&last[b])).unwrap() as u32;
+        if m.eos_token_ids.contains(&next) {
+            break;
+        }
+        new.push(next);
+        ids.push(next);
+    }
+    let text = m.tokenizer.decode(&new, true).unwrap();
+    (new, text)
+}
