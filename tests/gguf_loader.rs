@@ -1,6 +1,6 @@
 //! The GGUF loader on files written here: the tiny Llama converted the way llama.cpp converts
 //! (q/k rows permuted, tokenizer and chat template as metadata) must give transformers' logits
-//! exactly, and every ggml type candor promises must dequantize to the original weights
+//! (the values recorded in `llama-tiny/expected.json`) and token ids, and every ggml type candor promises must dequantize to the original weights
 //! within that type's precision.
 
 mod common;
@@ -144,12 +144,31 @@ fn tiny_llama_from_gguf_equals_the_transformers_checkpoint() {
     let opts = ForwardOptions { attention_mask: Some(&attn), positions: None };
     let a = hf.model.forward(&ids, opts, None).unwrap();
     let b = g.model.forward(&ids, opts, None).unwrap();
+    // The GGUF model's logits are transformers' (`expected.json`, from the transformers
+    // checkpoint in float32): every logit of row 0's valid positions, and the first 20 at every
+    // valid position of all six rows.
+    let len = exp["logits_example0"]["length"].as_u64().unwrap() as usize;
+    let all: Vec<Vec<Vec<f32>>> = b.to_vec3().unwrap();
+    for (t, want) in exp["logits_example0"]["values"].as_array().unwrap().iter().enumerate().take(len) {
+        let got: Vec<f64> = all[0][t].iter().map(|&v| v as f64).collect();
+        assert_close(&format!("gguf logits[0, {t}] vs transformers"), &got, &f64s(want), 1e-4);
+    }
+    for (r, per_pos) in exp["logits_checksums_all_rows"]["first20_per_position"].as_array().unwrap().iter().enumerate()
+    {
+        for (t, want) in per_pos.as_array().unwrap().iter().enumerate() {
+            let got: Vec<f64> = all[r][t][..20].iter().map(|&v| v as f64).collect();
+            assert_close(&format!("gguf logits[{r}, {t}, :20] vs transformers"), &got, &f64s(want), 1e-4);
+        }
+    }
+    // ... and equal to candor's own load of the safetensors checkpoint to float32 rounding.
     let diff = (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
     assert!(diff < 1e-5, "logits differ by {diff}");
-    // Same tokenizer and chat template as the transformers files.
-    for ex in exp["examples"].as_array().unwrap() {
+    // The tokenizer gives transformers' token ids; the chat template is the one in the files.
+    for (ex, want) in
+        exp["examples"].as_array().unwrap().iter().zip(exp["tokenization"]["per_example"].as_array().unwrap())
+    {
         let text = ex["prompt"].as_str().unwrap();
-        assert_eq!(g.tokenizer.encode(text, true).unwrap(), hf.tokenizer.encode(text, true).unwrap());
+        assert_eq!(g.tokenizer.encode(text, true).unwrap(), u32s(&want["tok(prompt)"]), "{text:?}");
     }
     assert_eq!(g.tokenizer.encode("<|im_start|>user", false).unwrap()[0], 2);
     assert_eq!(g.eos_token_ids, vec![1]);

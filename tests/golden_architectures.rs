@@ -52,9 +52,11 @@ fn check_architecture_on(dir: &str, kernels: Kernels) {
     assert_eq!(want.len(), vars.len(), "{dir}: parameter count");
     for (name, var) in &vars {
         let g = grads.get(var.as_tensor()).unwrap_or_else(|| panic!("{dir}: no gradient reached `{name}`"));
-        let got = g.sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap().sqrt() as f64;
+        let flat: Vec<f64> = g.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().map(|&v| v as f64).collect();
+        let got = flat.iter().map(|v| v * v).sum::<f64>().sqrt();
         let w = want[name].as_f64().unwrap_or_else(|| panic!("{dir}: fixture lacks `{name}`"));
-        assert!((got - w).abs() <= 1e-3 * w, "{dir}: `{name}` gradient L2 {got} vs {w}");
+        assert!((got - w).abs() <= GRAD_RTOL * w, "{dir} ({kernels}): `{name}` gradient L2 {got} vs {w}");
+        check_gradient_elements(&format!("{dir} ({kernels}): `{name}`"), name, &flat, &exp);
     }
 
     // Greedy continuation of the first 5 tokens of row 0 (KV-cached decoding).
@@ -68,6 +70,60 @@ fn check_architecture_on(dir: &str, kernels: Kernels) {
     )
     .unwrap();
     assert_eq!(gens[0].tokens, u32s(&exp["greedy"]), "{dir}: greedy tokens");
+}
+
+/// Per-element gradient tolerance: `|got - want| <= GRAD_RTOL * |want| + GRAD_ATOL`. The
+/// elements are mostly of order 0.01 to 3 (norms 2 to 80 over 64 to 8,192 elements); float32
+/// rounding moves them by at most 3e-6 absolute here (both kernel paths, all three models), a
+/// sixth of this bound at its tightest.
+const GRAD_RTOL: f64 = 1e-4;
+const GRAD_ATOL: f64 = 1e-5;
+
+/// Tolerance of the fixed random projection `sum v_i g_i`, relative to `sum |v_i g_i|`. The
+/// per-element roundings are independent, so it errs far less than the sum of the per-element
+/// bounds: at most 1e-6 here. At 2e-5, one element wrong by a few percent of a typical
+/// element, or any systematic error (a scaled or misplaced row, a missing term), fails it.
+const PROJ_RTOL: f64 = 2e-5;
+
+/// `n` standard normal draws, the same as `projection_vector` in `gen_arch_goldens.py`:
+/// splitmix64 seeded with the FNV-1a hash of the parameter name, two words per draw, Box-Muller.
+fn projection_vector(name: &str, n: usize) -> Vec<f64> {
+    let mut state =
+        name.bytes().fold(0xCBF2_9CE4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01B3));
+    let mut next = || {
+        state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        let w = z ^ (z >> 31);
+        ((w >> 11) + 1) as f64 * 2f64.powi(-53)
+    };
+    (0..n)
+        .map(|_| {
+            let (u1, u2) = (next(), next());
+            (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()
+        })
+        .collect()
+}
+
+/// The recorded elements of one parameter's gradient (the first 8 and 8 at random indices),
+/// each within its own bound, and the fixed random projection `sum v_i g_i` over all elements
+/// within `PROJ_RTOL * sum |v_i g_i|` (the reference's `grad_proj_abs`). A projection vector
+/// that differed from the script's would miss by the projection's own size.
+fn check_gradient_elements(what: &str, name: &str, flat: &[f64], exp: &serde_json::Value) {
+    let elements =
+        exp["grad_elements"][name].as_array().unwrap_or_else(|| panic!("{what}: fixture lacks grad_elements"));
+    assert_eq!(elements.len(), 16, "{what}: recorded elements");
+    for e in elements {
+        let (i, w) = (e[0].as_u64().unwrap() as usize, e[1].as_f64().unwrap());
+        let g = flat[i];
+        assert!((g - w).abs() <= GRAD_RTOL * w.abs() + GRAD_ATOL, "{what}: gradient element {i} is {g}, want {w}");
+    }
+    let v = projection_vector(name, flat.len());
+    let got: f64 = v.iter().zip(flat).map(|(v, g)| v * g).sum();
+    let want = exp["grad_proj"][name].as_f64().unwrap();
+    let bound = PROJ_RTOL * exp["grad_proj_abs"][name].as_f64().unwrap();
+    assert!((got - want).abs() <= bound, "{what}: gradient projection {got}, want {want} (bound {bound})");
 }
 
 #[test]

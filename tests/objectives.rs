@@ -335,6 +335,8 @@ fn an_interrupted_spo_run_resumes_with_its_degree_heads() {
         "--spo-weight",
         "1.0",
     ];
+    // Evaluated on the three pairs before the first step and after the fourth.
+    let args = [&args[..], &["--eval-data", s(&data), "--eval-every", "4", "--set", "run.eval_on_start=true"]].concat();
     candor_train(&[&args[..], &["--output", s(&full)]].concat());
     let want = metrics(&full);
     assert!(full.join("checkpoints/step-2/heads.safetensors").exists());
@@ -346,16 +348,22 @@ fn an_interrupted_spo_run_resumes_with_its_degree_heads() {
     let o = candor(&["train", "--quiet", "--resume", s(&part)]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let got = metrics(&part);
-    assert_eq!(got.len(), 4);
+    assert_eq!(got.len(), 5, "step 0 (evaluation only), steps 1 to 4");
     for (g, w) in got.iter().zip(&want) {
-        for key in ["loss", "spo/ssl_loss", "spo/ssl_accuracy", "rewards/margins"] {
+        for key in ["loss", "spo/ssl_loss", "spo/ssl_accuracy", "rewards/margins", "eval_spo/ssl_loss"] {
             assert_eq!(g[key], w[key], "step {}: `{key}`", w["step"]);
         }
     }
-    // The degree classifier learns: its loss falls at this learning rate.
-    let ssl = series(&want, "spo/ssl_loss");
-    assert!(ssl[3] < ssl[0], "ssl loss {ssl:?}");
+    // The degree classifier learns: on the same pairs and variants, its loss before the first
+    // step and after the fourth.
+    let ssl = series(&want, "eval_spo/ssl_loss");
+    assert!(ssl.len() == 2 && ssl[1] < ssl[0] - TINY_SSL_DROP, "held-out ssl loss {ssl:?}");
 }
+
+/// How much 4 SPO steps at lr 1e-3 must lower the tiny model's degree loss on its pairs
+/// (measured: 1.0999, about ln 3 for fresh heads, to 1.0579). Deterministic, on the same
+/// variants both times: heads that never learn leave it where it starts.
+const TINY_SSL_DROP: f64 = 0.02;
 
 // ---------------------------------------------------------------------------------------------
 // CI-sized runs on the default model (SmolLM2-135M-Instruct)
@@ -393,21 +401,61 @@ fn real_run(recipe: &str, dir: &Path, extra: &[&str]) -> Vec<serde_json::Value> 
     metrics(&run)
 }
 
+/// The given lines (0-based) of a repository file, written to `dest`.
+fn pick_lines(src: &str, lines: &[usize], dest: &Path) {
+    let text = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join(src)).unwrap();
+    let all: Vec<&str> = text.lines().collect();
+    std::fs::write(dest, lines.iter().map(|&i| format!("{}\n", all[i])).collect::<String>()).unwrap();
+}
+
+/// Length-balanced preference rows (0-based lines). In the first 8 of each list the chosen
+/// answer has fewer SmolLM2 tokens than the rejected one (word limits: a short sentence against
+/// a long one; `2` against `-8`), in the last 8 more (uppercase, unit conversions, JSON, keywords).
+/// A scorer that prefers the longer answer, or the shorter one, ranks exactly 8 of 16 right.
+const REWARD_TRAIN_LINES: [usize; 16] = [30, 41, 49, 59, 65, 69, 71, 73, 0, 1, 2, 3, 5, 7, 8, 9];
+const REWARD_EVAL_LINES: [usize; 16] = [17, 21, 29, 30, 33, 35, 40, 41, 0, 1, 2, 4, 5, 7, 9, 12];
+
 #[test]
 fn reward_model_on_smollm2_ranks_held_out_pairs_better_than_chance() {
     let dir = common::scratch();
-    let m = real_run("configs/reward.toml", dir.path(), &["--max-length", "96"]);
+    let (train, eval) = (dir.path().join("train.jsonl"), dir.path().join("eval.jsonl"));
+    pick_lines("data/preference/train.jsonl", &REWARD_TRAIN_LINES, &train);
+    pick_lines("data/preference/test.jsonl", &REWARD_EVAL_LINES, &eval);
+    let run = dir.path().join("run");
+    candor_train(&[
+        "--config",
+        "configs/reward.toml",
+        "--max-steps",
+        "4",
+        "--eval-every",
+        "2",
+        "--save-every",
+        "0",
+        "--save-only-model",
+        "--max-length",
+        "96",
+        "--data",
+        s(&train),
+        "--eval-data",
+        s(&eval),
+        "--output",
+        s(&run),
+    ]);
+    let m = metrics(&run);
     let eval_loss = series(&m, "eval_loss");
     assert!(eval_loss[1] < eval_loss[0] && eval_loss[0] < std::f64::consts::LN_2 + 0.1, "eval loss {eval_loss:?}");
-    let o =
-        candor(&["score", "--model", s(&dir.path().join("run/final")), "--data", s(&dir.path().join("eval.jsonl"))]);
+    let o = candor(&["score", "--model", s(&run.join("final")), "--data", s(&eval)]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let lines: Vec<serde_json::Value> =
         String::from_utf8_lossy(&o.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     assert_eq!(lines.len(), 16);
-    let right =
-        lines.iter().filter(|l| l["chosen_reward"].as_f64().unwrap() > l["rejected_reward"].as_f64().unwrap()).count();
-    assert!(right >= 11, "the reward model ranks {right}/16 held-out pairs right");
+    let right: Vec<bool> =
+        lines.iter().map(|l| l["chosen_reward"].as_f64().unwrap() > l["rejected_reward"].as_f64().unwrap()).collect();
+    let (shorter, longer) = (right[..8].iter().filter(|&&r| r).count(), right[8..].iter().filter(|&&r| r).count());
+    // A scorer that goes by length ranks 8 + 0 or 0 + 8 right; 12 of 16 needs at least 4 in
+    // each half. A coin ranks 12 or more right with probability 3.8%. Measured: 8 + 5 (the
+    // misses: an uppercase pair, a keyword pair and a unit conversion, at 4 and at 8 steps).
+    assert!(shorter + longer >= 12, "the reward model ranks {shorter}/8 pairs with the shorter answer chosen and {longer}/8 with the longer one right: {right:?}");
 }
 
 #[test]
@@ -424,12 +472,30 @@ fn copg_on_smollm2_moves_log_ratio_gaps_toward_reward_gaps() {
 #[test]
 fn spo_on_smollm2_raises_margins_and_learns_the_degrees() {
     let dir = common::scratch();
-    let m = real_run("configs/spo.toml", dir.path(), &["--max-length", "96", "--lr", "1e-5", "--spo-weight", "1.0"]);
+    let m = real_run(
+        "configs/spo.toml",
+        dir.path(),
+        &["--max-length", "96", "--lr", "1e-5", "--spo-weight", "1.0", "--set", "run.eval_on_start=true"],
+    );
+    // Held-out margins: exactly 0 before the first step (the policy is the reference), then
+    // rising at steps 2 and 4.
     let margins = series(&m, "eval_rewards/margins");
-    assert!(margins[1] > margins[0] && margins[0] > 0.0, "held-out margins {margins:?}");
-    let ssl = series(&m, "spo/ssl_loss");
-    assert!(ssl[3] < ssl[0], "self-supervised loss {ssl:?}");
+    assert!(
+        margins.len() == 3 && margins[0] == 0.0 && margins[1] > 0.0 && margins[2] > margins[1],
+        "held-out margins {margins:?}"
+    );
+    // The degree heads learn: their loss on the same held-out variants at steps 0, 2 and 4.
+    let ssl = series(&m, "eval_spo/ssl_loss");
+    assert!(
+        ssl[1] < ssl[0] && ssl[2] < ssl[1] && ssl[2] < ssl[0] - SMOLLM2_SSL_DROP,
+        "held-out self-supervised loss {ssl:?}"
+    );
 }
+
+/// How much the held-out degree loss must fall in 4 SPO steps on SmolLM2 (measured 1.366 ->
+/// 1.201 -> 1.154 at steps 0, 2, 4; the same 16 pairs and variants each time, so only
+/// learning moves it).
+const SMOLLM2_SSL_DROP: f64 = 0.1;
 
 #[test]
 fn chain_of_hindsight_on_smollm2_lowers_held_out_nll_and_generates_with_its_prefix() {
@@ -439,18 +505,31 @@ fn chain_of_hindsight_on_smollm2_lowers_held_out_nll_and_generates_with_its_pref
     assert!(eval_loss[1] < eval_loss[0], "eval loss {eval_loss:?}");
     let positive = series(&m, "eval_nll/positive");
     assert!(positive[1] < positive[0], "held-out NLL of the good answers {positive:?}");
+    // `generate --hindsight-prefix` decodes greedily from the trained model with the feedback
+    // phrase after the prompt: its answer is the argmax continuation recomputed here by full
+    // forward passes over that prompt (it would differ without the prefix, or from the base model).
+    let (final_dir, question, prefix) =
+        (dir.path().join("run/final"), "What is 12 * 7? Answer with just the number.", "a good answer is ");
+    let out = dir.path().join("answer.jsonl");
     let o = candor(&[
         "generate",
         "--model",
-        s(&dir.path().join("run/final")),
+        s(&final_dir),
         "--chat",
         "--hindsight-prefix",
-        "a good answer is ",
+        prefix,
         "--prompt",
-        "What is 12 * 7? Answer with just the number.",
+        question,
         "--max-new-tokens",
         "8",
+        "--output",
+        s(&out),
     ]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    assert!(!String::from_utf8_lossy(&o.stdout).trim().is_empty());
+    let got: serde_json::Value = serde_json::from_str(std::fs::read_to_string(&out).unwrap().trim()).unwrap();
+    let (tokens, text) = greedy_by_full_forward(&final_dir, question, Some(prefix), 8);
+    assert!(!tokens.is_empty());
+    assert_eq!(got["completion"].as_str().unwrap(), text, "{got}");
+    let (_, without_prefix) = greedy_by_full_forward(&final_dir, question, None, 8);
+    assert_ne!(without_prefix, text, "the feedback prefix should change the greedy answer");
 }
