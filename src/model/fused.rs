@@ -128,22 +128,36 @@ fn gemm(
     }
 }
 
-/// `x ← exp(x − shift)` over a slice, returning the sum of the results accumulated in f64:
-/// eight lanes at a time with AVX2/FMA where the CPU has them (the kernels' softmaxes and
-/// SiLUs spend a fifth of their time in scalar `expf`), `f32::exp` elsewhere. Within 2 ulp of
-/// `f32::exp`; −∞ gives 0. The f64 sum matters: a softmax over a 49,152-token vocabulary summed
-/// in one f32 accumulator drops the tail's small terms (each below half an ulp of the running
-/// sum), which made log-probs too high by ~1e-4 per token on SmolLM2.
-fn shifted_exp(x: &mut [f32], shift: f32) -> f64 {
+/// `x ← exp(x − shift)` over a slice: eight lanes at a time with AVX2/FMA where the CPU has
+/// them (the kernels' softmaxes and SiLUs spend a fifth of their time in scalar `expf`),
+/// `f32::exp` elsewhere. Within 2 ulp of `f32::exp`; −∞ gives 0.
+fn shifted_exp(x: &mut [f32], shift: f32) {
+    exp_in_place::<false>(x, shift);
+}
+
+/// [`shifted_exp`], returning the sum of the results accumulated in f64. The f64 sum matters:
+/// a softmax over a 49,152-token vocabulary summed in one f32 accumulator drops the tail's
+/// small terms (each below half an ulp of the running sum), which made log-probs too high by
+/// ~1e-4 per token on SmolLM2.
+fn shifted_exp_sum(x: &mut [f32], shift: f32) -> f64 {
+    exp_in_place::<true>(x, shift)
+}
+
+/// The body of [`shifted_exp`] and [`shifted_exp_sum`]; the sum is 0 unless `SUM`.
+fn exp_in_place<const SUM: bool>(x: &mut [f32], shift: f32) -> f64 {
     #[cfg(target_arch = "x86_64")]
     {
         if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
             // SAFETY: the CPU supports AVX2 and FMA, checked just above.
-            return unsafe { shifted_exp_avx2(x, shift) };
+            return unsafe { shifted_exp_avx2::<SUM>(x, shift) };
         }
     }
     x.iter_mut().for_each(|v| *v = (*v - shift).exp());
-    sum_f64(x, |v| v as f64)
+    if SUM {
+        sum_f64(x, |v| v as f64)
+    } else {
+        0.0
+    }
 }
 
 /// `Σ f(x)` accumulated in eight f64 lanes (vectorisable, and exact enough that the order of
@@ -158,11 +172,12 @@ fn sum_f64(x: &[f32], f: impl Fn(f32) -> f64) -> f64 {
     lanes.iter().sum::<f64>() + tail
 }
 
-/// AVX2 body of [`shifted_exp`]: Cephes' `expf` (range reduction by ln 2 in two parts, a
-/// degree-5 polynomial, the exponent built in the float's bits), summed in two f64×4 lanes.
+/// AVX2 body of [`exp_in_place`]: Cephes' `expf` (range reduction by ln 2 in two parts, a
+/// degree-5 polynomial, the exponent built in the float's bits), summed in two f64×4 lanes when
+/// `SUM`.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn shifted_exp_avx2(x: &mut [f32], shift: f32) -> f64 {
+unsafe fn shifted_exp_avx2<const SUM: bool>(x: &mut [f32], shift: f32) -> f64 {
     use std::arch::x86_64::*;
     let (head, tail) = x.split_at_mut(x.len() / 8 * 8);
     let shift_v = _mm256_set1_ps(shift);
@@ -192,13 +207,19 @@ unsafe fn shifted_exp_avx2(x: &mut [f32], shift: f32) -> f64 {
             _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23));
         let out = _mm256_andnot_ps(underflow, _mm256_mul_ps(y, pow2n));
         _mm256_storeu_ps(chunk.as_mut_ptr(), out);
-        acc_lo = _mm256_add_pd(acc_lo, _mm256_cvtps_pd(_mm256_castps256_ps128(out)));
-        acc_hi = _mm256_add_pd(acc_hi, _mm256_cvtps_pd(_mm256_extractf128_ps(out, 1)));
+        if SUM {
+            acc_lo = _mm256_add_pd(acc_lo, _mm256_cvtps_pd(_mm256_castps256_ps128(out)));
+            acc_hi = _mm256_add_pd(acc_hi, _mm256_cvtps_pd(_mm256_extractf128_ps(out, 1)));
+        }
     }
     let mut lanes = [0f64; 4];
     _mm256_storeu_pd(lanes.as_mut_ptr(), _mm256_add_pd(acc_lo, acc_hi));
     tail.iter_mut().for_each(|v| *v = (*v - shift).exp());
-    lanes.iter().sum::<f64>() + sum_f64(tail, |v| v as f64)
+    if SUM {
+        lanes.iter().sum::<f64>() + sum_f64(tail, |v| v as f64)
+    } else {
+        0.0
+    }
 }
 
 // ---------------------------------------------------------------------------------------
@@ -539,7 +560,7 @@ impl Attention {
                 shifted_exp(visible, lse[r]);
             } else {
                 let max = visible.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                let sum = shifted_exp(visible, max);
+                let sum = shifted_exp_sum(visible, max);
                 lse[r] = (max as f64 + sum.ln()) as f32;
                 let sum = sum as f32;
                 visible.iter_mut().for_each(|v| *v /= sum);
@@ -798,7 +819,7 @@ impl CustomOp2 for LmHeadLogps {
                     let target_logit = row[self.targets[r0 + r] as usize];
                     // The row's exponentials (its softmax once divided by the sum, kept for the
                     // backward when `keep`; otherwise the chunk is scratch).
-                    let sum = shifted_exp(row, max);
+                    let sum = shifted_exp_sum(row, max);
                     if self.keep {
                         let inv = (1.0 / sum) as f32;
                         row.iter_mut().for_each(|x| *x *= inv);
@@ -834,9 +855,7 @@ impl CustomOp2 for LmHeadLogps {
                     None => {
                         Self::logits(hid, w, hsize, r0, rows, &mut scratch);
                         let chunk = &mut scratch[..rows * vocab];
-                        chunk.par_chunks_mut(vocab).enumerate().for_each(|(r, row)| {
-                            shifted_exp(row, lse[r0 + r]);
-                        });
+                        chunk.par_chunks_mut(vocab).enumerate().for_each(|(r, row)| shifted_exp(row, lse[r0 + r]));
                         chunk
                     }
                 };
@@ -1033,6 +1052,12 @@ mod tests {
         let want: Vec<f32> = xs.iter().map(|&x| (x - 0.5).exp()).collect();
         let mut got = xs.clone();
         shifted_exp(&mut got, 0.5);
+        // The summing variant writes the same values and returns their f64 sum.
+        let mut summed = xs.clone();
+        let sum = shifted_exp_sum(&mut summed, 0.5);
+        assert_eq!(summed, got);
+        let want_sum: f64 = got.iter().map(|&v| v as f64).sum();
+        assert!((sum - want_sum).abs() <= 1e-12 * want_sum, "{sum} vs {want_sum}");
         for ((&x, &g), &w) in xs.iter().zip(&got).zip(&want) {
             let ulp = (w.to_bits() as i64 - g.to_bits() as i64).abs();
             assert!(
