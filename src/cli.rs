@@ -22,10 +22,10 @@ pub struct Cli {
 #[derive(Debug, Clone, Args)]
 pub struct GlobalArgs {
     /// Device to run on: cpu, cuda, cuda:N, metal or auto.
-    #[arg(long, global = true, default_value = "cpu", env = "CANDOR_DEVICE", value_parser = check_device, help_heading = "Global options")]
+    #[arg(long, global = true, default_value = "cpu", env = "CANDOR_DEVICE", value_parser = crate::load::check_device, help_heading = "Global options")]
     pub device: String,
     /// Floating-point type of the weights and activations: f32, bf16 or f16.
-    #[arg(long, global = true, default_value = "f32", env = "CANDOR_DTYPE", value_parser = check_dtype, help_heading = "Global options")]
+    #[arg(long, global = true, default_value = "f32", env = "CANDOR_DTYPE", value_parser = crate::load::check_dtype, help_heading = "Global options")]
     pub dtype: String,
     /// Kernels of the forward and backward pass: `fused` (one-pass CPU kernels with their own
     /// backward) or `plain` (compositions of candle ops).
@@ -34,28 +34,6 @@ pub struct GlobalArgs {
     /// Log more (repeat for more detail); `RUST_LOG` overrides.
     #[arg(short, long, global = true, action = clap::ArgAction::Count, help_heading = "Global options")]
     pub verbose: u8,
-}
-
-/// A device name as `--device` and `model.device` accept it (`cpu`, `cuda`, `cuda:N`, `metal`,
-/// `auto`), returned unchanged; otherwise an error listing the accepted names. Whether the
-/// device is there is found out when it is opened.
-pub fn check_device(spec: &str) -> Result<String, String> {
-    let ordinal = |n: &str| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()) && n.parse::<usize>().is_ok();
-    if matches!(spec, "cpu" | "cuda" | "metal" | "auto") || spec.strip_prefix("cuda:").is_some_and(ordinal) {
-        Ok(spec.to_string())
-    } else {
-        Err(format!("unknown device `{spec}`: expected cpu, cuda, cuda:N (N = 0, 1, ...), metal or auto"))
-    }
-}
-
-/// A floating-point type as `--dtype` and `model.dtype` accept it (`f32`, `bf16`, `f16`, or
-/// `float32`, `bfloat16`, `float16`), returned unchanged; otherwise an error listing them.
-pub fn check_dtype(spec: &str) -> Result<String, String> {
-    if matches!(spec, "f32" | "float32" | "bf16" | "bfloat16" | "f16" | "float16") {
-        Ok(spec.to_string())
-    } else {
-        Err(format!("unknown dtype `{spec}`: expected f32, bf16 or f16 (or float32, bfloat16, float16)"))
-    }
 }
 
 /// The subcommands.
@@ -282,7 +260,7 @@ pub struct TruncationArgs {
     #[arg(long)]
     pub max_prompt_length: Option<usize>,
     /// Which end of a sequence longer than `--max-length` is kept.
-    #[arg(long, value_enum, default_value = "keep-start")]
+    #[arg(long, default_value = "keep-start")]
     pub truncation_mode: TruncationMode,
 }
 

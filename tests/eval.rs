@@ -12,8 +12,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use candor::data::Text;
-use candor::eval::stats::Outcome;
 use candor::judge::openai::OpenAiJudge;
+use candor::judge::Outcome;
 use candor::judge::{Case, Judge, JudgeOptions, Preference};
 use common::*;
 use serde_json::{json, Map, Value};
@@ -157,8 +157,7 @@ fn asking_in_both_orders_cancels_a_judge_that_always_prefers_the_first_answer() 
 #[test]
 fn reward_model_judge_prefers_the_higher_fixture_reward() {
     // The fixture reward model scores chosen over rejected on pairs 1 and 3, not 2.
-    let global =
-        candor::cli::GlobalArgs { device: "cpu".into(), dtype: "f32".into(), kernels: Default::default(), verbose: 0 };
+    let global = candor::load::LoadOptions::default();
     let judge = candor::judge::from_spec(
         &format!("rm:{}", fixture("llama-tiny/reward").display()),
         &JudgeOptions::default(),
@@ -195,8 +194,7 @@ fn reward_model_judge_prefers_the_higher_fixture_reward() {
 
 #[test]
 fn local_llm_judge_reads_choice_log_probs_and_ties_identical_answers() {
-    let global =
-        candor::cli::GlobalArgs { device: "cpu".into(), dtype: "f32".into(), kernels: Default::default(), verbose: 0 };
+    let global = candor::load::LoadOptions::default();
     let judge = candor::judge::from_spec(
         &format!("llm:{}", fixture("llama-tiny/policy").display()),
         &JudgeOptions::default(),
@@ -463,8 +461,7 @@ fn openai_critic_reads_critiques_and_leaves_garbage_unparsed() {
     let critique =
         r#"{"textual_feedback": "The number is wrong.", "word_score_list": [["It", 0], ["is", 0], ["5", -1]]}"#;
     let (url, count) = serve(vec![Reply::Content(critique), Reply::Content("Looks fine to me.")]);
-    let global =
-        candor::cli::GlobalArgs { device: "cpu".into(), dtype: "f32".into(), kernels: Default::default(), verbose: 0 };
+    let global = candor::load::LoadOptions::default();
     let critic = candor::judge::critic::from_spec(&format!("openai:{url}"), Some("judge-model"), &global).unwrap();
     let (prompt, row) = (Text::Plain("2 + 3?".into()), Map::new());
     let got = critic.critique(&[(&prompt, &row, "It is 5"), (&prompt, &row, "It is 6")]).unwrap();

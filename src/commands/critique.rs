@@ -18,7 +18,7 @@ use crate::judge::llm::prompt_text;
 pub fn run(args: &CritiqueArgs, global: &GlobalArgs) -> Result<()> {
     let prompts = read_prompts(&args.prompts)?;
     let model = super::load_model(&args.model, global)?;
-    let critic = from_spec(&args.critic, args.judge_model.as_deref(), global)?;
+    let critic = from_spec(&args.critic, args.judge_model.as_deref(), &super::load_options(global)?)?;
     let tok = SequenceTokenizer {
         tokenizer: &model.tokenizer,
         chat_template: model.chat_template.as_ref(),
@@ -50,7 +50,7 @@ pub fn run(args: &CritiqueArgs, global: &GlobalArgs) -> Result<()> {
     }
     let asked: Vec<_> = answers.iter().map(|(p, a)| (&p.prompt, &p.row, a.as_str())).collect();
     let critiques = critic.critique(&asked)?;
-    let mut out = super::JsonLines::create(Some(&args.output))
+    let mut out = crate::data::JsonLines::create(Some(&args.output))
         .with_context(|| format!("cannot write `{}`", args.output.display()))?;
     let mut written = 0;
     for ((p, answer), critique) in answers.iter().zip(critiques) {

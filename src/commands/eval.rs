@@ -77,7 +77,7 @@ pub fn winrate(args: &WinrateArgs, global: &GlobalArgs, quiet: bool) -> Result<S
         bail!("`{}` holds no prompts", args.prompts.display());
     }
     // Build the judge first: a bad `--judge` fails before any generation.
-    let judge = crate::judge::from_spec(&args.judge.judge, &args.judge.options(), global)?;
+    let judge = crate::judge::from_spec(&args.judge.judge, &args.judge.options(), &super::load_options(global)?)?;
     let model_outputs = outputs_of(&args.model, args.outputs.as_deref(), &prompts, &args.generation, global, quiet)?;
     let baseline_outputs =
         outputs_of(&args.baseline, args.baseline_outputs.as_deref(), &prompts, &args.generation, global, quiet)?;
@@ -123,7 +123,7 @@ fn single(args: &EvalArgs, global: &GlobalArgs) -> Result<()> {
     if prompts.is_empty() {
         bail!("`{}` holds no prompts", prompts_path.display());
     }
-    let judge = crate::judge::from_spec(&judge_args.judge, &judge_args.options(), global)?;
+    let judge = crate::judge::from_spec(&judge_args.judge, &judge_args.options(), &super::load_options(global)?)?;
     let outputs = outputs_of(model, args.outputs.as_deref(), &prompts, &args.generation, global, false)?;
     // Every output with the prompt it answers, in order.
     let answered: Vec<(&EvalPrompt, &str)> =
@@ -147,7 +147,7 @@ fn single(args: &EvalArgs, global: &GlobalArgs) -> Result<()> {
     println!("{:<18} {metric} {mean:.3} ({} outputs, judge {})", "overall", scores.len(), judge.name());
     if let Some(dir) = &args.output {
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create `{}`", dir.display()))?;
-        let mut lines = super::JsonLines::create(Some(&dir.join("scores.jsonl")))?;
+        let mut lines = crate::data::JsonLines::create(Some(&dir.join("scores.jsonl")))?;
         for ((p, out), s) in answered.iter().zip(&scores) {
             lines.write(&json!({"line": p.line, "task": p.task(), "output": out, "score": s}))?;
         }

@@ -26,7 +26,7 @@ pub fn run(args: &GenerateArgs, global: &GlobalArgs) -> Result<()> {
     }
     let path = args.prompts.as_ref().expect("clap requires --prompt or --prompts");
     let data = read_jsonl(path, args.skip_bad_rows)?;
-    super::report_skipped(&data.skipped);
+    crate::data::report_skipped(&data.skipped);
     let mut prompts = Vec::with_capacity(data.rows.len());
     for row in &data.rows {
         let Example::Prompt { prompt } = &row.example else {
@@ -39,7 +39,7 @@ pub fn run(args: &GenerateArgs, global: &GlobalArgs) -> Result<()> {
         };
         prompts.push(prompt_ids(&loaded, prompt, args)?);
     }
-    let mut out = super::JsonLines::create(args.output.as_deref())?;
+    let mut out = crate::data::JsonLines::create(args.output.as_deref())?;
     for (chunk_rows, chunk_prompts) in
         data.rows.chunks(args.batch_size.max(1)).zip(prompts.chunks(args.batch_size.max(1)))
     {
@@ -112,7 +112,7 @@ fn stream_one(
         writeln!(stdout)?;
         return Ok(());
     }
-    let mut out = super::JsonLines::create(output)?;
+    let mut out = crate::data::JsonLines::create(output)?;
     out.write(&json!({
         "prompt": prompt,
         "completion": text,

@@ -13,7 +13,7 @@ pub fn run(args: &LogprobsArgs, global: &GlobalArgs) -> Result<()> {
     let scores =
         score_sequences(&rows.loaded.model, &rows.seqs, rows.loaded.tokenizer.pad_id(), args.rows.batch_size, &device)?;
     let mut scores = scores.into_iter();
-    let mut out = super::JsonLines::create(args.rows.output.as_deref())?;
+    let mut out = crate::data::JsonLines::create(args.rows.output.as_deref())?;
     for (row, row_names) in rows.data.rows.iter().zip(&rows.names) {
         let mut obj = Map::new();
         obj.insert("line".into(), json!(row.line));

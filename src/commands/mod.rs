@@ -13,14 +13,12 @@ pub mod score;
 pub mod student;
 pub mod train;
 
-use std::io::Write;
-use std::path::Path;
-
 use anyhow::{Context, Result};
 use candle::{DType, Device};
 
 use crate::cli::{Cli, Command, GlobalArgs};
-use crate::load::{self, LoadedModel};
+use crate::data::report_skipped;
+use crate::load::{self, LoadOptions, LoadedModel};
 
 /// Run the parsed command line.
 pub fn run(cli: Cli) -> Result<()> {
@@ -45,51 +43,14 @@ pub fn device_and_dtype(global: &GlobalArgs) -> Result<(Device, DType)> {
     Ok((load::parse_device(&global.device)?, load::parse_dtype(&global.dtype)?))
 }
 
+/// The global flags' device, dtype and kernels, for everything a command loads.
+pub fn load_options(global: &GlobalArgs) -> Result<LoadOptions> {
+    LoadOptions::parse(&global.device, &global.dtype, global.kernels)
+}
+
 /// Load `--model` with the global device and dtype.
 pub fn load_model(spec: &str, global: &GlobalArgs) -> Result<LoadedModel> {
-    let (device, dtype) = device_and_dtype(global)?;
-    let mut loaded =
-        load::load_model(spec, dtype, &device).with_context(|| format!("failed to load model `{spec}`"))?;
-    loaded.model.set_kernels(global.kernels);
-    Ok(loaded)
-}
-
-/// Where JSON lines go: a file (written whole, then renamed into place) or stdout.
-pub struct JsonLines {
-    out: Box<dyn Write>,
-    finish: Option<(std::path::PathBuf, std::path::PathBuf)>,
-}
-
-impl JsonLines {
-    /// Open `path`, or stdout when `None`.
-    pub fn create(path: Option<&Path>) -> Result<Self> {
-        Ok(match path {
-            Some(p) => {
-                let partial = p.with_extension("jsonl.partial");
-                let f = std::fs::File::create(&partial)
-                    .with_context(|| format!("cannot create `{}`", partial.display()))?;
-                Self { out: Box::new(std::io::BufWriter::new(f)), finish: Some((partial, p.to_path_buf())) }
-            }
-            None => Self { out: Box::new(std::io::stdout().lock()), finish: None },
-        })
-    }
-
-    /// Write one JSON value as a line.
-    pub fn write(&mut self, value: &serde_json::Value) -> Result<()> {
-        serde_json::to_writer(&mut self.out, value)?;
-        self.out.write_all(b"\n")?;
-        Ok(())
-    }
-
-    /// Flush, and move a file output into place.
-    pub fn finish(mut self) -> Result<()> {
-        self.out.flush()?;
-        drop(self.out);
-        if let Some((partial, dest)) = self.finish.take() {
-            std::fs::rename(&partial, &dest).with_context(|| format!("cannot write `{}`", dest.display()))?;
-        }
-        Ok(())
-    }
+    load_options(global)?.load(spec)
 }
 
 /// A dataset tokenized for row-by-row scoring, with the model that scores it.
@@ -129,18 +90,4 @@ pub fn scored_rows(rows: &crate::cli::RowsArgs, model: &str, global: &GlobalArgs
         seqs.extend(per_row.into_iter().map(|(_, s)| s));
     }
     Ok(ScoredRows { data, loaded, names, seqs })
-}
-
-/// Report skipped rows on stderr.
-pub fn report_skipped(skipped: &[crate::data::DataError]) {
-    if skipped.is_empty() {
-        return;
-    }
-    eprintln!("candor: skipped {} bad row(s):", skipped.len());
-    for e in skipped.iter().take(10) {
-        eprintln!("  {e}");
-    }
-    if skipped.len() > 10 {
-        eprintln!("  ... and {} more", skipped.len() - 10);
-    }
 }

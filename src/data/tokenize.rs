@@ -21,7 +21,7 @@ use crate::load::{ChatTemplate, Message, TextTokenizer};
 pub const MAX_WHOLE_TEXT_BYTES: usize = 4 << 20;
 
 /// Which end of a too-long sequence to keep.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum TruncationMode {
     /// Drop tokens from the end (TRL's `keep_start`).
@@ -29,6 +29,15 @@ pub enum TruncationMode {
     KeepStart,
     /// Drop tokens from the beginning (TRL's `keep_end`).
     KeepEnd,
+}
+
+impl std::str::FromStr for TruncationMode {
+    type Err = String;
+    /// The names TOML recipes use (`keep-start`, `keep-end`).
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        use serde::de::IntoDeserializer;
+        Self::deserialize(s.into_deserializer()).map_err(|e: serde::de::value::Error| e.to_string())
+    }
 }
 
 /// Length limits applied after tokenization.

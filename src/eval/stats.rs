@@ -5,28 +5,7 @@
 use rand::{Rng, SeedableRng};
 use serde::Serialize;
 
-/// The judge's preference of one comparison, model against baseline.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Outcome {
-    /// The model's output is preferred.
-    Win,
-    /// Neither is preferred.
-    Tie,
-    /// The baseline's output is preferred.
-    Loss,
-}
-
-impl Outcome {
-    /// 1 for a win, ½ for a tie, 0 for a loss.
-    pub fn score(self) -> f64 {
-        match self {
-            Outcome::Win => 1.0,
-            Outcome::Tie => 0.5,
-            Outcome::Loss => 0.0,
-        }
-    }
-}
+use crate::judge::Outcome;
 
 /// The summary of a set of comparisons.
 #[derive(Debug, Clone, PartialEq, Serialize)]

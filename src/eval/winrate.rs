@@ -10,9 +10,10 @@ use anyhow::{bail, Context, Result};
 use serde::Serialize;
 use serde_json::{json, Map, Value};
 
-use super::stats::{length_controlled_win_rate, win_rate, Outcome, WinRate};
+use super::stats::{length_controlled_win_rate, win_rate, WinRate};
 use crate::data::{read_jsonl, Example, SequenceTokenizer, Text, Truncation};
 use crate::generate::{completion_text, generate, SamplingConfig};
+use crate::judge::Outcome;
 use crate::judge::{Case, Judge, Judgment};
 use crate::load::LoadedModel;
 
@@ -182,7 +183,7 @@ pub fn judge_and_summarise(
         progress.inc(chunk.len() as u64);
     }
     std::fs::create_dir_all(out_dir).with_context(|| format!("cannot create `{}`", out_dir.display()))?;
-    let mut annotations = crate::commands::JsonLines::create(Some(&out_dir.join("annotations.jsonl")))?;
+    let mut annotations = crate::data::JsonLines::create(Some(&out_dir.join("annotations.jsonl")))?;
     let mut readable: Vec<(Outcome, f64, String)> = Vec::new();
     for ((case, (i, s)), j) in cases.iter().zip(&owners).zip(&judgments) {
         let p = &prompts[*i];

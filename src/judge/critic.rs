@@ -147,7 +147,7 @@ pub trait Critic: Send + Sync {
 }
 
 /// Build the critic a `critic` value names.
-pub fn from_spec(spec: &str, judge_model: Option<&str>, global: &crate::cli::GlobalArgs) -> Result<Box<dyn Critic>> {
+pub fn from_spec(spec: &str, judge_model: Option<&str>, load: &crate::load::LoadOptions) -> Result<Box<dyn Critic>> {
     if spec == "rule" {
         return Ok(Box::new(RuleCritic { verifier: Verifier::new("auto")? }));
     }
@@ -155,7 +155,7 @@ pub fn from_spec(spec: &str, judge_model: Option<&str>, global: &crate::cli::Glo
         bail!("critic `{spec}`: expected `rule`, `llm:MODEL` or `openai:BASE_URL`");
     };
     Ok(match kind {
-        "llm" => Box::new(LocalCritic { spec: spec.to_string(), model: crate::commands::load_model(arg, global)? }),
+        "llm" => Box::new(LocalCritic { spec: spec.to_string(), model: load.load(arg)? }),
         "openai" => {
             let opts = super::JudgeOptions {
                 judge_model: judge_model.map(str::to_string),

@@ -67,8 +67,8 @@ pub struct LocalLlmJudge {
 
 impl LocalLlmJudge {
     /// Load the judge model `spec` and the template.
-    pub fn load(spec: &str, template: Option<&Path>, global: &crate::cli::GlobalArgs) -> Result<Self> {
-        let model = crate::commands::load_model(spec, global)?;
+    pub fn load(spec: &str, template: Option<&Path>, load: &crate::load::LoadOptions) -> Result<Self> {
+        let model = load.load(spec)?;
         let first_token = |s: &str| -> Result<u32> {
             model
                 .tokenizer

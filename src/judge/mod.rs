@@ -17,7 +17,29 @@ use serde::Serialize;
 use serde_json::{Map, Value};
 
 use crate::data::Text;
-use crate::eval::stats::Outcome;
+
+/// The judge's preference of one comparison, model against baseline.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    /// The model's output is preferred.
+    Win,
+    /// Neither is preferred.
+    Tie,
+    /// The baseline's output is preferred.
+    Loss,
+}
+
+impl Outcome {
+    /// 1 for a win, ½ for a tie, 0 for a loss.
+    pub fn score(self) -> f64 {
+        match self {
+            Outcome::Win => 1.0,
+            Outcome::Tie => 0.5,
+            Outcome::Loss => 0.0,
+        }
+    }
+}
 
 /// One comparison: a prompt (with its row, for verifiers) and the two outputs.
 #[derive(Debug, Clone, Copy)]
@@ -168,7 +190,7 @@ pub struct JudgeOptions {
 }
 
 /// Build the judge a `--judge` value names.
-pub fn from_spec(spec: &str, opts: &JudgeOptions, global: &crate::cli::GlobalArgs) -> Result<Box<dyn Judge>> {
+pub fn from_spec(spec: &str, opts: &JudgeOptions, load: &crate::load::LoadOptions) -> Result<Box<dyn Judge>> {
     // Errors show the spec with any URL credentials hidden.
     let shown = redact_url_credentials(spec);
     let Some((kind, arg)) = spec.split_once(':') else {
@@ -176,8 +198,8 @@ pub fn from_spec(spec: &str, opts: &JudgeOptions, global: &crate::cli::GlobalArg
     };
     Ok(match kind {
         "verifier" => Box::new(verifier::VerifierJudge::new(arg)?),
-        "rm" => Box::new(reward_model::RewardModelJudge::load(arg, opts.tie_margin, global)?),
-        "llm" => Box::new(llm::LocalLlmJudge::load(arg, opts.template.as_deref(), global)?),
+        "rm" => Box::new(reward_model::RewardModelJudge::load(arg, opts.tie_margin, load)?),
+        "llm" => Box::new(llm::LocalLlmJudge::load(arg, opts.template.as_deref(), load)?),
         "openai" => Box::new(openai::OpenAiJudge::new(arg, opts)?),
         other => bail!("`--judge {shown}`: unknown judge kind `{other}` (known: rm, verifier, llm, openai)"),
     })

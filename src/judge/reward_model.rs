@@ -19,8 +19,8 @@ pub struct RewardModelJudge {
 
 impl RewardModelJudge {
     /// Load the reward model `spec`.
-    pub fn load(spec: &str, tie_margin: f64, global: &crate::cli::GlobalArgs) -> Result<Self> {
-        let model = crate::commands::load_model(spec, global)?;
+    pub fn load(spec: &str, tie_margin: f64, load: &crate::load::LoadOptions) -> Result<Self> {
+        let model = load.load(spec)?;
         if model.model.config().num_labels != Some(1) {
             bail!("`rm:{spec}`: not a reward model (a one-label `*ForSequenceClassification` model; train one with `candor train --objective reward`)");
         }

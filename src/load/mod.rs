@@ -83,6 +83,62 @@ impl std::fmt::Debug for LoadedModel {
     }
 }
 
+/// Where and how models are loaded: the device, the weights' floating-point type and the
+/// kernels of the forward and backward pass. Built once from the global flags (or a recipe's
+/// `[model]`) and handed to everything that loads a model, judges included.
+#[derive(Debug, Clone)]
+pub struct LoadOptions {
+    /// The device the weights go to.
+    pub device: Device,
+    /// The weights' floating-point type.
+    pub dtype: DType,
+    /// Fused or plain kernels.
+    pub kernels: crate::model::Kernels,
+}
+
+impl LoadOptions {
+    /// Options from the names `--device` and `--dtype` accept.
+    pub fn parse(device: &str, dtype: &str, kernels: crate::model::Kernels) -> Result<Self> {
+        Ok(Self { device: parse_device(device)?, dtype: parse_dtype(dtype)?, kernels })
+    }
+
+    /// Load `spec` (see [`load_model`]) with these options; the error names the model.
+    pub fn load(&self, spec: &str) -> Result<LoadedModel> {
+        let mut loaded =
+            load_model(spec, self.dtype, &self.device).with_context(|| format!("failed to load model `{spec}`"))?;
+        loaded.model.set_kernels(self.kernels);
+        Ok(loaded)
+    }
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        Self { device: Device::Cpu, dtype: DType::F32, kernels: Default::default() }
+    }
+}
+
+/// A device name as `--device` and `model.device` accept it (`cpu`, `cuda`, `cuda:N`, `metal`,
+/// `auto`), returned unchanged; otherwise an error listing the accepted names. Whether the
+/// device is there is found out when it is opened.
+pub fn check_device(spec: &str) -> Result<String, String> {
+    let ordinal = |n: &str| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()) && n.parse::<usize>().is_ok();
+    if matches!(spec, "cpu" | "cuda" | "metal" | "auto") || spec.strip_prefix("cuda:").is_some_and(ordinal) {
+        Ok(spec.to_string())
+    } else {
+        Err(format!("unknown device `{spec}`: expected cpu, cuda, cuda:N (N = 0, 1, ...), metal or auto"))
+    }
+}
+
+/// A floating-point type as `--dtype` and `model.dtype` accept it (`f32`, `bf16`, `f16`, or
+/// `float32`, `bfloat16`, `float16`), returned unchanged; otherwise an error listing them.
+pub fn check_dtype(spec: &str) -> Result<String, String> {
+    if matches!(spec, "f32" | "float32" | "bf16" | "bfloat16" | "f16" | "float16") {
+        Ok(spec.to_string())
+    } else {
+        Err(format!("unknown dtype `{spec}`: expected f32, bf16 or f16 (or float32, bfloat16, float16)"))
+    }
+}
+
 /// Load `--model` onto `device` in `dtype`.
 pub fn load_model(spec: &str, dtype: DType, device: &Device) -> Result<LoadedModel> {
     match ModelSource::parse(spec)? {

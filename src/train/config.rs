@@ -221,6 +221,14 @@ impl Default for ModelSection {
     }
 }
 
+impl ModelSection {
+    /// The run's device, dtype and kernels, for the models a run loads beside the policy
+    /// (judges, critics, teachers): they run in the run's precision.
+    pub fn load_options(&self) -> Result<crate::load::LoadOptions> {
+        crate::load::LoadOptions::parse(&self.device, &self.dtype, self.kernels)
+    }
+}
+
 /// `[data]`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -469,8 +477,8 @@ impl TrainConfig {
         if let Some(lora) = &self.lora {
             lora.validate()?;
         }
-        crate::cli::check_device(&self.model.device).map_err(|m| setting("model.device", m))?;
-        crate::cli::check_dtype(&self.model.dtype).map_err(|m| setting("model.dtype", m))?;
+        crate::load::check_device(&self.model.device).map_err(|m| setting("model.device", m))?;
+        crate::load::check_dtype(&self.model.dtype).map_err(|m| setting("model.dtype", m))?;
         let r = &self.run;
         if r.output.as_os_str().is_empty() || r.output.to_str().is_some_and(|s| s.trim().is_empty()) {
             return Err(setting(

@@ -142,7 +142,7 @@ pub fn load_items(
     reward_judge: Option<&dyn crate::judge::Judge>,
 ) -> Result<Vec<Item>> {
     let data = read_jsonl(path, cfg.data.skip_bad_rows)?;
-    crate::commands::report_skipped(&data.skipped);
+    crate::data::report_skipped(&data.skipped);
     let tok = SequenceTokenizer {
         tokenizer: &model.tokenizer,
         chat_template: model.chat_template.as_ref(),

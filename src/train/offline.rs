@@ -110,15 +110,7 @@ pub fn train(cfg: &TrainConfig, opts: &RunOptions) -> Result<RunSummary> {
         cfg.data.train.as_ref().with_context(|| format!("objective `{}` needs `data.train`", objective.name()))?;
     // CoPG rows without rewards are scored once, up front, by the configured judge.
     let reward_judge = match objective.reward_judge() {
-        Some(spec) => {
-            let global = crate::cli::GlobalArgs {
-                device: cfg.model.device.clone(),
-                dtype: "f32".into(),
-                kernels: cfg.model.kernels,
-                verbose: 0,
-            };
-            Some(crate::judge::from_spec(spec, &Default::default(), &global)?)
-        }
+        Some(spec) => Some(crate::judge::from_spec(spec, &Default::default(), &cfg.model.load_options()?)?),
         None => None,
     };
     let mut items = load_items(train_path, cfg, &trainer.policy, reward_judge.as_deref())?;

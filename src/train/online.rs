@@ -29,10 +29,10 @@ use super::offline::{micro_batches, BatchOrders};
 use super::trainer::Trainer;
 use super::{RunOptions, RunSummary};
 use crate::data::{collate, Batch, TokenizedSequence};
-use crate::eval::stats::Outcome;
 use crate::eval::winrate::{read_outputs, read_prompts, EvalPrompt};
 use crate::generate::{completion_text, sample_groups, SamplingConfig};
 use crate::judge::critic::{decoded_tokens, token_scores, Critic};
+use crate::judge::Outcome;
 use crate::judge::{compare_scores, Case, Judge};
 use crate::load::LoadedModel;
 use crate::scoring::{completion_token_kl, completion_token_logps, completion_token_logps_and_hidden};
@@ -138,23 +138,18 @@ pub fn train(cfg: &TrainConfig, opts: &RunOptions) -> Result<RunSummary> {
         bail!("`{}` holds no prompts", online.prompts.display());
     }
     let prompt_ids = tokenize_prompts(&trainer.policy, &prompts, cfg.data.max_prompt_length)?;
-    let global = crate::cli::GlobalArgs {
-        device: cfg.model.device.clone(),
-        dtype: "f32".into(),
-        kernels: cfg.model.kernels,
-        verbose: 0,
-    };
+    let load = cfg.model.load_options()?;
     let judge_opts = crate::judge::JudgeOptions {
         judge_model: online.judge_model.clone(),
         cache_dir: Some(run_dir.join("judge-cache")),
         concurrency: 4,
         ..Default::default()
     };
-    let judge = crate::judge::from_spec(&online.judge, &judge_opts, &global)?;
-    let teacher = Teacher::load(online, prompts.len(), &global)?;
+    let judge = crate::judge::from_spec(&online.judge, &judge_opts, &load)?;
+    let teacher = Teacher::load(online, prompts.len(), &load)?;
     let critic = match &cfg.objective {
         Objective::Text2grad(t) => {
-            Some(crate::judge::critic::from_spec(&t.critic, online.judge_model.as_deref(), &global)?)
+            Some(crate::judge::critic::from_spec(&t.critic, online.judge_model.as_deref(), &load)?)
         }
         _ => None,
     };
@@ -258,16 +253,13 @@ struct Teacher {
 }
 
 impl Teacher {
-    fn load(online: &OnlineSection, prompts: usize, global: &crate::cli::GlobalArgs) -> Result<Self> {
+    fn load(online: &OnlineSection, prompts: usize, load: &crate::load::LoadOptions) -> Result<Self> {
         let outputs = match &online.teacher_outputs {
             Some(path) => Some(read_outputs(path, prompts, 1)?.into_iter().map(|mut o| o.remove(0)).collect()),
             None => None,
         };
         let model = match &online.teacher_model {
-            Some(spec) => Some(
-                crate::load::load_model(spec, candle::DType::F32, &crate::load::parse_device(&global.device)?)
-                    .with_context(|| format!("failed to load teacher `{spec}`"))?,
-            ),
+            Some(spec) => Some(load.load(spec).with_context(|| format!("failed to load teacher `{spec}`"))?),
             None => None,
         };
         Ok(Self { outputs, model })
