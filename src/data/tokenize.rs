@@ -66,6 +66,14 @@ pub struct TokenizedSequence {
 }
 
 impl TokenizedSequence {
+    /// Prompt ids followed by an answer's (sampled or generated) ids, the answer being the
+    /// completion.
+    pub fn prompt_and_answer(prompt: &[u32], answer: &[u32]) -> Self {
+        let mut mask = vec![0u8; prompt.len()];
+        mask.resize(prompt.len() + answer.len(), 1);
+        Self::new([prompt, answer].concat(), mask)
+    }
+
     /// A sequence with its completion mask and nothing hidden.
     pub fn new(ids: Vec<u32>, completion_mask: Vec<u8>) -> Self {
         Self { ids, completion_mask, hidden_from_later: Vec::new() }
@@ -337,4 +345,26 @@ fn safe_cut_at_or_after(text: &str, from: usize) -> Option<usize> {
 fn safe_cut_at_or_before(text: &str, to: usize) -> Option<usize> {
     let end = (to + 1..=text.len()).find(|&i| text.is_char_boundary(i)).unwrap_or(text.len());
     text[..end].rmatch_indices(' ').map(|(i, _)| i).find(|&i| safe_cut(text, i))
+}
+
+/// Each prompt's ids as `model` is asked it (its chat template applied to message lists), keeping
+/// the last `max_prompt_length` tokens: the ids online rounds and distillation sample from.
+pub fn tokenize_prompts<'a>(
+    model: &crate::load::LoadedModel,
+    prompts: impl IntoIterator<Item = &'a Text>,
+    max_prompt_length: Option<usize>,
+) -> Result<Vec<Vec<u32>>> {
+    let tok = SequenceTokenizer {
+        tokenizer: &model.tokenizer,
+        chat_template: model.chat_template.as_ref(),
+        truncation: Default::default(),
+    };
+    prompts
+        .into_iter()
+        .map(|prompt| {
+            let ids = tok.prompt_ids(prompt)?;
+            let keep = max_prompt_length.unwrap_or(ids.len()).min(ids.len());
+            Ok(ids[ids.len() - keep..].to_vec())
+        })
+        .collect()
 }

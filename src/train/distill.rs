@@ -16,13 +16,11 @@ use anyhow::{bail, Context, Result};
 use candle::Tensor;
 use serde_json::{Map, Value};
 
+use super::batching::{micro_batches, planned_steps, BatchOrders};
 use super::config::{DistillSection, DistillSource, TrainConfig};
 use super::items::{load_items, DistillItem, Item};
-use super::offline::{micro_batches, planned_steps, train_on, BatchOrders};
-use super::online::{answer_sequence, tokenize_prompts};
-use super::trainer::Trainer;
-use super::{RunOptions, RunSummary};
-use crate::data::{collate, TokenizedSequence};
+use super::trainer::{RunOptions, RunSummary, Trainer};
+use crate::data::{collate, tokenize_prompts, TokenizedSequence};
 use crate::eval::winrate::read_prompts;
 use crate::generate::{sample_groups, SamplingConfig};
 use crate::model::CausalLm;
@@ -42,9 +40,9 @@ pub fn train(cfg: &TrainConfig, opts: &RunOptions) -> Result<RunSummary> {
         }
         DistillSource::Student => {
             let prompts = read_prompts(train_path)?;
-            tokenize_prompts(&trainer.policy, &prompts, cfg.data.max_prompt_length)?
+            tokenize_prompts(&trainer.policy, prompts.iter().map(|p| &p.prompt), cfg.data.max_prompt_length)?
                 .into_iter()
-                .map(|ids| distill_item(answer_sequence(&ids, &[])))
+                .map(|ids| distill_item(TokenizedSequence::prompt_and_answer(&ids, &[])))
                 .collect()
         }
     };
@@ -75,7 +73,7 @@ pub fn train(cfg: &TrainConfig, opts: &RunOptions) -> Result<RunSummary> {
     if distill.source == DistillSource::Student {
         train_on_policy(&mut trainer, &distill, &items, eval_items.as_deref())?;
     } else {
-        train_on(&mut trainer, &items, eval_items.as_deref())?;
+        trainer.train_on(&items, eval_items.as_deref())?;
     }
     trainer.finish()
 }
@@ -90,7 +88,7 @@ fn answer_items(prompts: &[Vec<u32>], answers: &[Vec<u32>]) -> Vec<Item> {
         .iter()
         .zip(answers)
         .filter(|(_, a)| !a.is_empty())
-        .map(|(p, a)| distill_item(answer_sequence(p, a)))
+        .map(|(p, a)| distill_item(TokenizedSequence::prompt_and_answer(p, a)))
         .collect()
 }
 
@@ -124,7 +122,7 @@ fn sampling(distill: &DistillSection, seed: u64) -> SamplingConfig {
 fn teacher_answers(trainer: &Trainer, distill: &DistillSection, path: &Path, cache: &Path) -> Result<Vec<Item>> {
     let cfg = trainer.cfg;
     let prompts = read_prompts(path)?;
-    let ids = tokenize_prompts(&trainer.policy, &prompts, cfg.data.max_prompt_length)?;
+    let ids = tokenize_prompts(&trainer.policy, prompts.iter().map(|p| &p.prompt), cfg.data.max_prompt_length)?;
     let cached: Option<Vec<Vec<u32>>> = std::fs::read_to_string(cache).ok().and_then(|text| {
         let rows: Vec<Value> = text.lines().map(serde_json::from_str).collect::<Result<_, _>>().ok()?;
         let answers: Option<Vec<Vec<u32>>> =
@@ -278,7 +276,8 @@ fn scrg(
     pad: u32,
     stop: &[u32],
 ) -> Result<Vec<Vec<u32>>> {
-    let seqs: Vec<TokenizedSequence> = prompts.iter().zip(&answers).map(|(p, a)| answer_sequence(p, a)).collect();
+    let seqs: Vec<TokenizedSequence> =
+        prompts.iter().zip(&answers).map(|(p, a)| TokenizedSequence::prompt_and_answer(p, a)).collect();
     let batch = collate(&seqs.iter().collect::<Vec<_>>(), pad, student.device())?;
     let s = completion_states(student, &batch)?;
     let t = completion_states(teacher, &batch)?;

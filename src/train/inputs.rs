@@ -165,11 +165,6 @@ fn ppo_items<'a>(items: &[&'a Item]) -> Vec<&'a PpoItem> {
     of_kind(items, |i| if let Item::Ppo(x) = i { Some(x) } else { None })
 }
 
-/// The value head `(weight [1, H], bias [1])` applied to hidden states `[N, H]`: `[N]`.
-pub fn values_of(hidden: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Tensor> {
-    Ok(hidden.matmul(&weight.t()?)?.squeeze(1)?.broadcast_add(bias)?)
-}
-
 /// PPO's per-token inputs of a micro-batch: log-probs and values with gradient (one forward),
 /// and the rollout's records.
 fn ppo_tokens(models: StepModels, items: &[&Item]) -> Result<PpoTokens> {
@@ -178,13 +173,13 @@ fn ppo_tokens(models: StepModels, items: &[&Item]) -> Result<PpoTokens> {
     let ps = ppo_items(items);
     let batch = collate(&ps.iter().map(|p| &p.sequence).collect::<Vec<_>>(), models.pad, device)?;
     let (logps, hidden) = completion_token_logps_and_hidden(policy, &batch)?;
-    let [w, b] = super::trainer::VALUE_HEAD.map(|n| models.head(n));
+    let [w, b] = super::heads::VALUE_HEAD.map(|n| models.head(n));
     let (Some(w), Some(b)) = (w, b) else { anyhow::bail!("PPO needs the value head") };
     let flat = |f: &dyn Fn(&PpoItem) -> &Vec<f32>| -> Result<Tensor> {
         Ok(Tensor::new(ps.iter().flat_map(|p| f(p).iter().copied()).collect::<Vec<f32>>(), device)?)
     };
     Ok(PpoTokens {
-        values: values_of(&hidden, w, b)?,
+        values: super::heads::values_of(&hidden, w, b)?,
         policy: logps,
         old_logps: flat(&|p| &p.old_logps)?,
         old_values: flat(&|p| &p.old_values)?,
@@ -343,7 +338,7 @@ pub fn objective_input(models: StepModels, need: DataNeed, items: &[&Item]) -> R
         chosen_tokens: f32s(ps.iter().map(|p| p.chosen.completion_tokens() as f32).collect())?,
         rejected_tokens: f32s(ps.iter().map(|p| p.rejected.completion_tokens() as f32).collect())?,
         rewards,
-        degrees: models.head(super::trainer::DEGREE_HEADS).map(|w| degree_batch(policy, &ps, w, pad)).transpose()?,
+        degrees: models.head(super::heads::DEGREE_HEADS).map(|w| degree_batch(policy, &ps, w, pad)).transpose()?,
         previous: both(&|p| p.previous)?.map(|(chosen, rejected)| PreviousIterate { chosen, rejected }),
     }))
 }

@@ -22,13 +22,13 @@ use candor_alignment::{DataNeed, Objective};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
+use super::batching::{micro_batches, steps_for_epochs, BatchOrders};
 use super::config::{OnlineSection, TrainConfig};
-use super::inputs::{summed_pair_logps, values_of};
+use super::heads::values_of;
+use super::inputs::summed_pair_logps;
 use super::items::{Item, PairItem, PpoItem, RolloutItem};
-use super::offline::{micro_batches, BatchOrders};
-use super::trainer::Trainer;
-use super::{RunOptions, RunSummary};
-use crate::data::{collate, Batch, TokenizedSequence};
+use super::trainer::{RunOptions, RunSummary, Trainer};
+use crate::data::{collate, tokenize_prompts, Batch, TokenizedSequence};
 use crate::eval::winrate::{read_outputs, read_prompts, EvalPrompt};
 use crate::generate::{completion_text, sample_groups, SamplingConfig};
 use crate::judge::critic::{decoded_tokens, token_scores, Critic};
@@ -137,7 +137,7 @@ pub fn train(cfg: &TrainConfig, opts: &RunOptions) -> Result<RunSummary> {
     if prompts.is_empty() {
         bail!("`{}` holds no prompts", online.prompts.display());
     }
-    let prompt_ids = tokenize_prompts(&trainer.policy, &prompts, cfg.data.max_prompt_length)?;
+    let prompt_ids = tokenize_prompts(&trainer.policy, prompts.iter().map(|p| &p.prompt), cfg.data.max_prompt_length)?;
     let load = cfg.model.load_options()?;
     let judge_opts = crate::judge::JudgeOptions {
         judge_model: online.judge_model.clone(),
@@ -164,7 +164,7 @@ pub fn train(cfg: &TrainConfig, opts: &RunOptions) -> Result<RunSummary> {
     };
     // The schedule's horizon: the most steps the rounds can take (pairs and questions that
     // carry no signal are dropped, so a round may take fewer).
-    trainer.set_total(online.rounds * steps_for(most_items, cfg) as u64);
+    trainer.set_total(online.rounds * steps_for_epochs(most_items, &cfg.run, online.epochs_per_round as u64));
 
     let mut previous: Option<RoundData> = None;
     let mut summaries: Vec<Value> = Vec::new();
@@ -196,33 +196,6 @@ pub fn train(cfg: &TrainConfig, opts: &RunOptions) -> Result<RunSummary> {
         previous = Some(data);
     }
     trainer.finish()
-}
-
-/// The chat-formatted prompt ids, keeping the last `max_prompt_length` tokens.
-pub(super) fn tokenize_prompts(
-    model: &LoadedModel,
-    prompts: &[EvalPrompt],
-    max_prompt_length: Option<usize>,
-) -> Result<Vec<Vec<u32>>> {
-    let tok = crate::data::SequenceTokenizer {
-        tokenizer: &model.tokenizer,
-        chat_template: model.chat_template.as_ref(),
-        truncation: Default::default(),
-    };
-    prompts
-        .iter()
-        .map(|p| {
-            let ids = tok.prompt_ids(&p.prompt)?;
-            let keep = max_prompt_length.unwrap_or(ids.len()).min(ids.len());
-            Ok(ids[ids.len() - keep..].to_vec())
-        })
-        .collect()
-}
-
-/// Optimizer steps of `epochs_per_round` passes over `items` items.
-fn steps_for(items: usize, cfg: &TrainConfig) -> usize {
-    let micro = items.div_ceil(cfg.run.batch_size);
-    micro.div_ceil(cfg.run.grad_accum) * cfg.online.as_ref().map_or(1, |o| o.epochs_per_round)
 }
 
 /// Where round `round`'s data lives.
@@ -286,7 +259,7 @@ impl Teacher {
             }
         }
         if let Some(teacher) = &self.model {
-            let ids = tokenize_prompts(teacher, &chosen.iter().map(|&p| prompts[p].clone()).collect::<Vec<_>>(), None)?;
+            let ids = tokenize_prompts(teacher, chosen.iter().map(|&p| &prompts[p].prompt), None)?;
             let cfg = SamplingConfig { max_new_tokens, ..Default::default() };
             let gens = crate::generate::generate(
                 &teacher.model,
@@ -378,7 +351,7 @@ fn build_round(
     let pointwise = score_pools(judge, &chosen.iter().map(|&p| &prompts[p]).collect::<Vec<_>>(), &mut pools)?;
 
     say(format!("round {}: scoring the samples under the previous iterate", round + 1));
-    let sequence = |i: usize, s: &Sample| answer_sequence(&ids[i], &s.tokens);
+    let sequence = |i: usize, s: &Sample| TokenizedSequence::prompt_and_answer(&ids[i], &s.tokens);
     let (mut pairs, mut rollouts, mut ppo) = (Vec::new(), Vec::new(), Vec::new());
     let (mut ppo_kl_coef, mut next_kl_coef) = (None, None);
     match &cfg.objective {
@@ -454,7 +427,7 @@ fn build_round(
             let seqs: Vec<TokenizedSequence> = cases.iter().map(|&(i, j)| sequence(i, &pools[i][j])).collect();
             let reference = trainer.reference.as_ref().context("text2grad needs the reference model")?;
             let models = trainer.models();
-            let [w, b] = super::trainer::VALUE_HEAD.map(|n| models.head(n).map(Tensor::detach));
+            let [w, b] = super::heads::VALUE_HEAD.map(|n| models.head(n).map(Tensor::detach));
             let (w, b) = (w.context("value head")?, b.context("value head")?);
             let records = per_token(&seqs, cfg.run.batch_size, trainer.pad, frozen.device(), |batch| {
                 let (logps, hidden) = completion_token_logps_and_hidden(&frozen, batch)?;
@@ -543,7 +516,7 @@ fn build_round(
     let data = RoundData {
         round,
         start_step: trainer.step,
-        steps: steps_for(items, cfg) as u64,
+        steps: steps_for_epochs(items, &cfg.run, online.epochs_per_round as u64),
         prompts: chosen,
         pointwise,
         samples: pools,
@@ -563,7 +536,7 @@ fn round_prompts(n: usize, per_round: usize, seed: u64, round: u64) -> Vec<usize
     if per_round == 0 || per_round >= n {
         return (0..n).collect();
     }
-    let order = super::offline::epoch_order(n, seed, 0, 1, None);
+    let order = super::batching::epoch_order(n, seed, 0, 1, None);
     let start = (round as usize * per_round) % n;
     (0..per_round).map(|k| order[(start + k) % n]).collect()
 }
@@ -652,16 +625,11 @@ fn per_token<const Q: usize>(
     Ok(out)
 }
 
-/// Prompt + sampled answer, the answer being the completion.
-pub(super) fn answer_sequence(prompt: &[u32], answer: &[u32]) -> TokenizedSequence {
-    let mut mask = vec![0u8; prompt.len()];
-    mask.resize(prompt.len() + answer.len(), 1);
-    TokenizedSequence::new([prompt, answer].concat(), mask)
-}
-
 /// The round's training items, rebuilt from its data.
 fn round_items(data: &RoundData, prompt_ids: &[Vec<u32>]) -> Vec<Item> {
-    let sequence = |i: usize, j: usize| answer_sequence(&prompt_ids[data.prompts[i]], &data.samples[i][j].tokens);
+    let sequence = |i: usize, j: usize| {
+        TokenizedSequence::prompt_and_answer(&prompt_ids[data.prompts[i]], &data.samples[i][j].tokens)
+    };
     if !data.ppo.is_empty() {
         let f32s = |v: &[f64]| v.iter().map(|&x| x as f32).collect::<Vec<f32>>();
         return data

@@ -8,18 +8,36 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use candle::{DType, Tensor, Var};
 use candor_alignment::StepScale;
-use rand::SeedableRng;
 use serde_json::{Map, Value};
 
+use super::batching::{micro_batches, planned_steps, BatchOrders};
 use super::checkpoint::{self, TrainerState};
 use super::config::TrainConfig;
+use super::heads;
 use super::inputs::{objective_input, StepModels};
 use super::items::Item;
 use super::optim::{clip_grad_norm, lr_at, AdamW, AdamWConfig};
 use super::progress::{eval_line, Phase, Phases, Progress};
-use super::{RunOptions, RunSummary};
 use crate::load::{self, LoadedModel};
 use crate::model::{fused, CausalLm};
+
+/// Options that do not change the result.
+#[derive(Debug, Clone, Default)]
+pub struct RunOptions {
+    /// No progress bar.
+    pub quiet: bool,
+    /// Continue from the newest checkpoint of the run directory.
+    pub resume: bool,
+}
+
+/// What a finished run reports.
+#[derive(Debug, Clone)]
+pub struct RunSummary {
+    /// Steps taken in total.
+    pub steps: u64,
+    /// The exported final model.
+    pub final_dir: PathBuf,
+}
 
 /// A run in progress.
 pub struct Trainer<'c> {
@@ -32,7 +50,7 @@ pub struct Trainer<'c> {
     pub reference: Option<CausalLm>,
     /// The frozen teacher of distillation objectives (never a variable of the optimizer).
     pub teacher: Option<CausalLm>,
-    /// Tensors trained beside the policy and checkpointed in [`HEADS_FILE`]: SPO's degree heads,
+    /// Tensors trained beside the policy and checkpointed in [`heads::HEADS_FILE`]: SPO's degree heads,
     /// PPO's value head.
     heads: Vec<(String, Var)>,
     opt: AdamW,
@@ -151,27 +169,11 @@ impl<'c> Trainer<'c> {
 
         let mut vars =
             if cfg.lora.is_some() { policy.model.make_lora_trainable()? } else { policy.model.make_trainable()? };
-        // Extra heads (SPO's degree classifiers, PPO's value head) train with the policy and live
-        // in its checkpoints.
+        // Extra heads train with the policy and live in its checkpoints.
         let hidden = policy.model.config().hidden_size;
-        let fresh = new_heads(objective, hidden, cfg.run.seed, &device)?;
-        let mut heads = Vec::with_capacity(fresh.len());
-        let mut saved = match (&resume_from, fresh.is_empty()) {
-            (Some((_, dir)), false) => load_heads(dir, &device)?,
-            _ => Default::default(),
-        };
-        for (name, init) in fresh {
-            let value = match saved.remove(&name) {
-                Some(t) => t,
-                None if resume_from.is_some() => {
-                    bail!("the checkpoint lacks `{name}` in `{HEADS_FILE}`")
-                }
-                None => init,
-            };
-            let var = Var::from_tensor(&value)?;
-            vars.push((name.clone(), var.clone()));
-            heads.push((name, var));
-        }
+        let resume_dir = resume_from.as_ref().map(|(_, dir)| dir.as_path());
+        let heads = heads::start(objective, hidden, cfg.run.seed, &device, resume_dir)?;
+        vars.extend(heads.iter().cloned());
         let adam = AdamWConfig {
             lr: cfg.optim.lr,
             beta1: cfg.optim.adam_beta1,
@@ -181,8 +183,8 @@ impl<'c> Trainer<'c> {
         };
         let mut opt = AdamW::new(vars, adam)?;
         opt.set_kernels(cfg.model.kernels);
-        if let Some(spec) = objective.degree_heads() {
-            opt.set_lr_scale(DEGREE_HEADS, spec.lr_multiplier);
+        for (name, scale) in heads::lr_scales(objective) {
+            opt.set_lr_scale(name, scale);
         }
         let mut step = 0u64;
         if let Some((_, dir)) = &resume_from {
@@ -347,7 +349,7 @@ impl<'c> Trainer<'c> {
             if !heads.is_empty() {
                 let tensors: std::collections::HashMap<String, Tensor> =
                     heads.iter().map(|(n, v)| (n.clone(), v.as_tensor().clone())).collect();
-                candle::safetensors::save(&tensors, dir.join(HEADS_FILE))?;
+                candle::safetensors::save(&tensors, dir.join(heads::HEADS_FILE))?;
             }
             Ok(())
         })?;
@@ -395,7 +397,7 @@ impl<'c> Trainer<'c> {
                 .with_context(|| format!("cannot write the model files into `{}`", tmp.display()))?;
         } else if let Some(saved) = at_last_step {
             // The last checkpoint already holds exactly these weights.
-            checkpoint::link_model_files(saved, tmp, &[HEADS_FILE])?;
+            checkpoint::link_model_files(saved, tmp, &[heads::HEADS_FILE])?;
         } else {
             write_policy(tmp, &self.policy)
                 .with_context(|| format!("cannot write the model files into `{}`", tmp.display()))?;
@@ -403,6 +405,25 @@ impl<'c> Trainer<'c> {
         let _ = std::fs::remove_dir_all(final_dir);
         std::fs::rename(tmp, final_dir)
             .with_context(|| format!("cannot move `{}` to `{}`", tmp.display(), final_dir.display()))?;
+        Ok(())
+    }
+}
+
+impl Trainer<'_> {
+    /// The steps over a fixed set of items: epochs of seeded shuffles (or `run.max_steps`),
+    /// evaluating on `eval` as configured.
+    pub fn train_on(&mut self, items: &[Item], eval: Option<&[Item]>) -> Result<()> {
+        let r = &self.cfg.run;
+        let total = planned_steps(items.len(), r);
+        self.set_total(total);
+        self.evaluate_on_start(eval)?;
+        let lengths: Option<Vec<usize>> = r.group_by_length.then(|| items.iter().map(Item::tokens).collect());
+        let mut orders = BatchOrders::new(r.seed, r.batch_size, lengths);
+        while self.step < total {
+            let (micro, epoch) = micro_batches(items, self.step, r, &mut orders);
+            let extra = Map::from_iter([("epoch".to_string(), Value::from(epoch))]);
+            self.step(&micro, extra, eval, false)?;
+        }
         Ok(())
     }
 }
@@ -484,55 +505,6 @@ fn write_policy(dir: &Path, m: &LoadedModel) -> Result<()> {
     )
 }
 
-/// The optimizer's (and checkpoints') name of SPO's degree heads.
-pub const DEGREE_HEADS: &str = "spo.degree_heads";
-/// The value head's weight and bias (TRL's `AutoModelForCausalLMWithValueHead` names).
-pub const VALUE_HEAD: [&str; 2] = ["v_head.summary.weight", "v_head.summary.bias"];
-/// The file extra heads are checkpointed in (not part of the exported model).
-const HEADS_FILE: &str = "heads.safetensors";
-
-/// Fresh extra heads for `objective`, seeded by the run seed: SPO's `[heads, classes, hidden]`
-/// classifiers from N(0, 0.02²) (transformers' initialisation of a new head); PPO's value head
-/// `Linear(hidden, 1)` from U(−1/√hidden, 1/√hidden) (PyTorch's default, as TRL leaves it).
-fn new_heads(
-    objective: &candor_alignment::Objective,
-    hidden: usize,
-    seed: u64,
-    device: &candle::Device,
-) -> Result<Vec<(String, Tensor)>> {
-    use rand_distr::Distribution;
-    let mut rng = rand::rngs::StdRng::seed_from_u64(seed ^ 0x5350_4f48);
-    let mut heads = Vec::new();
-    if let Some(spec) = objective.degree_heads() {
-        let normal = rand_distr::Normal::new(0f32, 0.02).expect("valid normal");
-        let values: Vec<f32> = (0..spec.heads * spec.classes * hidden).map(|_| normal.sample(&mut rng)).collect();
-        heads.push((DEGREE_HEADS.to_string(), Tensor::from_vec(values, (spec.heads, spec.classes, hidden), device)?));
-    }
-    if let Some(shapes) = objective.clip_net() {
-        // DAC-KL's clipping network: small weights, the lower bound starting at half its range
-        // and the upper one near 1 (everything but the tail kept).
-        let normal = rand_distr::Normal::new(0f32, 0.02).expect("valid normal");
-        for (i, (name, shape)) in shapes.into_iter().enumerate() {
-            let n: usize = shape.iter().product();
-            // In order: w1, b1, w2, b2.
-            let values: Vec<f32> = match i {
-                1 => vec![0.0; n],
-                3 => vec![0.0, 4.0],
-                _ => (0..n).map(|_| normal.sample(&mut rng)).collect(),
-            };
-            heads.push((name.to_string(), Tensor::from_vec(values, shape, device)?));
-        }
-    }
-    if objective.needs_value_head() {
-        let bound = 1.0 / (hidden as f32).sqrt();
-        let uniform = rand_distr::Uniform::new(-bound, bound).expect("valid range");
-        let weight: Vec<f32> = (0..hidden).map(|_| uniform.sample(&mut rng)).collect();
-        heads.push((VALUE_HEAD[0].to_string(), Tensor::from_vec(weight, (1, hidden), device)?));
-        heads.push((VALUE_HEAD[1].to_string(), Tensor::new(&[uniform.sample(&mut rng)], device)?));
-    }
-    Ok(heads)
-}
-
 /// A teacher and student must read and write the same token ids.
 fn check_same_tokenizer(student: &LoadedModel, teacher: &LoadedModel) -> Result<()> {
     let (s, t) = (&student.tokenizer, &teacher.tokenizer);
@@ -548,12 +520,6 @@ fn check_same_tokenizer(student: &LoadedModel, teacher: &LoadedModel) -> Result<
         );
     }
     Ok(())
-}
-
-fn load_heads(dir: &Path, device: &candle::Device) -> Result<std::collections::HashMap<String, Tensor>> {
-    let path = dir.join(HEADS_FILE);
-    candle::safetensors::load(&path, device)
-        .with_context(|| format!("cannot read the extra heads `{}`", path.display()))
 }
 
 fn add_metrics(into: &mut Vec<(String, f64)>, new: Vec<(String, f64)>) {
