@@ -32,7 +32,10 @@ pub fn train(cfg: &TrainConfig, opts: &RunOptions) -> Result<RunSummary> {
     let mut trainer = Trainer::start(cfg, opts)?;
     let run_dir = &cfg.run.output;
     let train_path = cfg.data.train.as_ref().context("distillation needs `data.train`")?;
-    let mut eval_items = cfg.data.eval.as_ref().map(|p| load_items(p, cfg, &trainer.policy, None)).transpose()?;
+    let mut eval_items = match &cfg.data.eval {
+        Some(path) => Some(load_items(path, cfg, &trainer.policy, None)?),
+        None => None,
+    };
     let mut items = match distill.source {
         DistillSource::Dataset => load_items(train_path, cfg, &trainer.policy, None)?,
         DistillSource::Teacher => {

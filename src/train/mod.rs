@@ -14,6 +14,7 @@ pub mod offline;
 pub mod online;
 pub mod optim;
 pub mod progress;
+pub mod rounds;
 pub mod trainer;
 
 pub use config::TrainConfig;
