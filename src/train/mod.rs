@@ -10,6 +10,7 @@ pub mod distill;
 pub mod heads;
 pub mod inputs;
 pub mod items;
+pub mod models;
 pub mod offline;
 pub mod online;
 pub mod optim;

@@ -16,9 +16,10 @@ use super::config::TrainConfig;
 use super::heads;
 use super::inputs::{objective_input, StepModels};
 use super::items::Item;
+use super::models::RunModels;
 use super::optim::{clip_grad_norm, lr_at, AdamW, AdamWConfig};
 use super::progress::{eval_line, Phase, Phases, Progress};
-use crate::load::{self, LoadedModel};
+use crate::load::LoadedModel;
 use crate::model::{fused, CausalLm};
 
 /// Options that do not change the result.
@@ -72,13 +73,6 @@ impl<'c> Trainer<'c> {
     /// to it.
     pub fn start(cfg: &'c TrainConfig, opts: &RunOptions) -> Result<Self> {
         let run_dir = &cfg.run.output;
-        let device = load::parse_device(&cfg.model.device)?;
-        // bf16 trains in mixed precision: f32 master weights and optimizer state, bf16 matmuls.
-        let compute_dtype = load::parse_dtype(&cfg.model.dtype)?;
-        let (dtype, matmul_precision) = match compute_dtype {
-            DType::BF16 => (DType::F32, Some(DType::BF16)),
-            other => (other, None),
-        };
         let objective = &cfg.objective;
         // A directory holding another run is refused (or cleared with `run.overwrite`) before
         // anything loads: its checkpoints and metrics must never mix with this run's.
@@ -94,84 +88,14 @@ impl<'c> Trainer<'c> {
         saved_cfg.run.overwrite = false;
         checkpoint::write_atomically(&run_dir.join("config.toml"), saved_cfg.to_toml()?.as_bytes())?;
 
-        // Models: the policy (from the checkpoint when resuming) and the frozen reference.
-        let mut start = load::load_model(&cfg.model.model, dtype, &device)
-            .with_context(|| format!("failed to load model `{}`", cfg.model.model))?;
-        let distill = cfg.distill.clone().unwrap_or_default();
-        // Distillation: the frozen teacher (the same load when it is the same model), then the
-        // student cut out of `model.model` when asked (a checkpoint already holds the student).
-        let teacher = if objective.needs_teacher() {
-            let mut teacher = if distill.teacher == cfg.model.model {
-                start.model.frozen_view()
-            } else {
-                let t = load::load_model(&distill.teacher, dtype, &device)
-                    .with_context(|| format!("failed to load the teacher `{}`", distill.teacher))?;
-                check_same_tokenizer(&start, &t)?;
-                t.model
-            };
-            teacher.set_kernels(cfg.model.kernels);
-            teacher.set_matmul_precision(matmul_precision);
-            Some(teacher)
-        } else {
-            None
-        };
-        let total_layers = start.model.config().num_hidden_layers;
-        let keep = match (&distill.student_layers, distill.student_num_layers) {
-            (Some(layers), _) => Some(layers.clone()),
-            (None, Some(n)) => Some(CausalLm::evenly_spaced_layers(total_layers, n)?),
-            (None, None) => None,
-        };
-        if let Some(keep) = keep.filter(|_| objective.needs_teacher()) {
-            start.model.keep_layers(&keep).context("`distill.student_layers`")?;
-        }
-        let mut policy = match (&resume_from, &cfg.lora) {
-            (Some((_, dir)), None) => load::load_hf_dir(dir, dtype, &device)?,
-            (Some((_, dir)), Some(_)) => {
-                let mut p = start.clone();
-                p.model.attach_lora(&crate::model::lora::load_adapter(dir)?)?;
-                p
-            }
-            (None, Some(lora)) => {
-                let mut p = start.clone();
-                p.model.add_lora(lora, cfg.run.seed)?;
-                p
-            }
-            (None, None) => start.clone(),
-        };
-        if objective.data_need() == candor_alignment::DataNeed::ScoredPairs {
-            if cfg.lora.is_some() {
-                bail!("objective `{}` trains every weight and the new score head; remove `[lora]` (LoRA reward models are not supported yet)", objective.name());
-            }
-            if policy.model.config().num_labels.is_none() {
-                let pad = policy.tokenizer.pad_id();
-                policy.model.add_score_head(1, pad, cfg.run.seed)?;
-            }
-        }
-        // With LoRA the reference is the same base weights with the adapters off: no copy.
-        let reference = if objective.needs_reference() {
-            let mut reference = match &cfg.model.ref_model {
-                Some(spec) => load::load_model(spec, dtype, &device)?.model,
-                None => start.model.without_adapters(),
-            };
-            reference.set_kernels(cfg.model.kernels);
-            reference.set_matmul_precision(matmul_precision);
-            Some(reference)
-        } else {
-            None
-        };
-        if matmul_precision.is_some() {
-            policy.model.anchor_rounding(&start.model);
-        }
-        drop(start);
-        policy.model.set_kernels(cfg.model.kernels);
-        policy.model.set_gradient_checkpointing(cfg.run.gradient_checkpointing);
-        policy.model.set_matmul_precision(matmul_precision);
+        let resume_dir = resume_from.as_ref().map(|(_, dir)| dir.as_path());
+        let RunModels { mut policy, reference, teacher } = RunModels::load(cfg, resume_dir)?;
+        let device = policy.model.device().clone();
 
         let mut vars =
             if cfg.lora.is_some() { policy.model.make_lora_trainable()? } else { policy.model.make_trainable()? };
         // Extra heads train with the policy and live in its checkpoints.
         let hidden = policy.model.config().hidden_size;
-        let resume_dir = resume_from.as_ref().map(|(_, dir)| dir.as_path());
         let heads = heads::start(objective, hidden, cfg.run.seed, &device, resume_dir)?;
         vars.extend(heads.iter().cloned());
         let adam = AdamWConfig {
@@ -503,23 +427,6 @@ fn write_policy(dir: &Path, m: &LoadedModel) -> Result<()> {
         m.model.dtype(),
         max_shard,
     )
-}
-
-/// A teacher and student must read and write the same token ids.
-fn check_same_tokenizer(student: &LoadedModel, teacher: &LoadedModel) -> Result<()> {
-    let (s, t) = (&student.tokenizer, &teacher.tokenizer);
-    let probe = "Distillation needs one tokenizer: 12 + 30 = 42, ünïcödé, \n\tcode();";
-    let (vs, vt) = (student.model.config().vocab_size, teacher.model.config().vocab_size);
-    if s.vocab_size() != t.vocab_size() || vs != vt || s.encode(probe, false)? != t.encode(probe, false)? {
-        bail!(
-            "the teacher `{}` and the student `{}` do not share a tokenizer (vocabularies {} and {}, model vocab sizes {vt} and {vs}); distillation compares next-token distributions id by id, so both must use the same one",
-            teacher.origin,
-            student.origin,
-            t.vocab_size(),
-            s.vocab_size()
-        );
-    }
-    Ok(())
 }
 
 fn add_metrics(into: &mut Vec<(String, f64)>, new: Vec<(String, f64)>) {

@@ -1,0 +1,149 @@
+//! The models of a run: the policy (from `model.model`, a checkpoint when resuming, with LoRA
+//! adapters or a new score head when the objective asks), the frozen reference and the frozen
+//! teacher, all on the recipe's device and precision.
+
+use std::path::Path;
+
+use anyhow::{bail, Context, Result};
+use candle::{DType, Device};
+use candor_alignment::DataNeed;
+
+use super::config::TrainConfig;
+use crate::load::{self, LoadedModel};
+use crate::model::CausalLm;
+
+/// The policy and the frozen models beside it.
+pub struct RunModels {
+    /// The model being trained (its weights are not yet variables).
+    pub policy: LoadedModel,
+    /// The frozen reference, when the objective needs one.
+    pub reference: Option<CausalLm>,
+    /// The frozen teacher of distillation objectives.
+    pub teacher: Option<CausalLm>,
+}
+
+/// Where and in what precision a run's models live.
+struct Placement {
+    device: Device,
+    /// The weights' dtype (f32 master weights when training in bf16).
+    dtype: DType,
+    /// bf16 matmuls over f32 master weights (mixed precision), if asked.
+    matmul_precision: Option<DType>,
+    kernels: crate::model::Kernels,
+}
+
+impl Placement {
+    fn of(cfg: &TrainConfig) -> Result<Self> {
+        let device = load::parse_device(&cfg.model.device)?;
+        // bf16 trains in mixed precision: f32 master weights and optimizer state, bf16 matmuls.
+        let (dtype, matmul_precision) = match load::parse_dtype(&cfg.model.dtype)? {
+            DType::BF16 => (DType::F32, Some(DType::BF16)),
+            other => (other, None),
+        };
+        Ok(Self { device, dtype, matmul_precision, kernels: cfg.model.kernels })
+    }
+
+    fn load(&self, spec: &str, what: &str) -> Result<LoadedModel> {
+        load::load_model(spec, self.dtype, &self.device).with_context(|| format!("failed to load {what} `{spec}`"))
+    }
+
+    /// A frozen model on the run's kernels and precision.
+    fn frozen(&self, mut model: CausalLm) -> CausalLm {
+        model.set_kernels(self.kernels);
+        model.set_matmul_precision(self.matmul_precision);
+        model
+    }
+}
+
+impl RunModels {
+    /// Load the run's models; `resume` is the checkpoint the policy continues from.
+    pub fn load(cfg: &TrainConfig, resume: Option<&Path>) -> Result<Self> {
+        let place = Placement::of(cfg)?;
+        let objective = &cfg.objective;
+        let mut start = place.load(&cfg.model.model, "model")?;
+        let distill = cfg.distill.clone().unwrap_or_default();
+        // Distillation: the frozen teacher (the same load when it is the same model), then the
+        // student cut out of `model.model` when asked (a checkpoint already holds the student).
+        let teacher = match objective.needs_teacher() {
+            true if distill.teacher == cfg.model.model => Some(place.frozen(start.model.frozen_view())),
+            true => {
+                let teacher = place.load(&distill.teacher, "the teacher")?;
+                check_same_tokenizer(&start, &teacher)?;
+                Some(place.frozen(teacher.model))
+            }
+            false => None,
+        };
+        if objective.needs_teacher() {
+            let total_layers = start.model.config().num_hidden_layers;
+            let keep = match (&distill.student_layers, distill.student_num_layers) {
+                (Some(layers), _) => Some(layers.clone()),
+                (None, Some(n)) => Some(CausalLm::evenly_spaced_layers(total_layers, n)?),
+                (None, None) => None,
+            };
+            if let Some(keep) = keep {
+                start.model.keep_layers(&keep).context("`distill.student_layers`")?;
+            }
+        }
+        let mut policy = policy_of(cfg, &start, &place, resume)?;
+        // With LoRA the reference is the same base weights with the adapters off: no copy.
+        let reference = match (objective.needs_reference(), &cfg.model.ref_model) {
+            (false, _) => None,
+            (true, Some(spec)) => Some(place.frozen(place.load(spec, "the reference")?.model)),
+            (true, None) => Some(place.frozen(start.model.without_adapters())),
+        };
+        if place.matmul_precision.is_some() {
+            policy.model.anchor_rounding(&start.model);
+        }
+        policy.model.set_kernels(cfg.model.kernels);
+        policy.model.set_gradient_checkpointing(cfg.run.gradient_checkpointing);
+        policy.model.set_matmul_precision(place.matmul_precision);
+        Ok(Self { policy, reference, teacher })
+    }
+}
+
+/// The policy: `start` (with fresh LoRA adapters), or the checkpoint in `resume`; reward models
+/// get a score head.
+fn policy_of(cfg: &TrainConfig, start: &LoadedModel, place: &Placement, resume: Option<&Path>) -> Result<LoadedModel> {
+    let objective = &cfg.objective;
+    let mut policy = match (resume, &cfg.lora) {
+        (Some(dir), None) => load::load_hf_dir(dir, place.dtype, &place.device)?,
+        (Some(dir), Some(_)) => {
+            let mut p = start.clone();
+            p.model.attach_lora(&crate::model::lora::load_adapter(dir)?)?;
+            p
+        }
+        (None, Some(lora)) => {
+            let mut p = start.clone();
+            p.model.add_lora(lora, cfg.run.seed)?;
+            p
+        }
+        (None, None) => start.clone(),
+    };
+    if objective.data_need() == DataNeed::ScoredPairs {
+        if cfg.lora.is_some() {
+            bail!("objective `{}` trains every weight and the new score head; remove `[lora]` (LoRA reward models are not supported yet)", objective.name());
+        }
+        if policy.model.config().num_labels.is_none() {
+            let pad = policy.tokenizer.pad_id();
+            policy.model.add_score_head(1, pad, cfg.run.seed)?;
+        }
+    }
+    Ok(policy)
+}
+
+/// A teacher and student must read and write the same token ids.
+fn check_same_tokenizer(student: &LoadedModel, teacher: &LoadedModel) -> Result<()> {
+    let (s, t) = (&student.tokenizer, &teacher.tokenizer);
+    let probe = "Distillation needs one tokenizer: 12 + 30 = 42, ünïcödé, \n\tcode();";
+    let (vs, vt) = (student.model.config().vocab_size, teacher.model.config().vocab_size);
+    if s.vocab_size() != t.vocab_size() || vs != vt || s.encode(probe, false)? != t.encode(probe, false)? {
+        bail!(
+            "the teacher `{}` and the student `{}` do not share a tokenizer (vocabularies {} and {}, model vocab sizes {vt} and {vs}); distillation compares next-token distributions id by id, so both must use the same one",
+            teacher.origin,
+            student.origin,
+            t.vocab_size(),
+            s.vocab_size()
+        );
+    }
+    Ok(())
+}
