@@ -15,7 +15,7 @@ use super::checkpoint::{self, TrainerState};
 use super::config::TrainConfig;
 use super::inputs::{objective_input, StepModels};
 use super::items::Item;
-use super::optim::{clip_grad_norm, lr_at, AdamW, AdamWConfig};
+use super::optim::{self, clip_grad_norm, lr_at, AdamW, AdamWConfig};
 use super::progress::{eval_line, Phase, Phases, Progress};
 use super::{RunOptions, RunSummary};
 use crate::load::{self, LoadedModel};
@@ -451,7 +451,7 @@ pub fn accumulate(
                     // Every gradient candle's backward returns is a fresh sum that nothing
                     // else holds, so the first micro-batch's can take the others in place.
                     Some(prev) if in_place && fused::supports(&[&prev, &gv]) && prev.is_contiguous() => {
-                        fused::add_in_place(&prev, &gv)?;
+                        optim::kernels::add_in_place(&prev, &gv)?;
                         prev
                     }
                     Some(prev) => (prev + gv)?,
