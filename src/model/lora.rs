@@ -11,6 +11,8 @@ use candle::{DType, Tensor, Var};
 use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 
+use super::transformer::CausalLm;
+
 /// LoRA hyper-parameters (the `adapter_config.json` fields candor reads and writes).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -279,7 +281,7 @@ pub fn load_adapter(dir: &Path) -> Result<SavedAdapter> {
 impl SavedAdapter {
     /// Check that every adapted module exists in `model` and that its A is `[r, in]` and its
     /// B `[out, r]` for that module's `[out, in]` weight; `dir` is named in errors.
-    pub fn check_against(&self, model: &super::CausalLm, dir: &Path) -> Result<()> {
+    pub fn check_against(&self, model: &CausalLm, dir: &Path) -> Result<()> {
         let shapes: HashMap<String, Vec<usize>> = model
             .named_weights()
             .into_iter()
@@ -305,5 +307,114 @@ impl SavedAdapter {
             }
         }
         Ok(())
+    }
+}
+
+/// LoRA on a model: adapters attached to, read from, trained on and folded into its linear
+/// projections.
+impl CausalLm {
+    /// Attach fresh LoRA adapters to the configured target modules (seeded initialisation).
+    pub fn add_lora(&mut self, cfg: &LoraConfig, seed: u64) -> anyhow::Result<()> {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let (dtype, device) = (self.dtype(), self.device().clone());
+        let mut err = None;
+        self.visit_linears_mut(&mut |_, short, lin| {
+            if cfg.targets.iter().any(|t| t == short) {
+                let (out, inp) = lin.weight.dims2()?;
+                match LoraAdapter::init(out, inp, cfg, &mut rng, dtype, &device) {
+                    Ok(ad) => lin.lora = Some(ad),
+                    Err(e) => err = Some(e),
+                }
+            }
+            Ok(())
+        })?;
+        err.map_or(Ok(()), Err)
+    }
+
+    /// Attach a saved adapter (every module it names must exist).
+    pub fn attach_lora(&mut self, saved: &SavedAdapter) -> anyhow::Result<()> {
+        let (dtype, device) = (self.dtype(), self.device().clone());
+        let mut attached = 0;
+        self.visit_linears_mut(&mut |module, _, lin| {
+            if let Some((a, b)) = saved.tensors.get(module) {
+                lin.lora = Some(LoraAdapter {
+                    a: a.to_device(&device)?.to_dtype(dtype)?,
+                    b: b.to_device(&device)?.to_dtype(dtype)?,
+                    scale: saved.config.scale(),
+                    dropout: saved.config.dropout,
+                    dropout_seed: None,
+                });
+                attached += 1;
+            }
+            Ok(())
+        })?;
+        if attached != saved.tensors.len() {
+            anyhow::bail!("the adapter names {} modules but only {attached} exist in this model", saved.tensors.len());
+        }
+        Ok(())
+    }
+
+    /// The adapters, by transformers module name.
+    pub fn lora_adapters(&self) -> Vec<(String, LoraAdapter)> {
+        let mut out = Vec::new();
+        let mut copy = self.clone();
+        copy.visit_linears_mut(&mut |module, _, lin| {
+            if let Some(ad) = &lin.lora {
+                out.push((module.to_string(), ad.clone()));
+            }
+            Ok(())
+        })
+        .expect("collecting adapters cannot fail");
+        out
+    }
+
+    /// Make only the adapters trainable; returns their variables under PEFT's names.
+    pub fn make_lora_trainable(&mut self) -> candle::Result<Vec<(String, Var)>> {
+        let mut vars = Vec::new();
+        self.visit_linears_mut(&mut |module, _, lin| {
+            if let Some(ad) = lin.lora.as_mut() {
+                vars.extend(ad.make_trainable(module)?);
+            }
+            Ok(())
+        })?;
+        Ok(vars)
+    }
+
+    /// The same weights without adapters (the reference of a LoRA run: no second copy of the
+    /// base weights).
+    pub fn without_adapters(&self) -> Self {
+        let mut base = self.clone();
+        base.visit_linears_mut(&mut |_, _, lin| {
+            lin.lora = None;
+            Ok(())
+        })
+        .expect("dropping adapters cannot fail");
+        base
+    }
+
+    /// Fold every adapter into its weight (`W + α/r · B A`) and drop the adapters.
+    pub fn merge_lora(&mut self) -> candle::Result<()> {
+        self.visit_linears_mut(&mut |_, _, lin| {
+            if let Some(ad) = lin.lora.take() {
+                lin.weight = ad.merge_into(&lin.weight.detach())?;
+            }
+            Ok(())
+        })
+    }
+
+    /// Dropout masks of the adapters for one optimizer step derive from `seed` and `step`
+    /// (reproducible on resume); `None` turns adapter dropout off (evaluation, sampling).
+    pub fn set_lora_dropout_step(&mut self, seed_and_step: Option<(u64, u64)>) {
+        let mut index = 0u64;
+        self.visit_linears_mut(&mut |_, _, lin| {
+            if let Some(ad) = lin.lora.as_mut() {
+                index += 1;
+                ad.dropout_seed = seed_and_step.map(|(seed, step)| {
+                    seed ^ step.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ index.wrapping_mul(0xC2B2_AE3D_27D4_EB4F)
+                });
+            }
+            Ok(())
+        })
+        .expect("setting seeds cannot fail");
     }
 }

@@ -1,10 +1,16 @@
-//! The differentiable causal LM: configuration, ops with a backward, transformer, KV cache.
+//! The differentiable causal LM: configuration, ops with a backward, transformer, KV cache, and
+//! what a model does besides its forward pass (LoRA, mixed precision, activation checkpointing,
+//! the score head, layer cutting), each in its own file.
 
+mod checkpointing;
 pub mod config;
 pub mod fused;
+mod heads;
 pub mod kv_cache;
+mod layers;
 pub mod lora;
 pub mod ops;
+mod precision;
 mod spin_pool;
 pub mod transformer;
 

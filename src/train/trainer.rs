@@ -17,7 +17,7 @@ use super::heads;
 use super::inputs::{objective_input, StepModels};
 use super::items::Item;
 use super::models::RunModels;
-use super::optim::{clip_grad_norm, lr_at, AdamW, AdamWConfig};
+use super::optim::{self, clip_grad_norm, lr_at, AdamW, AdamWConfig};
 use super::progress::{eval_line, Phase, Phases, Progress};
 use crate::load::LoadedModel;
 use crate::model::{fused, CausalLm};
@@ -396,7 +396,7 @@ pub fn accumulate(
                     // Every gradient candle's backward returns is a fresh sum that nothing
                     // else holds, so the first micro-batch's can take the others in place.
                     Some(prev) if in_place && fused::supports(&[&prev, &gv]) && prev.is_contiguous() => {
-                        fused::add_in_place(&prev, &gv)?;
+                        optim::kernels::add_in_place(&prev, &gv)?;
                         prev
                     }
                     Some(prev) => (prev + gv)?,

@@ -1,12 +1,15 @@
 //! AdamW with PyTorch's semantics, learning-rate schedules with transformers' semantics, and
-//! global-norm gradient clipping.
+//! global-norm gradient clipping; the fused in-place kernels they run on live in [`kernels`].
+
+pub mod kernels;
 
 use std::collections::HashMap;
 
 use candle::{DType, Result, Tensor, Var};
 use serde::{Deserialize, Serialize};
 
-use crate::model::fused::{self, AdamWStep};
+use self::kernels::AdamWStep;
+use crate::model::fused;
 use crate::model::Kernels;
 
 /// AdamW hyper-parameters (PyTorch's defaults except the learning rate).
@@ -120,7 +123,7 @@ impl AdamW {
                     sqrt_bias_correction2: bc2.sqrt() as f32,
                     decay: decay as f32,
                 };
-                fused::adamw_update(p, g, &slot.moments, step)?;
+                kernels::adamw_update(p, g, &slot.moments, step)?;
                 continue;
             }
             let g = g.to_dtype(DType::F32)?;
@@ -172,7 +175,7 @@ pub fn global_norm(grads: &[Option<Tensor>]) -> Result<f64> {
     let mut total = 0f64;
     for g in grads.iter().flatten() {
         total += if fused::supports(&[g]) {
-            fused::sum_squares(g)?
+            kernels::sum_squares(g)?
         } else {
             g.to_dtype(DType::F64)?.sqr()?.sum_all()?.to_scalar::<f64>()?
         };
