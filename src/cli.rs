@@ -3,6 +3,7 @@
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
+use serde::Serialize;
 
 use crate::data::TruncationMode;
 
@@ -52,11 +53,9 @@ pub enum Command {
         after_help = "Examples:\n  candor logprobs --model default --data pairs.jsonl\n  candor logprobs --model ./my-model --data pairs.jsonl --output logps.jsonl --batch-size 4"
     )]
     Logprobs(LogprobsArgs),
-    /// Fine-tune a model with an objective from the registry (sft, dpo, rdpo, rpo, spo, copg,
-    /// hindsight, reward, the online inpo, dno, nft, text2grad, kdrl, and the distillation
-    /// kd, sinkd, dac_kl).
+    /// Fine-tune a model with an objective from the registry (`--help-objective` lists them).
     #[command(
-        after_help = "Examples:\n  candor train --config configs/dpo.toml\n  candor train --objective sft --model default --data data/sft/train.jsonl --output runs/sft --max-steps 50\n  candor train --config configs/dpo.toml --set objective.beta=0.2 --lr 1e-6\n  candor train --resume runs/dpo"
+        after_help = "Examples:\n  candor train --help-objective\n  candor train --objective dpo --help-objective\n  candor train --config configs/dpo.toml\n  candor train --objective sft --model default --data data/sft/train.jsonl --output runs/sft --max-steps 50\n  candor train --config configs/dpo.toml --set objective.beta=0.2 --lr 1e-6\n  candor train --resume runs/dpo"
     )]
     Train(Box<TrainArgs>),
     /// Rewards of every row of a dataset under a reward model, one JSON line per row, in order.
@@ -321,32 +320,187 @@ pub struct BenchGenerateArgs {
 }
 
 /// `candor train`. Every flag overrides the recipe (`--config`); `--set key.path=value` sets
-/// any configuration key.
-#[derive(Debug, Args)]
+/// any configuration key. The flags are grouped by the recipe's section they set; each one's
+/// key is in [`TRAIN_FLAGS`].
+#[derive(Debug, Args, Serialize)]
 pub struct TrainArgs {
     /// A TOML recipe (see `configs/`).
     #[arg(long)]
+    #[serde(skip)]
     pub config: Option<PathBuf>,
     /// Set any configuration key, e.g. `--set objective.beta=0.2` (repeatable).
     #[arg(long = "set", value_name = "KEY=VALUE")]
+    #[serde(skip)]
     pub set: Vec<String>,
     /// Continue the run in this directory from its newest checkpoint (uses its `config.toml`).
     #[arg(long, value_name = "RUN_DIR")]
+    #[serde(skip)]
     pub resume: Option<PathBuf>,
-    /// Train into an output directory that already holds a run, clearing its checkpoints,
-    /// metrics and final model first (`run.overwrite`; transformers' `overwrite_output_dir`).
-    #[arg(long, conflicts_with = "resume")]
-    pub overwrite: bool,
     /// Print the resolved configuration and exit.
     #[arg(long)]
+    #[serde(skip)]
     pub print_config: bool,
+    /// Describe `--objective NAME` and exit: its loop, the data it needs, and every
+    /// `objective.KEY` with its default and flag (method-specific flags are listed only there);
+    /// without `--objective`, list the objectives.
+    #[arg(long)]
+    #[serde(skip)]
+    pub help_objective: bool,
     /// No progress bar.
     #[arg(long, short = 'q')]
+    #[serde(skip)]
     pub quiet: bool,
-    /// The objective (`candor-alignment`'s registry): sft, dpo, rdpo, rpo, spo, copg,
-    /// hindsight, reward, kd, sinkd, dac_kl, and the online inpo, dno, nft, text2grad, kdrl.
-    #[arg(long)]
+    /// `--objective` and its hyper-parameters.
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub objective: TrainObjectiveArgs,
+    /// The policy and reference.
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub model: TrainModelArgs,
+    /// Training and held-out data.
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub data: TrainDataArgs,
+    /// Optimizer and schedule.
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub optim: TrainOptimArgs,
+    /// Batching, length and checkpoints.
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub run: TrainRunArgs,
+    /// The online loop.
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub online: TrainOnlineArgs,
+    /// Distillation.
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub distill: TrainDistillArgs,
+    /// LoRA adapters.
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub lora: TrainLoraArgs,
+}
+
+/// Every `candor train` flag that sets a configuration key: (field of [`TrainArgs`], key). A
+/// flag left out, or a switch left off, sets nothing.
+pub const TRAIN_FLAGS: &[(&str, &str)] = &[
+    ("objective", "objective.name"),
+    ("beta", "objective.beta"),
+    ("loss_type", "objective.loss_type"),
+    ("label_smoothing", "objective.label_smoothing"),
+    ("reference_free", "objective.reference_free"),
+    ("epsilon", "objective.epsilon"),
+    ("alpha", "objective.alpha"),
+    ("base_objective", "objective.base_objective"),
+    ("spo_weight", "objective.spo_weight"),
+    ("center_rewards_coefficient", "objective.center_rewards_coefficient"),
+    ("eta", "objective.eta"),
+    ("tau", "objective.tau"),
+    ("temperature", "objective.temperature"),
+    ("model", "model.model"),
+    ("ref_model", "model.ref_model"),
+    ("precompute_ref_logps", "model.precompute_ref_logps"),
+    ("data", "data.train"),
+    ("eval_data", "data.eval"),
+    ("max_length", "data.max_length"),
+    ("max_prompt_length", "data.max_prompt_length"),
+    ("lr", "optim.lr"),
+    ("warmup_steps", "optim.warmup_steps"),
+    ("scheduler", "optim.scheduler"),
+    ("weight_decay", "optim.weight_decay"),
+    ("max_grad_norm", "optim.max_grad_norm"),
+    ("output", "run.output"),
+    ("overwrite", "run.overwrite"),
+    ("batch_size", "run.batch_size"),
+    ("grad_accum", "run.grad_accum"),
+    ("max_steps", "run.max_steps"),
+    ("epochs", "run.epochs"),
+    ("seed", "run.seed"),
+    ("group_by_length", "run.group_by_length"),
+    ("gradient_checkpointing", "run.gradient_checkpointing"),
+    ("packing", "run.packing"),
+    ("save_every", "run.save_every"),
+    ("keep_last", "run.keep_last"),
+    ("save_only_model", "run.save_only_model"),
+    ("eval_every", "run.eval_every"),
+    ("prompts", "online.prompts"),
+    ("rounds", "online.rounds"),
+    ("samples_per_prompt", "online.samples_per_prompt"),
+    ("judge", "online.judge"),
+    ("judge_model", "online.judge_model"),
+    ("teacher_outputs", "online.teacher_outputs"),
+    ("teacher_model", "online.teacher_model"),
+    ("teacher", "distill.teacher"),
+    ("teacher_logits_cache", "distill.teacher_logits_cache"),
+    ("distill_source", "distill.source"),
+    ("student_num_layers", "distill.student_num_layers"),
+    ("lora_r", "lora.r"),
+    ("lora_alpha", "lora.alpha"),
+    ("lora_dropout", "lora.dropout"),
+    ("lora_targets", "lora.targets"),
+];
+
+/// `--objective` and its hyper-parameters (`objective.*`). Method-specific flags are hidden
+/// from `--help`; `--help-objective` lists each objective's.
+#[derive(Debug, Args, Serialize)]
+#[command(next_help_heading = "Objective")]
+pub struct TrainObjectiveArgs {
+    /// The objective (`candor-alignment`'s registry); `--help-objective` describes it.
+    #[arg(long, value_name = "NAME", value_parser = objective_names())]
     pub objective: Option<String>,
+    /// DPO family: inverse temperature β (KD: the JSD interpolation, 0 = forward KL).
+    #[arg(long)]
+    pub beta: Option<f64>,
+    /// DPO: sigmoid, ipo or hinge.
+    #[arg(long)]
+    pub loss_type: Option<String>,
+    /// DPO: label smoothing (conservative DPO).
+    #[arg(long)]
+    pub label_smoothing: Option<f64>,
+    /// DPO: no reference model (uniform reference).
+    #[arg(long, hide = true)]
+    pub reference_free: bool,
+    /// rDPO: assumed label-flip rate (SinKD: entropic regularisation ε).
+    #[arg(long, hide = true)]
+    pub epsilon: Option<f64>,
+    /// RPO: weight of the NLL term.
+    #[arg(long, hide = true)]
+    pub alpha: Option<f64>,
+    /// SPO: the base preference loss (dpo, ipo or hinge).
+    #[arg(long, hide = true)]
+    pub base_objective: Option<String>,
+    /// SPO: weight λ of the self-supervised degree-classification term.
+    #[arg(long, hide = true)]
+    pub spo_weight: Option<f64>,
+    /// Reward model: weight of the centering term (r_w + r_l)² (TRL's; 0.01 is usual).
+    #[arg(long, hide = true)]
+    pub center_rewards_coefficient: Option<f64>,
+    /// INPO: mirror-descent step size η.
+    #[arg(long, hide = true)]
+    pub eta: Option<f64>,
+    /// INPO: KL-to-reference strength τ.
+    #[arg(long, hide = true)]
+    pub tau: Option<f64>,
+    /// Distillation: softmax temperature of teacher and student.
+    #[arg(long, hide = true)]
+    pub temperature: Option<f64>,
+}
+
+/// The objectives `--objective` accepts, each with its loop and line of help, from the registry.
+fn objective_names() -> clap::builder::PossibleValuesParser {
+    let values = candor_alignment::Objective::SPECS
+        .iter()
+        .map(|s| clap::builder::PossibleValue::new(s.name).help(format!("[{}] {}", s.loop_kind.name(), s.help)));
+    clap::builder::PossibleValuesParser::new(values)
+}
+
+/// The models of a training run (`model.*`).
+#[derive(Debug, Args, Serialize)]
+#[command(next_help_heading = "Models")]
+pub struct TrainModelArgs {
     /// The policy to train: directory, `.gguf`, hub id or `default`.
     #[arg(long, short = 'm')]
     pub model: Option<String>,
@@ -356,30 +510,33 @@ pub struct TrainArgs {
     /// Score the data with the reference once, cache it next to the run, free the reference.
     #[arg(long)]
     pub precompute_ref_logps: bool,
+}
+
+/// The data of a training run (`data.*`).
+#[derive(Debug, Args, Serialize)]
+#[command(next_help_heading = "Data")]
+pub struct TrainDataArgs {
     /// Training data (JSONL).
     #[arg(long)]
     pub data: Option<PathBuf>,
     /// Held-out data evaluated every `--eval-every` steps and at the end.
     #[arg(long)]
     pub eval_data: Option<PathBuf>,
-    /// The run directory.
-    #[arg(long, short = 'o')]
-    pub output: Option<PathBuf>,
+    /// Longest prompt + completion in tokens.
+    #[arg(long)]
+    pub max_length: Option<usize>,
+    /// Longest prompt in tokens.
+    #[arg(long)]
+    pub max_prompt_length: Option<usize>,
+}
+
+/// Optimizer and schedule (`optim.*`).
+#[derive(Debug, Args, Serialize)]
+#[command(next_help_heading = "Optimizer")]
+pub struct TrainOptimArgs {
     /// Peak learning rate.
     #[arg(long)]
     pub lr: Option<f64>,
-    /// Rows per micro-batch (a preference row is one pair).
-    #[arg(long)]
-    pub batch_size: Option<usize>,
-    /// Micro-batches per optimizer step.
-    #[arg(long)]
-    pub grad_accum: Option<usize>,
-    /// Optimizer steps (overrides `--epochs`).
-    #[arg(long)]
-    pub max_steps: Option<u64>,
-    /// Passes over the data.
-    #[arg(long)]
-    pub epochs: Option<usize>,
     /// Linear warm-up steps.
     #[arg(long)]
     pub warmup_steps: Option<u64>,
@@ -392,6 +549,31 @@ pub struct TrainArgs {
     /// Global gradient-norm clip (0 turns it off).
     #[arg(long)]
     pub max_grad_norm: Option<f64>,
+}
+
+/// Batching, length of the run and checkpoints (`run.*`).
+#[derive(Debug, Args, Serialize)]
+#[command(next_help_heading = "Run")]
+pub struct TrainRunArgs {
+    /// The run directory.
+    #[arg(long, short = 'o')]
+    pub output: Option<PathBuf>,
+    /// Train into an output directory that already holds a run, clearing its checkpoints,
+    /// metrics and final model first (`run.overwrite`; transformers' `overwrite_output_dir`).
+    #[arg(long, conflicts_with = "resume")]
+    pub overwrite: bool,
+    /// Rows per micro-batch (a preference row is one pair).
+    #[arg(long)]
+    pub batch_size: Option<usize>,
+    /// Micro-batches per optimizer step.
+    #[arg(long)]
+    pub grad_accum: Option<usize>,
+    /// Optimizer steps (overrides `--epochs`).
+    #[arg(long)]
+    pub max_steps: Option<u64>,
+    /// Passes over the data.
+    #[arg(long)]
+    pub epochs: Option<usize>,
     /// Seed of the data order.
     #[arg(long)]
     pub seed: Option<u64>,
@@ -404,12 +586,6 @@ pub struct TrainArgs {
     /// SFT: pack several sequences into each `--max-length` row.
     #[arg(long)]
     pub packing: bool,
-    /// Longest prompt + completion in tokens.
-    #[arg(long)]
-    pub max_length: Option<usize>,
-    /// Longest prompt in tokens.
-    #[arg(long)]
-    pub max_prompt_length: Option<usize>,
     /// Checkpoint every N steps.
     #[arg(long)]
     pub save_every: Option<u64>,
@@ -422,52 +598,25 @@ pub struct TrainArgs {
     /// Evaluate every N steps.
     #[arg(long)]
     pub eval_every: Option<u64>,
-    /// DPO family: inverse temperature β.
-    #[arg(long)]
-    pub beta: Option<f64>,
-    /// DPO: sigmoid, ipo or hinge.
-    #[arg(long)]
-    pub loss_type: Option<String>,
-    /// DPO: label smoothing (conservative DPO).
-    #[arg(long)]
-    pub label_smoothing: Option<f64>,
-    /// DPO: no reference model (uniform reference).
-    #[arg(long)]
-    pub reference_free: bool,
-    /// rDPO: assumed label-flip rate.
-    #[arg(long)]
-    pub epsilon: Option<f64>,
-    /// RPO: weight of the NLL term.
-    #[arg(long)]
-    pub alpha: Option<f64>,
-    /// SPO: the base preference loss (dpo, ipo or hinge).
-    #[arg(long)]
-    pub base_objective: Option<String>,
-    /// SPO: weight λ of the self-supervised degree-classification term.
-    #[arg(long)]
-    pub spo_weight: Option<f64>,
-    /// Reward model: weight of the centering term (r_w + r_l)² (TRL's; 0.01 is usual).
-    #[arg(long)]
-    pub center_rewards_coefficient: Option<f64>,
-    /// INPO: mirror-descent step size η.
-    #[arg(long)]
-    pub eta: Option<f64>,
-    /// INPO: KL-to-reference strength τ.
-    #[arg(long)]
-    pub tau: Option<f64>,
-    /// Online objectives: the prompts the policy answers each round (JSONL).
+}
+
+/// The online loop's rounds (`online.*`).
+#[derive(Debug, Args, Serialize)]
+#[command(next_help_heading = "Online objectives")]
+pub struct TrainOnlineArgs {
+    /// The prompts the policy answers each round (JSONL).
     #[arg(long, value_name = "FILE")]
     pub prompts: Option<PathBuf>,
-    /// Online objectives: rounds of sample → judge → train.
+    /// Rounds of sample → judge → train.
     #[arg(long)]
     pub rounds: Option<u64>,
-    /// Online objectives: samples per prompt and round.
+    /// Samples per prompt and round.
     #[arg(long)]
     pub samples_per_prompt: Option<usize>,
-    /// Online objectives: the judge of the samples (verifier:auto, rm:DIR, llm:MODEL, openai:URL).
+    /// The judge of the samples (verifier:auto, rm:DIR, llm:MODEL, openai:URL).
     #[arg(long)]
     pub judge: Option<String>,
-    /// Online objectives: the model name sent to an `openai:` judge.
+    /// The model name sent to an `openai:` judge.
     #[arg(long)]
     pub judge_model: Option<String>,
     /// DNO: a teacher's answers (one `completion` per line, one per prompt) joining each pool.
@@ -476,6 +625,31 @@ pub struct TrainArgs {
     /// DNO: a teacher model adding one greedy answer per prompt each round.
     #[arg(long)]
     pub teacher_model: Option<String>,
+}
+
+/// The teacher and data of distillation (`distill.*`).
+#[derive(Debug, Args, Serialize)]
+#[command(next_help_heading = "Distillation")]
+pub struct TrainDistillArgs {
+    /// The frozen teacher (default: `default`).
+    #[arg(long)]
+    pub teacher: Option<String>,
+    /// Score the fixed training and eval sequences with the teacher once and cache its final
+    /// hidden states in the run directory.
+    #[arg(long)]
+    pub teacher_logits_cache: bool,
+    /// Where the sequences come from (dataset, teacher, student).
+    #[arg(long)]
+    pub distill_source: Option<String>,
+    /// Cut the student from `--model` keeping this many evenly spaced layers.
+    #[arg(long)]
+    pub student_num_layers: Option<usize>,
+}
+
+/// LoRA adapters instead of full fine-tuning (`lora.*`).
+#[derive(Debug, Args, Serialize)]
+#[command(next_help_heading = "LoRA")]
+pub struct TrainLoraArgs {
     /// Train LoRA adapters of this rank instead of every weight.
     #[arg(long)]
     pub lora_r: Option<usize>,
@@ -488,22 +662,6 @@ pub struct TrainArgs {
     /// Modules that get adapters, comma-separated (default q_proj,v_proj).
     #[arg(long, value_delimiter = ',')]
     pub lora_targets: Option<Vec<String>>,
-    /// Distillation: the frozen teacher (default: `default`).
-    #[arg(long)]
-    pub teacher: Option<String>,
-    /// Distillation: score the fixed training and eval sequences with the teacher once and
-    /// cache its final hidden states in the run directory.
-    #[arg(long)]
-    pub teacher_logits_cache: bool,
-    /// Distillation: where the sequences come from (dataset, teacher, student).
-    #[arg(long)]
-    pub distill_source: Option<String>,
-    /// Distillation: cut the student from `--model` keeping this many evenly spaced layers.
-    #[arg(long)]
-    pub student_num_layers: Option<usize>,
-    /// Distillation: softmax temperature of teacher and student.
-    #[arg(long)]
-    pub temperature: Option<f64>,
 }
 
 /// `candor export`. The global `--dtype` (f32, bf16, f16) is the dtype of the written weights.
@@ -530,7 +688,7 @@ pub struct BenchTrainArgs {
     #[command(flatten)]
     pub model: ModelArgs,
     /// `sft` or a pairwise objective such as `dpo` (reference forward included).
-    #[arg(long, default_value = "dpo")]
+    #[arg(long, default_value = "dpo", value_parser = objective_names())]
     pub objective: String,
     /// Rows per step (pairs for pairwise objectives).
     #[arg(long, default_value_t = 4)]
@@ -716,4 +874,48 @@ pub struct RunArgs {
     /// Set any key of the recipe, e.g. `--set train.run.max_steps=10` (repeatable).
     #[arg(long = "set", value_name = "KEY=VALUE")]
     pub set: Vec<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_train_flag_has_one_key_in_the_table() {
+        let command = TrainArgs::augment_args(clap::Command::new("train"));
+        let options = ["config", "set", "resume", "print_config", "help_objective", "quiet"];
+        let mut flags: Vec<&str> =
+            command.get_arguments().map(|a| a.get_id().as_str()).filter(|id| !options.contains(id)).collect();
+        let mut fields: Vec<&str> = TRAIN_FLAGS.iter().map(|(field, _)| *field).collect();
+        flags.sort_unstable();
+        fields.sort_unstable();
+        assert_eq!(flags, fields);
+        let mut keys: Vec<&str> = TRAIN_FLAGS.iter().map(|(_, key)| *key).collect();
+        keys.sort_unstable();
+        keys.dedup();
+        assert_eq!(keys.len(), TRAIN_FLAGS.len(), "one flag per key");
+    }
+
+    #[test]
+    fn hidden_flags_are_objective_settings_that_help_objective_lists() {
+        let command = TrainArgs::augment_args(clap::Command::new("train"));
+        for arg in command.get_arguments().filter(|a| a.is_hide_set()) {
+            let (_, key) = TRAIN_FLAGS.iter().find(|(field, _)| *field == arg.get_id().as_str()).unwrap();
+            let setting = key.strip_prefix("objective.").unwrap();
+            let listed = candor_alignment::Objective::NAMES.iter().any(|(name, _)| {
+                let defaults = serde_json::to_value(candor_alignment::Objective::default_for(name).unwrap()).unwrap();
+                defaults.get(setting).is_some()
+            });
+            assert!(listed, "--{} is hidden but no objective has `{key}`", arg.get_id());
+        }
+    }
+
+    #[test]
+    fn objective_names_come_from_the_registry() {
+        let err = Cli::try_parse_from(["candor", "train", "--objective", "dpoo"]).unwrap_err().to_string();
+        assert!(err.contains("dpoo") && err.contains("rdpo") && err.contains("dac_kl"), "{err}");
+        let cli = Cli::try_parse_from(["candor", "train", "--objective", "dac_kl"]).unwrap();
+        let Command::Train(args) = cli.command else { panic!("not train") };
+        assert_eq!(args.objective.objective.as_deref(), Some("dac_kl"));
+    }
 }

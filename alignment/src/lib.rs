@@ -8,4 +8,4 @@ pub mod tensor_ops;
 
 pub use error::{AlignError, Result};
 pub use objectives::{ObjectiveOutput, PairLogps, PairScores, SequenceLogps, StepScale};
-pub use registry::{DataNeed, HeadSpec, Objective, ObjectiveInput};
+pub use registry::{DataNeed, HeadSpec, JudgeNeed, LoopKind, Objective, ObjectiveInput, ObjectiveSpec};

@@ -1,5 +1,7 @@
-//! The one list of objectives: the names users type, their configurations, what each needs,
-//! and dispatch. Adding an objective adds one variant here.
+//! The one table of objectives: the names users type, their configurations, their loss
+//! functions, what each needs (loop, data, reference, judge, ...) and their one-line help.
+//! Adding an objective adds one row to the `objectives!` table; the enum, `NAMES`, `SPECS`,
+//! `default_for`, `validate` and `compute` are generated from it.
 
 use serde::{Deserialize, Serialize};
 
@@ -9,42 +11,241 @@ use crate::objectives::{
 };
 use crate::{AlignError, Result};
 
-/// A training objective and its hyper-parameters (TOML: `[objective] name = "dpo"`, ...).
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(tag = "name", rename_all = "snake_case")]
-pub enum Objective {
-    /// Supervised fine-tuning: NLL of completion tokens.
-    Sft(sft::SftConfig),
-    /// Direct Preference Optimization (sigmoid / IPO / hinge; label smoothing = cDPO).
-    Dpo(dpo::DpoConfig),
-    /// Provably robust DPO under label flips.
-    Rdpo(rdpo::RdpoConfig),
-    /// DPO plus NLL on the chosen completions.
-    Rpo(rpo::RpoConfig),
-    /// Self-supervised Preference Optimization: a preference loss plus a degree classifier.
-    Spo(spo::SpoConfig),
-    /// Contrastive Policy Gradient on pairs with scalar rewards.
-    Copg(copg::CopgConfig),
-    /// Chain of hindsight: feedback-conditioned sequences, NLL on the answers.
-    Hindsight(hindsight::HindsightConfig),
-    /// Reward model: Bradley-Terry on a scalar head.
-    Reward(reward::RewardConfig),
-    /// Iterative Nash Policy Optimization on the policy's own judged samples (online).
-    Inpo(inpo::InpoConfig),
-    /// Direct Nash Optimization (DNO-Prct): contrastive pairs against the previous iterate (online).
-    Dno(dno::DnoConfig),
-    /// Negative-aware Fine-Tuning on verifier-labelled samples (online).
-    Nft(nft::NftConfig),
-    /// Text2Grad: span-level rewards from natural-language critiques, token-level PPO (online).
-    Text2grad(text2grad::Text2GradConfig),
-    /// Knowledge distillation: forward KL, reverse KL or GKD's generalized JSD to a teacher.
-    Kd(kd::KdConfig),
-    /// SinKD: Sinkhorn distance between teacher and student distributions (+ KD and CE).
-    Sinkd(sinkd::SinkdConfig),
-    /// DAC-KL: KL on the teacher's adaptively clipped high-density region (+ SFT and spans).
-    DacKl(dac_kl::DacKlConfig),
-    /// KDRL: GRPO on verifier rewards plus a reverse-KL pull towards a teacher (online).
-    Kdrl(kdrl::KdrlConfig),
+/// Generates, from the table's rows, the `Objective` enum (serde tag = the name) and everything
+/// that follows a row: `SPECS`, `NAMES`, `spec`, `name`, `default_for`, `validate`, `compute`.
+macro_rules! objectives {
+    ($($name:literal => $variant:ident($config:ty), $input:ident => $loss:path, $facts:expr, $help:literal;)*) => {
+        /// A training objective and its hyper-parameters (TOML: `[objective] name = "dpo"`, ...).
+        #[derive(Debug, Clone, Serialize, Deserialize)]
+        #[serde(tag = "name")]
+        pub enum Objective {
+            $(#[doc = $help] #[serde(rename = $name)] $variant($config),)*
+        }
+
+        impl Objective {
+            /// Every objective's row of the registry, in registry order.
+            pub const SPECS: &'static [ObjectiveSpec] = &[$(ObjectiveSpec { name: $name, help: $help, ..$facts }),*];
+
+            /// Every objective name, in registry order, with a one-line description.
+            pub const NAMES: &'static [(&'static str, &'static str)] = &[$(($name, $help)),*];
+
+            /// This objective's row of the registry.
+            pub fn spec(&self) -> &'static ObjectiveSpec {
+                match self {
+                    $(Objective::$variant(_) => {
+                        const SPEC: ObjectiveSpec = ObjectiveSpec { name: $name, help: $help, ..$facts };
+                        &SPEC
+                    })*
+                }
+            }
+
+            /// The objective with its paper defaults, by name.
+            pub fn default_for(name: &str) -> Result<Self> {
+                match name {
+                    $($name => Ok(Objective::$variant(Default::default())),)*
+                    other => Err(unknown_objective(other)),
+                }
+            }
+
+            /// Check the hyper-parameters.
+            pub fn validate(&self) -> Result<()> {
+                match self {
+                    $(Objective::$variant(c) => c.validate(),)*
+                }
+            }
+
+            /// Loss and metrics of one micro-batch.
+            pub fn compute(&self, input: &ObjectiveInput, scale: &StepScale) -> Result<ObjectiveOutput> {
+                match (self, input) {
+                    $((Objective::$variant(c), ObjectiveInput::$input(x)) => $loss(x, c, scale),)*
+                    _ => Err(AlignError::InvalidConfig {
+                        objective: self.name(),
+                        field: "data",
+                        reason: format!("needs {}", self.data_need().description()),
+                    }),
+                }
+            }
+        }
+    };
+}
+
+// THE table: one row per objective. `name => Variant(config), input => loss, row facts, help;`
+// The name is also the serde tag, the help also the variant's documentation.
+objectives! {
+    "sft" => Sft(sft::SftConfig), Sequences => sft::loss, offline(DataNeed::Sequences),
+        "supervised fine-tuning: NLL of the completion tokens";
+    "dpo" => Dpo(dpo::DpoConfig), Pairs => dpo::loss, offline(DataNeed::Pairs).with_reference(),
+        "Direct Preference Optimization (sigmoid / ipo / hinge; label smoothing = cDPO)";
+    "rdpo" => Rdpo(rdpo::RdpoConfig), Pairs => rdpo::loss, offline(DataNeed::Pairs).with_reference(),
+        "provably robust DPO under preference-label flips at an assumed rate epsilon";
+    "rpo" => Rpo(rpo::RpoConfig), Pairs => rpo::loss, offline(DataNeed::Pairs).with_reference(),
+        "DPO + alpha x NLL on the chosen completions (TRL's rpo_alpha)";
+    "spo" => Spo(spo::SpoConfig), Pairs => spo::loss, offline(DataNeed::Pairs).with_reference(),
+        "Self-supervised Preference Optimization: base loss + key-content degree classifier";
+    "copg" => Copg(copg::CopgConfig), Pairs => copg::loss,
+        offline(DataNeed::Pairs).with_reference().with_pair_rewards(),
+        "Contrastive Policy Gradient on pairs with scalar rewards (reward_chosen/reward_rejected)";
+    "hindsight" => Hindsight(hindsight::HindsightConfig), Sequences => hindsight::loss,
+        offline(DataNeed::Hindsight),
+        "Chain of Hindsight: feedback-conditioned sequences, NLL on the answers";
+    "reward" => Reward(reward::RewardConfig), Scores => reward::loss, offline(DataNeed::ScoredPairs),
+        "reward model: Bradley-Terry on a scalar head (margin, centering)";
+    "inpo" => Inpo(inpo::InpoConfig), Pairs => inpo::loss,
+        online(DataNeed::Pairs, JudgeNeed::Any, 2).with_reference().with_previous_iterate(),
+        "Iterative Nash Policy Optimization against the reference and the previous iterate";
+    "dno" => Dno(dno::DnoConfig), Pairs => dno::loss, online(DataNeed::Pairs, JudgeNeed::Any, 2).with_teacher_pool(),
+        "Direct Nash Optimization, best-vs-worst judged samples against the previous iterate";
+    "nft" => Nft(nft::NftConfig), Tokens => nft::loss, online(DataNeed::Rollouts, JudgeNeed::Verifier, 2),
+        "NFT: Negative-aware Fine-Tuning on verifier-labelled samples";
+    "text2grad" => Text2grad(text2grad::Text2GradConfig), Ppo => text2grad::loss,
+        online(DataNeed::TokenRewards, JudgeNeed::Any, 1).with_reference().with_value_head(),
+        "Text2Grad: span-level rewards from natural-language critiques, token-level PPO with a value head";
+    "kd" => Kd(kd::KdConfig), Distill => kd::loss, distill(),
+        "knowledge distillation: forward KL (beta 0), reverse KL (beta 1) or generalized JSD to a frozen teacher";
+    "sinkd" => Sinkd(sinkd::SinkdConfig), Distill => sinkd::loss, distill(),
+        "SinKD: Sinkhorn distance between teacher and student distributions, with KD and CE";
+    "dac_kl" => DacKl(dac_kl::DacKlConfig), Distill => dac_kl::loss, distill(),
+        "DAC-KL: KL on the teacher's adaptively clipped high-density region, with SFT and span terms";
+    "kdrl" => Kdrl(kdrl::KdrlConfig), Kdrl => kdrl::loss,
+        online(DataNeed::TeacherRollouts, JudgeNeed::Verifier, 2),
+        "KDRL: GRPO on verifier rewards plus a reverse-KL pull towards a teacher (k2/k3, annealed, reward-masked)";
+}
+
+/// Which training loop runs an objective.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LoopKind {
+    /// Epochs over a fixed dataset.
+    Offline,
+    /// Rounds of sample → judge → train on the policy's own answers to `online.prompts`.
+    Online,
+    /// Epochs over a dataset scored by a frozen teacher (`[distill]`).
+    Distill,
+}
+
+impl LoopKind {
+    /// The loop's name in help texts.
+    pub fn name(self) -> &'static str {
+        match self {
+            LoopKind::Offline => "offline",
+            LoopKind::Online => "online",
+            LoopKind::Distill => "distill",
+        }
+    }
+
+    /// One line on what the loop does.
+    pub fn description(self) -> &'static str {
+        match self {
+            LoopKind::Offline => "epochs over a fixed dataset (`data.train`)",
+            LoopKind::Online => "rounds of sample -> judge -> train on the policy's own answers (`online.prompts`)",
+            LoopKind::Distill => "epochs over sequences scored by a frozen teacher (`distill.teacher`)",
+        }
+    }
+}
+
+/// Which judge may score an objective's samples (`online.judge`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum JudgeNeed {
+    /// No judge: the objective does not sample.
+    None,
+    /// Any judge: `verifier:`, `rm:`, `llm:` or `openai:`.
+    Any,
+    /// A `verifier:`: the objective learns from right and wrong answers.
+    Verifier,
+}
+
+/// One row of the registry: what the rest of candor knows about an objective before reading its
+/// hyper-parameters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ObjectiveSpec {
+    /// The name users type (`--objective`, `[objective] name`).
+    pub name: &'static str,
+    /// One line for help texts.
+    pub help: &'static str,
+    /// Which training loop runs it.
+    pub loop_kind: LoopKind,
+    /// What a batch must hold.
+    pub data_need: DataNeed,
+    /// Whether a frozen reference scores the data under the default hyper-parameters (see
+    /// [`Objective::needs_reference`] for the settings that change it).
+    pub reference: bool,
+    /// Which judge scores its samples (online objectives).
+    pub judge: JudgeNeed,
+    /// Fewest samples per prompt and round it learns from (online objectives; 0 otherwise).
+    pub fewest_samples_per_prompt: usize,
+    /// Whether a teacher's answers may join its pools of samples (`online.teacher_outputs`,
+    /// `online.teacher_model`).
+    pub teacher_pool: bool,
+    /// Whether the policy carries a scalar value head (PPO).
+    pub value_head: bool,
+    /// Whether pairs carry the previous iterate's log-probs.
+    pub previous_iterate: bool,
+    /// Whether every pair must carry scalar rewards.
+    pub pair_rewards: bool,
+}
+
+impl ObjectiveSpec {
+    /// Whether a frozen teacher (`[distill] teacher`) scores the data.
+    pub fn needs_teacher(&self) -> bool {
+        matches!(self.data_need, DataNeed::Distill | DataNeed::TeacherRollouts)
+    }
+
+    /// The row needs the frozen reference.
+    const fn with_reference(self) -> Self {
+        Self { reference: true, ..self }
+    }
+    /// The row's pools may take a teacher's answers.
+    const fn with_teacher_pool(self) -> Self {
+        Self { teacher_pool: true, ..self }
+    }
+    /// The row trains a value head.
+    const fn with_value_head(self) -> Self {
+        Self { value_head: true, ..self }
+    }
+    /// The row's pairs carry the previous iterate.
+    const fn with_previous_iterate(self) -> Self {
+        Self { previous_iterate: true, ..self }
+    }
+    /// The row's pairs carry rewards.
+    const fn with_pair_rewards(self) -> Self {
+        Self { pair_rewards: true, ..self }
+    }
+}
+
+/// A row's facts for a dataset objective (name and help come from the row).
+const fn offline(data_need: DataNeed) -> ObjectiveSpec {
+    ObjectiveSpec {
+        name: "",
+        help: "",
+        loop_kind: LoopKind::Offline,
+        data_need,
+        reference: false,
+        judge: JudgeNeed::None,
+        fewest_samples_per_prompt: 0,
+        teacher_pool: false,
+        value_head: false,
+        previous_iterate: false,
+        pair_rewards: false,
+    }
+}
+
+/// A row's facts for an online objective.
+const fn online(data_need: DataNeed, judge: JudgeNeed, fewest_samples_per_prompt: usize) -> ObjectiveSpec {
+    ObjectiveSpec { loop_kind: LoopKind::Online, judge, fewest_samples_per_prompt, ..offline(data_need) }
+}
+
+/// A row's facts for a distillation objective over a dataset.
+const fn distill() -> ObjectiveSpec {
+    ObjectiveSpec { loop_kind: LoopKind::Distill, ..offline(DataNeed::Distill) }
+}
+
+/// The error for a name not in the table, listing the names that are.
+fn unknown_objective(name: &str) -> AlignError {
+    let names: Vec<&str> = Objective::NAMES.iter().map(|n| n.0).collect();
+    AlignError::InvalidConfig {
+        objective: "registry",
+        field: "name",
+        reason: format!("unknown objective `{name}` (known: {})", names.join(", ")),
+    }
 }
 
 /// What a batch must hold for an objective.
@@ -66,6 +267,22 @@ pub enum DataNeed {
     Distill,
     /// The policy's own samples with group advantages and the teacher's token log-probs (KDRL).
     TeacherRollouts,
+}
+
+impl DataNeed {
+    /// What the data is, in words (help texts, errors).
+    pub fn description(self) -> &'static str {
+        match self {
+            DataNeed::Sequences => "single completions (`prompt`/`completion`, `messages` or `text` rows)",
+            DataNeed::Pairs => "preference pairs (`prompt`/`chosen`/`rejected` rows)",
+            DataNeed::ScoredPairs => "preference pairs scored by a scalar head (`prompt`/`chosen`/`rejected` rows)",
+            DataNeed::Hindsight => "preference pairs or `label`led rows, rendered as feedback-conditioned sequences",
+            DataNeed::Rollouts => "the policy's verifier-labelled samples with their sampling log-probs",
+            DataNeed::TokenRewards => "the policy's samples with token advantages and returns",
+            DataNeed::Distill => "completions scored by the teacher (`prompt`/`completion`, `messages` or `text` rows)",
+            DataNeed::TeacherRollouts => "the policy's samples with group advantages and teacher log-probs",
+        }
+    }
 }
 
 /// Extra classification heads an objective trains beside the policy (`[heads, classes, hidden]`).
@@ -99,110 +316,35 @@ pub enum ObjectiveInput {
 }
 
 impl Objective {
-    /// Every objective name, in registry order, with a one-line description.
-    pub const NAMES: &'static [(&'static str, &'static str)] = &[
-        ("sft", "supervised fine-tuning: NLL of the completion tokens"),
-        ("dpo", "Direct Preference Optimization (sigmoid / ipo / hinge; label smoothing = cDPO)"),
-        ("rdpo", "provably robust DPO under preference-label flips (--epsilon)"),
-        ("rpo", "DPO + alpha x NLL on the chosen completions (TRL's rpo_alpha)"),
-        ("spo", "Self-supervised Preference Optimization: base loss + key-content degree classifier"),
-        ("copg", "Contrastive Policy Gradient on pairs with scalar rewards (reward_chosen/reward_rejected)"),
-        ("hindsight", "Chain of Hindsight: feedback-conditioned sequences, NLL on the answers"),
-        ("reward", "reward model: Bradley-Terry on a scalar head (margin, centering)"),
-        ("inpo", "online: Iterative Nash Policy Optimization against the reference and the previous iterate (--eta, --tau)"),
-        ("dno", "online: Direct Nash Optimization, best-vs-worst judged samples against the previous iterate"),
-        ("nft", "online: Negative-aware Fine-Tuning on verifier-labelled samples"),
-        ("text2grad", "online: span-level rewards from natural-language critiques, token-level PPO with a value head"),
-        ("kd", "distillation: forward KL (--beta 0), reverse KL (1) or generalized JSD to a frozen teacher"),
-        ("sinkd", "distillation: Sinkhorn distance between teacher and student distributions, with KD and CE"),
-        ("dac_kl", "distillation: KL on the teacher's adaptively clipped high-density region, with SFT and span terms"),
-        ("kdrl", "online: GRPO on verifier rewards plus a reverse-KL pull towards a teacher (k2/k3, annealed, reward-masked)"),
-    ];
+    /// The names of the objectives whose rows satisfy `keep`, in registry order.
+    pub fn names_where(keep: impl Fn(&ObjectiveSpec) -> bool) -> Vec<&'static str> {
+        Self::SPECS.iter().filter(|s| keep(s)).map(|s| s.name).collect()
+    }
 
     /// The registry name.
     pub fn name(&self) -> &'static str {
-        match self {
-            Objective::Sft(_) => "sft",
-            Objective::Dpo(_) => "dpo",
-            Objective::Rdpo(_) => "rdpo",
-            Objective::Rpo(_) => "rpo",
-            Objective::Spo(_) => "spo",
-            Objective::Copg(_) => "copg",
-            Objective::Hindsight(_) => "hindsight",
-            Objective::Reward(_) => "reward",
-            Objective::Inpo(_) => "inpo",
-            Objective::Dno(_) => "dno",
-            Objective::Nft(_) => "nft",
-            Objective::Text2grad(_) => "text2grad",
-            Objective::Kd(_) => "kd",
-            Objective::Sinkd(_) => "sinkd",
-            Objective::DacKl(_) => "dac_kl",
-            Objective::Kdrl(_) => "kdrl",
-        }
+        self.spec().name
     }
 
-    /// The objective with its paper defaults, by name.
-    pub fn default_for(name: &str) -> Result<Self> {
-        Ok(match name {
-            "sft" => Objective::Sft(Default::default()),
-            "dpo" => Objective::Dpo(Default::default()),
-            "rdpo" => Objective::Rdpo(Default::default()),
-            "rpo" => Objective::Rpo(Default::default()),
-            "spo" => Objective::Spo(Default::default()),
-            "copg" => Objective::Copg(Default::default()),
-            "hindsight" => Objective::Hindsight(Default::default()),
-            "reward" => Objective::Reward(Default::default()),
-            "inpo" => Objective::Inpo(Default::default()),
-            "dno" => Objective::Dno(Default::default()),
-            "nft" => Objective::Nft(Default::default()),
-            "text2grad" => Objective::Text2grad(Default::default()),
-            "kd" => Objective::Kd(Default::default()),
-            "sinkd" => Objective::Sinkd(Default::default()),
-            "dac_kl" => Objective::DacKl(Default::default()),
-            "kdrl" => Objective::Kdrl(Default::default()),
-            other => {
-                let names: Vec<&str> = Self::NAMES.iter().map(|n| n.0).collect();
-                return Err(AlignError::InvalidConfig {
-                    objective: "registry",
-                    field: "name",
-                    reason: format!("unknown objective `{other}` (known: {})", names.join(", ")),
-                });
-            }
-        })
+    /// Which training loop runs it.
+    pub fn loop_kind(&self) -> LoopKind {
+        self.spec().loop_kind
     }
 
     /// Which data a batch must hold.
     pub fn data_need(&self) -> DataNeed {
-        match self {
-            Objective::Sft(_) => DataNeed::Sequences,
-            Objective::Dpo(_)
-            | Objective::Rdpo(_)
-            | Objective::Rpo(_)
-            | Objective::Spo(_)
-            | Objective::Copg(_)
-            | Objective::Inpo(_)
-            | Objective::Dno(_) => DataNeed::Pairs,
-            Objective::Reward(_) => DataNeed::ScoredPairs,
-            Objective::Hindsight(_) => DataNeed::Hindsight,
-            Objective::Nft(_) => DataNeed::Rollouts,
-            Objective::Text2grad(_) => DataNeed::TokenRewards,
-            Objective::Kd(_) | Objective::Sinkd(_) | Objective::DacKl(_) => DataNeed::Distill,
-            Objective::Kdrl(_) => DataNeed::TeacherRollouts,
-        }
+        self.spec().data_need
     }
 
     /// Whether the objective learns from the policy's own samples, round by round (the online
     /// loop), rather than from a fixed dataset.
     pub fn is_online(&self) -> bool {
-        matches!(
-            self,
-            Objective::Inpo(_) | Objective::Dno(_) | Objective::Nft(_) | Objective::Text2grad(_) | Objective::Kdrl(_)
-        )
+        self.loop_kind() == LoopKind::Online
     }
 
     /// Whether a frozen teacher (`[distill] teacher`) scores the data.
     pub fn needs_teacher(&self) -> bool {
-        matches!(self.data_need(), DataNeed::Distill | DataNeed::TeacherRollouts)
+        self.spec().needs_teacher()
     }
 
     /// DAC-KL's clipping network: its parameters' names and shapes, trained beside the policy.
@@ -216,18 +358,18 @@ impl Objective {
     /// Whether the policy carries a scalar value head (`v_head.summary`, TRL's layout) trained
     /// with it (PPO).
     pub fn needs_value_head(&self) -> bool {
-        matches!(self, Objective::Text2grad(_))
+        self.spec().value_head
     }
 
     /// Whether pairs carry the previous iterate's log-probs (INPO). DNO's previous iterate is
     /// its pairs' reference instead.
     pub fn needs_previous_iterate(&self) -> bool {
-        matches!(self, Objective::Inpo(_))
+        self.spec().previous_iterate
     }
 
     /// Whether every pair must carry scalar rewards (`reward_chosen` / `reward_rejected`).
     pub fn needs_pair_rewards(&self) -> bool {
-        matches!(self, Objective::Copg(_))
+        self.spec().pair_rewards
     }
 
     /// The judge that scores pairs lacking rewards (CoPG's `reward_judge`).
@@ -246,77 +388,13 @@ impl Objective {
         }
     }
 
-    /// Whether a frozen reference model's log-probs are needed.
+    /// Whether a frozen reference model's log-probs are needed: the row's answer, unless a
+    /// setting turns the reference off (DPO's `reference_free`, INPO's `tau = 0`).
     pub fn needs_reference(&self) -> bool {
         match self {
-            Objective::Sft(_)
-            | Objective::Hindsight(_)
-            | Objective::Reward(_)
-            | Objective::Dno(_)
-            | Objective::Nft(_) => false,
-            Objective::Kd(_) | Objective::Sinkd(_) | Objective::DacKl(_) | Objective::Kdrl(_) => false,
             Objective::Dpo(c) => !c.reference_free,
             Objective::Inpo(c) => c.tau > 0.0,
-            Objective::Text2grad(_) => true,
-            Objective::Rdpo(_) | Objective::Rpo(_) | Objective::Spo(_) | Objective::Copg(_) => true,
-        }
-    }
-
-    /// Check the hyper-parameters.
-    pub fn validate(&self) -> Result<()> {
-        match self {
-            Objective::Sft(c) => c.validate(),
-            Objective::Dpo(c) => c.validate(),
-            Objective::Rdpo(c) => c.validate(),
-            Objective::Rpo(c) => c.validate(),
-            Objective::Spo(c) => c.validate(),
-            Objective::Copg(c) => c.validate(),
-            Objective::Hindsight(c) => c.validate(),
-            Objective::Reward(c) => c.validate(),
-            Objective::Inpo(c) => c.validate(),
-            Objective::Dno(c) => c.validate(),
-            Objective::Nft(c) => c.validate(),
-            Objective::Text2grad(c) => c.validate(),
-            Objective::Kd(c) => c.validate(),
-            Objective::Sinkd(c) => c.validate(),
-            Objective::DacKl(c) => c.validate(),
-            Objective::Kdrl(c) => c.validate(),
-        }
-    }
-
-    /// Loss and metrics of one micro-batch.
-    pub fn compute(&self, input: &ObjectiveInput, scale: &StepScale) -> Result<ObjectiveOutput> {
-        let wrong = |need: &str| AlignError::InvalidConfig {
-            objective: self.name(),
-            field: "data",
-            reason: format!("needs {need}"),
-        };
-        match (self, input) {
-            (Objective::Sft(c), ObjectiveInput::Sequences(x)) => sft::loss(x, c, scale),
-            (Objective::Dpo(c), ObjectiveInput::Pairs(x)) => dpo::loss(x, c, scale),
-            (Objective::Rdpo(c), ObjectiveInput::Pairs(x)) => rdpo::loss(x, c, scale),
-            (Objective::Rpo(c), ObjectiveInput::Pairs(x)) => rpo::loss(x, c, scale),
-            (Objective::Spo(c), ObjectiveInput::Pairs(x)) => spo::loss(x, c, scale),
-            (Objective::Copg(c), ObjectiveInput::Pairs(x)) => copg::loss(x, c, scale),
-            (Objective::Hindsight(c), ObjectiveInput::Sequences(x)) => hindsight::loss(x, c, scale),
-            (Objective::Reward(c), ObjectiveInput::Scores(x)) => reward::loss(x, c, scale),
-            (Objective::Inpo(c), ObjectiveInput::Pairs(x)) => inpo::loss(x, c, scale),
-            (Objective::Dno(c), ObjectiveInput::Pairs(x)) => dno::loss(x, c, scale),
-            (Objective::Nft(c), ObjectiveInput::Tokens(x)) => nft::loss(x, c, scale),
-            (Objective::Text2grad(c), ObjectiveInput::Ppo(x)) => text2grad::loss(x, c, scale),
-            (Objective::Kd(c), ObjectiveInput::Distill(x)) => kd::loss(x, c, scale),
-            (Objective::Sinkd(c), ObjectiveInput::Distill(x)) => sinkd::loss(x, c, scale),
-            (Objective::DacKl(c), ObjectiveInput::Distill(x)) => dac_kl::loss(x, c, scale),
-            (Objective::Kdrl(c), ObjectiveInput::Kdrl(x)) => kdrl::loss(x, c, scale),
-            _ => Err(wrong(match self.data_need() {
-                DataNeed::Sequences | DataNeed::Hindsight => "single sequences",
-                DataNeed::Pairs => "preference pairs",
-                DataNeed::ScoredPairs => "scored preference pairs",
-                DataNeed::Rollouts => "verifier-labelled samples with their sampling log-probs",
-                DataNeed::TokenRewards => "samples with token advantages and returns",
-                DataNeed::Distill => "completions scored by the teacher",
-                DataNeed::TeacherRollouts => "samples with group advantages and teacher log-probs",
-            })),
+            _ => self.spec().reference,
         }
     }
 }
@@ -338,12 +416,58 @@ mod tests {
 
     #[test]
     fn every_name_has_defaults_and_round_trips() {
-        for (name, _) in Objective::NAMES {
+        for (name, help) in Objective::NAMES {
             let o = Objective::default_for(name).unwrap();
             assert_eq!(o.name(), *name);
+            assert_eq!(o.spec().help, *help);
             o.validate().unwrap();
+            let tagged = serde_json::to_value(&o).unwrap();
+            assert_eq!(tagged["name"], *name, "the serde tag is the table's name");
+            assert_eq!(serde_json::from_value::<Objective>(tagged).unwrap().name(), *name);
         }
         assert!(Objective::default_for("nope").unwrap_err().to_string().contains("known: sft, dpo"));
+    }
+
+    #[test]
+    fn names_count_the_enum_variants() {
+        // serde's own list of the variants, independent of the table's constants.
+        let err = serde_json::from_str::<Objective>(r#"{"name": "?"}"#).unwrap_err().to_string();
+        let listed = err.split("expected one of ").nth(1).unwrap().split(" at line").next().unwrap();
+        let variants: Vec<&str> = listed.split(", ").map(|v| v.trim_matches('`')).collect();
+        let names: Vec<&str> = Objective::NAMES.iter().map(|n| n.0).collect();
+        assert_eq!(variants, names);
+        assert_eq!(Objective::SPECS.len(), names.len());
+        let mut unique = names.clone();
+        unique.sort_unstable();
+        unique.dedup();
+        assert_eq!(unique.len(), names.len());
+    }
+
+    #[test]
+    fn loop_kinds_and_online_facts() {
+        let kind = |name: &str| Objective::default_for(name).unwrap().loop_kind();
+        assert_eq!(kind("dpo"), LoopKind::Offline);
+        assert_eq!(kind("sft"), LoopKind::Offline);
+        assert_eq!(kind("kd"), LoopKind::Distill);
+        assert_eq!(kind("dac_kl"), LoopKind::Distill);
+        assert_eq!(kind("kdrl"), LoopKind::Online);
+        assert_eq!(
+            Objective::names_where(|s| s.loop_kind == LoopKind::Online),
+            ["inpo", "dno", "nft", "text2grad", "kdrl"]
+        );
+        assert_eq!(Objective::names_where(|s| s.judge == JudgeNeed::Verifier), ["nft", "kdrl"]);
+        assert_eq!(Objective::names_where(|s| s.teacher_pool), ["dno"]);
+        assert_eq!(Objective::names_where(ObjectiveSpec::needs_teacher), ["kd", "sinkd", "dac_kl", "kdrl"]);
+        for (name, _) in Objective::NAMES {
+            let o = Objective::default_for(name).unwrap();
+            let online = o.loop_kind() == LoopKind::Online;
+            assert_eq!(o.is_online(), online, "{name}");
+            assert_eq!(o.spec().judge != JudgeNeed::None, online, "{name}");
+            assert_eq!(o.spec().fewest_samples_per_prompt > 0, online, "{name}");
+            assert_eq!(o.needs_reference(), o.spec().reference, "{name}: defaults agree with the row");
+        }
+        assert_eq!(Objective::default_for("text2grad").unwrap().spec().fewest_samples_per_prompt, 1);
+        assert_eq!(Objective::default_for("dno").unwrap().spec().fewest_samples_per_prompt, 2);
     }
 
     fn toml_like(json: &str) -> Objective {

@@ -18,6 +18,15 @@ pub fn run(cmd: &BenchCommand, global: &GlobalArgs) -> Result<()> {
     }
 }
 
+/// Whether `bench train` can time the objective on synthetic token ids: no per-row data (pair
+/// rewards) and no extra heads or networks.
+fn benchable(objective: &candor_alignment::Objective) -> bool {
+    objective.degree_heads().is_none()
+        && !objective.needs_pair_rewards()
+        && !objective.needs_value_head()
+        && objective.clip_net().is_none()
+}
+
 fn train_bench(args: &BenchTrainArgs, global: &GlobalArgs) -> Result<()> {
     use crate::data::TokenizedSequence;
     use crate::train::inputs::StepModels;
@@ -27,12 +36,13 @@ fn train_bench(args: &BenchTrainArgs, global: &GlobalArgs) -> Result<()> {
     use candor_alignment::{DataNeed, Objective};
 
     let objective = Objective::default_for(&args.objective)?;
-    if objective.degree_heads().is_some()
-        || objective.needs_pair_rewards()
-        || objective.needs_value_head()
-        || objective.clip_net().is_some()
-    {
-        bail!("`bench train` measures objectives that need nothing beyond token ids (sft, dpo, rdpo, rpo, hindsight, reward, inpo, dno, nft, kd, sinkd, kdrl); `{}` needs per-row data or extra heads", objective.name());
+    if !benchable(&objective) {
+        let names: Vec<&str> = Objective::NAMES
+            .iter()
+            .filter(|(name, _)| Objective::default_for(name).is_ok_and(|o| benchable(&o)))
+            .map(|(name, _)| *name)
+            .collect();
+        bail!("`bench train` measures objectives that need nothing beyond token ids ({}); `{}` needs per-row data or extra heads", names.join(", "), objective.name());
     }
     // bf16 trains as `candor train` does: f32 master weights, bf16 matmul operands.
     let mixed = global.dtype == "bf16";

@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, bail, Context, Result};
-use candor_alignment::Objective;
+use candor_alignment::{DataNeed, JudgeNeed, LoopKind, Objective, ObjectiveSpec};
 use serde::{Deserialize, Serialize};
 
 use super::optim::Scheduler;
@@ -493,8 +493,13 @@ impl TrainConfig {
             return Err(setting("run.grad_accum", "must be at least 1"));
         }
         self.validate_numbers()?;
-        if r.packing && self.objective.data_need() != candor_alignment::DataNeed::Sequences {
-            bail!("`run.packing` applies to single-sequence objectives such as `sft`, not `{}`", self.objective.name());
+        if r.packing && self.objective.data_need() != DataNeed::Sequences {
+            let names = Objective::names_where(|s| s.data_need == DataNeed::Sequences);
+            bail!(
+                "`run.packing` applies to single-sequence objectives ({}), not `{}`",
+                names.join(", "),
+                self.objective.name()
+            );
         }
         if r.max_steps == Some(0) || (r.max_steps.is_none() && r.epochs == 0) {
             bail!("nothing to train: set `run.max_steps` or `run.epochs` above 0");
@@ -505,11 +510,13 @@ impl TrainConfig {
                 self.objective.name()
             ),
             (Some(_), false) => bail!(
-                "`[online]` applies to online objectives (inpo, dno, nft, text2grad, kdrl), not `{}`",
+                "`[online]` applies to online objectives ({}), not `{}`",
+                Objective::names_where(|s| s.loop_kind == LoopKind::Online).join(", "),
                 self.objective.name()
             ),
             (Some(o), true) => {
-                let fewest_samples = if matches!(self.objective, Objective::Text2grad(_)) { 1 } else { 2 };
+                let spec = self.objective.spec();
+                let fewest_samples = spec.fewest_samples_per_prompt;
                 if o.rounds == 0
                     || o.samples_per_prompt < fewest_samples
                     || o.epochs_per_round == 0
@@ -517,16 +524,14 @@ impl TrainConfig {
                 {
                     bail!("`online.rounds` and `online.epochs_per_round` must be at least 1 and `online.samples_per_prompt` at least {fewest_samples} for `{}`", self.objective.name());
                 }
-                if (o.teacher_outputs.is_some() || o.teacher_model.is_some())
-                    && !matches!(self.objective, Objective::Dno(_))
-                {
-                    bail!("`online.teacher_outputs` / `online.teacher_model` apply to `dno` only");
+                if (o.teacher_outputs.is_some() || o.teacher_model.is_some()) && !spec.teacher_pool {
+                    let names = Objective::names_where(|s| s.teacher_pool);
+                    bail!("`online.teacher_outputs` / `online.teacher_model` apply to `{}` only", names.join("`, `"));
                 }
                 if self.data.train.is_some() || self.data.eval.is_some() {
                     bail!("`{}` learns from its own samples of `online.prompts`; `data.train` / `data.eval` are not read (measure the result with `candor eval winrate`)", self.objective.name());
                 }
-                if matches!(self.objective, Objective::Nft(_) | Objective::Kdrl(_)) && !o.judge.starts_with("verifier:")
-                {
+                if spec.judge == JudgeNeed::Verifier && !o.judge.starts_with("verifier:") {
                     bail!(
                         "`{}` learns from right and wrong answers: its judge must be a `verifier:` (got `{}`)",
                         self.objective.name(),
@@ -542,7 +547,8 @@ impl TrainConfig {
         }
         match (&self.distill, self.objective.needs_teacher()) {
             (Some(_), false) => bail!(
-                "`[distill]` applies to distillation objectives (kd, sinkd, dac_kl, kdrl), not `{}`",
+                "`[distill]` applies to distillation objectives ({}), not `{}`",
+                Objective::names_where(ObjectiveSpec::needs_teacher).join(", "),
                 self.objective.name()
             ),
             (Some(d), true) => {
@@ -556,7 +562,7 @@ impl TrainConfig {
                 if self.objective.is_online()
                     && (d.source != DistillSource::Dataset || d.teacher_logits_cache || d.scrg)
                 {
-                    bail!("`kdrl` samples from the student every round; `distill.source`, `distill.teacher_logits_cache` and `distill.scrg` do not apply");
+                    bail!("`{}` samples from the student every round; `distill.source`, `distill.teacher_logits_cache` and `distill.scrg` do not apply", self.objective.name());
                 }
                 if d.scrg && d.source != DistillSource::Student {
                     bail!("`distill.scrg` corrects the student's own answers: set `distill.source = \"student\"`");
