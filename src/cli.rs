@@ -540,8 +540,8 @@ pub struct TrainOptimArgs {
     /// Linear warm-up steps.
     #[arg(long)]
     pub warmup_steps: Option<u64>,
-    /// Schedule after warm-up.
-    #[arg(long, value_enum)]
+    /// Schedule after warm-up: constant, linear or cosine.
+    #[arg(long)]
     pub scheduler: Option<crate::train::optim::Scheduler>,
     /// Decoupled weight decay (matrices only).
     #[arg(long)]

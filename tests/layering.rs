@@ -99,7 +99,7 @@ fn find_cycle(graph: &BTreeMap<String, BTreeSet<String>>) -> Option<Vec<String>>
             match state.get(next.as_str()) {
                 Some(1) => {
                     let start = stack.iter().position(|n| n == next).unwrap();
-                    return Some([&stack[start..], &[next.clone()]].concat());
+                    return Some([&stack[start..], std::slice::from_ref(next)].concat());
                 }
                 None => {
                     if let Some(cycle) = visit(next, graph, state, stack) {
@@ -157,6 +157,22 @@ fn library_code_never_imports_the_command_line() {
         .map(|((_, to), files)| format!("{files:?} -> crate::{to}"))
         .collect();
     assert!(offenders.is_empty(), "library code reaches the command layer: {offenders:#?}");
+}
+
+#[test]
+fn library_code_never_sees_clap() {
+    let offenders: Vec<String> = sources()
+        .into_iter()
+        .filter(|(module, ..)| !["cli", "commands", "main"].contains(&module[0].as_str()))
+        .filter(|(.., code)| code.contains("clap::") || code.contains("use clap"))
+        .map(|(_, file, _)| file.display().to_string())
+        .collect();
+    let alignment = Path::new(env!("CARGO_MANIFEST_DIR")).join("alignment/src");
+    let in_alignment: Vec<PathBuf> = rust_files(&alignment)
+        .into_iter()
+        .filter(|f| code_of(&std::fs::read_to_string(f).unwrap()).contains("clap"))
+        .collect();
+    assert!(offenders.is_empty() && in_alignment.is_empty(), "clap in library code: {offenders:?} {in_alignment:?}");
 }
 
 #[test]

@@ -200,7 +200,7 @@ pub fn clip_grad_norm(grads: &mut [Option<Tensor>], max_norm: f64) -> Result<f64
 }
 
 /// Learning-rate schedule after warm-up.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Scheduler {
     /// Constant after warm-up.
@@ -210,6 +210,15 @@ pub enum Scheduler {
     Linear,
     /// Half-cosine decay to 0 at the last step.
     Cosine,
+}
+
+impl std::str::FromStr for Scheduler {
+    type Err = String;
+    /// The names TOML recipes use (`constant`, `linear`, `cosine`).
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        use serde::de::IntoDeserializer;
+        Self::deserialize(s.into_deserializer()).map_err(|e: serde::de::value::Error| e.to_string())
+    }
 }
 
 /// Learning rate for the update with 0-based index `step` (transformers' `get_*_schedule_with_warmup`:
