@@ -1,7 +1,8 @@
-//! Training: the configuration, the shared trainer (models, optimizer, steps, checkpoints), the
-//! offline loop over a dataset, the distillation loop against a frozen teacher and the online
-//! loop over the policy's own judged samples. The
-//! loops know nothing method-specific; objectives come from `candor-alignment`.
+//! Training: the configuration, the shared trainer (models, optimizer, steps, checkpoints), and
+//! three loops: offline over a dataset, distillation against a frozen teacher, online over the
+//! policy's own judged samples. The loops know nothing method-specific: objectives come from
+//! `candor-alignment`'s table, what a method needs of its data from `items/` and `inputs/` (one
+//! file per data family) and of its rounds from `rounds/` (one file per online method).
 
 pub mod batching;
 pub mod checkpoint;
@@ -22,16 +23,15 @@ pub use config::TrainConfig;
 pub use trainer::{RunOptions, RunSummary};
 
 use anyhow::Result;
-use candor_alignment::DataNeed;
+use candor_alignment::LoopKind;
 
-/// Run (or resume) the training `cfg` describes, in the loop its objective runs in: rounds of
-/// the policy's own judged samples, a frozen teacher's distributions, or a fixed dataset.
+/// Run (or resume) the training `cfg` describes, in the loop the registry gives its objective:
+/// a fixed dataset, a frozen teacher's distributions, or rounds of the policy's own judged
+/// samples.
 pub fn train(cfg: &TrainConfig, opts: &RunOptions) -> Result<RunSummary> {
-    if cfg.objective.is_online() {
-        online::train(cfg, opts)
-    } else if cfg.objective.data_need() == DataNeed::Distill {
-        distill::train(cfg, opts)
-    } else {
-        offline::train(cfg, opts)
+    match cfg.objective.loop_kind() {
+        LoopKind::Offline => offline::train(cfg, opts),
+        LoopKind::Distill => distill::train(cfg, opts),
+        LoopKind::Online => online::train(cfg, opts),
     }
 }
