@@ -3,11 +3,18 @@
 use std::time::Instant;
 
 use anyhow::{bail, Result};
+use candor_alignment::{DataNeed, Objective};
 use serde_json::json;
 
 use crate::cli::{BenchCommand, BenchGenerateArgs, BenchLoadArgs, BenchTrainArgs, GlobalArgs};
+use crate::data::TokenizedSequence;
 use crate::generate::{generate, SamplingConfig};
-use crate::load::{self, ModelSource};
+use crate::load::{self, LoadedModel, ModelSource};
+use crate::model::CausalLm;
+use crate::train::inputs::StepModels;
+use crate::train::items::{DistillItem, Item, PairItem, RolloutItem};
+use crate::train::optim::{clip_grad_norm, AdamW, AdamWConfig};
+use crate::train::trainer::accumulate;
 
 /// Run `candor bench load|generate`.
 pub fn run(cmd: &BenchCommand, global: &GlobalArgs) -> Result<()> {
@@ -20,7 +27,7 @@ pub fn run(cmd: &BenchCommand, global: &GlobalArgs) -> Result<()> {
 
 /// Whether `bench train` can time the objective on synthetic token ids: no per-row data (pair
 /// rewards) and no extra heads or networks.
-fn benchable(objective: &candor_alignment::Objective) -> bool {
+fn benchable(objective: &Objective) -> bool {
     objective.degree_heads().is_none()
         && !objective.needs_pair_rewards()
         && !objective.needs_value_head()
@@ -28,101 +35,18 @@ fn benchable(objective: &candor_alignment::Objective) -> bool {
 }
 
 fn train_bench(args: &BenchTrainArgs, global: &GlobalArgs) -> Result<()> {
-    use crate::data::TokenizedSequence;
-    use crate::train::inputs::StepModels;
-    use crate::train::items::{DistillItem, Item, PairItem, RolloutItem};
-    use crate::train::optim::{clip_grad_norm, AdamW, AdamWConfig};
-    use crate::train::trainer::accumulate;
-    use candor_alignment::{DataNeed, Objective};
-
     let objective = Objective::default_for(&args.objective)?;
     if !benchable(&objective) {
-        let names: Vec<&str> = Objective::NAMES
-            .iter()
-            .filter(|(name, _)| Objective::default_for(name).is_ok_and(|o| benchable(&o)))
-            .map(|(name, _)| *name)
-            .collect();
+        let names = Objective::names_where(|spec| Objective::default_for(spec.name).is_ok_and(|o| benchable(&o)));
         bail!("`bench train` measures objectives that need nothing beyond token ids ({}); `{}` needs per-row data or extra heads", names.join(", "), objective.name());
     }
-    // bf16 trains as `candor train` does: f32 master weights, bf16 matmul operands.
-    let mixed = global.dtype == "bf16";
-    let f32_global = GlobalArgs { dtype: "f32".into(), ..global.clone() };
-    let mut loaded = super::load_model(&args.model.model, if mixed { &f32_global } else { global })?;
-    loaded.model.set_matmul_precision(mixed.then_some(candle::DType::BF16));
-    let reference = objective.needs_reference().then(|| loaded.model.clone());
-    // Distillation: the model teaches a copy of itself (same cost as any same-size teacher).
-    let teacher = objective.needs_teacher().then(|| loaded.model.frozen_view());
-    let mut policy = loaded.model.clone();
-    if objective.data_need() == DataNeed::ScoredPairs {
-        policy.add_score_head(1, 0, 0)?;
-    }
-    policy.set_gradient_checkpointing(args.gradient_checkpointing);
-    let params: usize = policy.named_weights().iter().map(|(_, t)| t.elem_count()).sum();
-    let opt_vars = match args.lora_r {
-        Some(r) => {
-            policy.add_lora(&crate::model::lora::LoraConfig { r, alpha: 2.0 * r as f64, ..Default::default() }, 0)?;
-            policy.make_lora_trainable()?
-        }
-        None => policy.make_trainable()?,
-    };
-    let mut opt = AdamW::new(opt_vars, AdamWConfig::default())?;
-    opt.set_kernels(global.kernels);
-    // Synthetic rows of exactly the requested shape: first half prompt, second half completion.
-    let vocab = policy.config().vocab_size as u64;
-    let mut state = 0x2545_F491_4F6C_DD1Du64;
-    let mut sequence = || {
-        let ids = (0..args.seq_len)
-            .map(|_| {
-                state ^= state << 13;
-                state ^= state >> 7;
-                state ^= state << 17;
-                (state % vocab) as u32
-            })
-            .collect();
-        let completion_mask = (0..args.seq_len).map(|i| u8::from(i >= args.seq_len / 2)).collect();
-        TokenizedSequence::new(ids, completion_mask)
-    };
-    let items: Vec<Item> = (0..args.batch_size)
-        .map(|row| match objective.data_need() {
-            DataNeed::Sequences | DataNeed::Hindsight => Item::Sequence(sequence()),
-            DataNeed::Pairs | DataNeed::ScoredPairs => {
-                let mut pair = PairItem::new(sequence(), sequence());
-                pair.previous = objective.needs_previous_iterate().then_some((0.0, 0.0));
-                Item::Pair(pair)
-            }
-            DataNeed::Rollouts | DataNeed::TokenRewards | DataNeed::TeacherRollouts => {
-                let sequence = sequence();
-                let old_logps = vec![-1.0; sequence.completion_tokens()];
-                let teacher_logps = vec![-1.5; sequence.completion_tokens()];
-                let correct = row % 2 == 0;
-                Item::Rollout(RolloutItem {
-                    sequence,
-                    old_logps,
-                    accuracy: 0.5,
-                    correct,
-                    advantage: if correct { 1.0 } else { -1.0 },
-                    teacher_logps,
-                    kd: !correct,
-                })
-            }
-            DataNeed::Distill => Item::Distill(DistillItem { sequence: sequence(), teacher_states: None }),
-        })
-        .collect();
+    let mut run = BenchRun::load(args, global, &objective)?;
+    let items = synthetic_items(&objective, args, run.policy.config().vocab_size as u64);
     let micro = vec![items.iter().collect::<Vec<_>>()];
     let mut times = Vec::new();
     for step in 0..=args.steps {
         let start = Instant::now();
-        let models = StepModels {
-            policy: &policy,
-            reference: reference.as_ref(),
-            teacher: teacher.as_ref(),
-            heads: &[],
-            pad: 0,
-            progress: 0.0,
-        };
-        let mut acc = accumulate(&objective, models, &micro, &opt)?;
-        clip_grad_norm(&mut acc.grads, 1.0)?;
-        opt.step(&acc.grads, 1e-6)?;
+        run.step(&objective, &micro)?;
         if step > 0 {
             times.push(start.elapsed().as_secs_f64());
         }
@@ -130,23 +54,18 @@ fn train_bench(args: &BenchTrainArgs, global: &GlobalArgs) -> Result<()> {
     times.sort_by(f64::total_cmp);
     let median = times[times.len() / 2];
     let rows = match objective.data_need() {
-        DataNeed::Sequences
-        | DataNeed::Hindsight
-        | DataNeed::Rollouts
-        | DataNeed::TokenRewards
-        | DataNeed::TeacherRollouts
-        | DataNeed::Distill => args.batch_size,
         DataNeed::Pairs | DataNeed::ScoredPairs => 2 * args.batch_size,
+        _ => args.batch_size,
     };
     let tokens = (rows * args.seq_len) as f64;
     // 6·N·T for the policy's forward + backward (4·N·T with LoRA: no weight gradients),
     // 2·N·T for a reference or teacher forward.
     let policy_flops = if args.lora_r.is_some() { 4.0 } else { 6.0 };
-    let frozen_forwards = [reference.is_some(), teacher.is_some()].iter().filter(|&&f| f).count() as f64;
-    let flops = tokens * params as f64 * (policy_flops + 2.0 * frozen_forwards);
+    let frozen_forwards = [run.reference.is_some(), run.teacher.is_some()].iter().filter(|&&f| f).count() as f64;
+    let flops = tokens * run.params as f64 * (policy_flops + 2.0 * frozen_forwards);
     let report = json!({
         "bench": "train",
-        "model": loaded.origin,
+        "model": run.origin,
         "objective": objective.name(),
         "device": global.device,
         "dtype": global.dtype,
@@ -177,6 +96,171 @@ fn train_bench(args: &BenchTrainArgs, global: &GlobalArgs) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// The models and optimizer `bench train` steps.
+struct BenchRun {
+    policy: CausalLm,
+    reference: Option<CausalLm>,
+    teacher: Option<CausalLm>,
+    opt: AdamW,
+    /// The policy's parameter count (for the FLOP estimate).
+    params: usize,
+    origin: String,
+}
+
+impl BenchRun {
+    /// Load `--model` as `candor train` would for `objective`: bf16 as f32 master weights with
+    /// bf16 matmul operands, a frozen reference and teacher (the model teaching a copy of
+    /// itself, the same cost as any teacher of its size), LoRA when asked.
+    fn load(args: &BenchTrainArgs, global: &GlobalArgs, objective: &Objective) -> Result<Self> {
+        let mixed = global.dtype == "bf16";
+        let mut load = super::load_options(global)?;
+        if mixed {
+            load.dtype = candle::DType::F32;
+        }
+        let mut loaded = load.load(&args.model.model)?;
+        loaded.model.set_matmul_precision(mixed.then_some(candle::DType::BF16));
+        let reference = objective.needs_reference().then(|| loaded.model.clone());
+        let teacher = objective.needs_teacher().then(|| loaded.model.frozen_view());
+        let mut policy = loaded.model.clone();
+        if objective.data_need() == DataNeed::ScoredPairs {
+            policy.add_score_head(1, 0, 0)?;
+        }
+        policy.set_gradient_checkpointing(args.gradient_checkpointing);
+        let params: usize = policy.named_weights().iter().map(|(_, t)| t.elem_count()).sum();
+        let vars = match args.lora_r {
+            Some(r) => {
+                policy
+                    .add_lora(&crate::model::lora::LoraConfig { r, alpha: 2.0 * r as f64, ..Default::default() }, 0)?;
+                policy.make_lora_trainable()?
+            }
+            None => policy.make_trainable()?,
+        };
+        let mut opt = AdamW::new(vars, AdamWConfig::default())?;
+        opt.set_kernels(global.kernels);
+        Ok(Self { policy, reference, teacher, opt, params, origin: loaded.origin })
+    }
+
+    /// One optimizer step on `micro`.
+    fn step(&mut self, objective: &Objective, micro: &[Vec<&Item>]) -> Result<()> {
+        let models = StepModels {
+            policy: &self.policy,
+            reference: self.reference.as_ref(),
+            teacher: self.teacher.as_ref(),
+            heads: &[],
+            pad: 0,
+            progress: 0.0,
+        };
+        let mut acc = accumulate(objective, models, micro, &self.opt)?;
+        clip_grad_norm(&mut acc.grads, 1.0)?;
+        self.opt.step(&acc.grads, 1e-6)?;
+        Ok(())
+    }
+}
+
+/// `--batch-size` synthetic rows of exactly `--seq-len` random tokens (first half prompt, second
+/// half completion) in the shape `objective` trains on.
+fn synthetic_items(objective: &Objective, args: &BenchTrainArgs, vocab: u64) -> Vec<Item> {
+    let mut state = 0x2545_F491_4F6C_DD1Du64;
+    let mut sequence = || {
+        let ids = (0..args.seq_len)
+            .map(|_| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                (state % vocab) as u32
+            })
+            .collect();
+        let completion_mask = (0..args.seq_len).map(|i| u8::from(i >= args.seq_len / 2)).collect();
+        TokenizedSequence::new(ids, completion_mask)
+    };
+    (0..args.batch_size)
+        .map(|row| match objective.data_need() {
+            DataNeed::Sequences | DataNeed::Hindsight => Item::Sequence(sequence()),
+            DataNeed::Pairs | DataNeed::ScoredPairs => {
+                let mut pair = PairItem::new(sequence(), sequence());
+                pair.previous = objective.needs_previous_iterate().then_some((0.0, 0.0));
+                Item::Pair(pair)
+            }
+            DataNeed::Rollouts | DataNeed::TokenRewards | DataNeed::TeacherRollouts => {
+                let sequence = sequence();
+                let old_logps = vec![-1.0; sequence.completion_tokens()];
+                let teacher_logps = vec![-1.5; sequence.completion_tokens()];
+                let correct = row % 2 == 0;
+                let advantage = if correct { 1.0 } else { -1.0 };
+                let (accuracy, kd) = (0.5, !correct);
+                Item::Rollout(RolloutItem { sequence, old_logps, accuracy, correct, advantage, teacher_logps, kd })
+            }
+            DataNeed::Distill => Item::Distill(DistillItem { sequence: sequence(), teacher_states: None }),
+        })
+        .collect()
+}
+
+/// The prompt ids of row `i`: `prompt_tokens` tokens of a fixed text, or one of eight short
+/// questions in the model's chat format.
+fn bench_prompts(
+    loaded: &LoadedModel,
+    prompt_tokens: Option<usize>,
+) -> Result<impl Fn(usize) -> Result<Vec<u32>> + '_> {
+    const PROMPTS: [&str; 8] = [
+        "What is the capital of France? Answer in one sentence.",
+        "Write a haiku about the sea.",
+        "Explain why the sky is blue.",
+        "List three uses of a paperclip.",
+        "What is 12 times 7?",
+        "Describe a cat to someone who has never seen one.",
+        "Give me a tip for learning a language.",
+        "Summarize the plot of Cinderella.",
+    ];
+    let fixed = match prompt_tokens {
+        Some(n) => {
+            let ids = loaded.tokenizer.encode(&FIXED_TEXT.repeat(n / 40 + 1), false)?;
+            Some(ids[..n.min(ids.len())].to_vec())
+        }
+        None => None,
+    };
+    Ok(move |i: usize| -> Result<Vec<u32>> {
+        if let Some(ids) = &fixed {
+            return Ok(ids.clone());
+        }
+        let text = PROMPTS[i % PROMPTS.len()];
+        match loaded.chat_template.as_ref() {
+            Some(t) => {
+                let msgs = [crate::load::Message { role: "user".into(), content: text.into() }];
+                loaded.tokenizer.encode(&t.render(&msgs, true)?, false)
+            }
+            None => loaded.tokenizer.encode(text, true),
+        }
+    })
+}
+
+/// Generate for `prompts` at once and time it: throughput with the prefill, and decode alone.
+fn time_generation(loaded: &LoadedModel, prompts: &[Vec<u32>], cfg: &SamplingConfig) -> Result<serde_json::Value> {
+    let batch = prompts.len();
+    let start = Instant::now();
+    // The first token of every row comes from the prefill; the rest are decode steps.
+    let mut first_token_at: Option<Instant> = None;
+    let mut calls = 0usize;
+    // No stop tokens: every row generates exactly `max_new_tokens`.
+    let gens = generate(&loaded.model, prompts, &[], loaded.tokenizer.pad_id(), cfg, |_, _| {
+        calls += 1;
+        if calls == batch {
+            first_token_at = Some(Instant::now());
+        }
+    })?;
+    let secs = start.elapsed().as_secs_f64();
+    let tokens: usize = gens.iter().map(|g| g.tokens.len()).sum();
+    let decode_secs = first_token_at.map_or(secs, |t| t.elapsed().as_secs_f64());
+    let decode_tokens = tokens.saturating_sub(batch);
+    Ok(json!({
+        "batch_size": batch,
+        "new_tokens": tokens,
+        "seconds": secs,
+        "tokens_per_second": tokens as f64 / secs,
+        "tokens_per_second_per_sequence": tokens as f64 / secs / batch as f64,
+        "decode_tokens_per_second": decode_tokens as f64 / decode_secs,
+    }))
 }
 
 /// Peak resident memory of this process (`VmHWM`), 0 where unknown.
@@ -225,38 +309,7 @@ const FIXED_TEXT: &str = "The river runs past the old mill, under the stone brid
 
 fn generate_bench(args: &BenchGenerateArgs, global: &GlobalArgs) -> Result<()> {
     let loaded = super::load_model(&args.model.model, global)?;
-    let prompts = [
-        "What is the capital of France? Answer in one sentence.",
-        "Write a haiku about the sea.",
-        "Explain why the sky is blue.",
-        "List three uses of a paperclip.",
-        "What is 12 times 7?",
-        "Describe a cat to someone who has never seen one.",
-        "Give me a tip for learning a language.",
-        "Summarize the plot of Cinderella.",
-    ];
-    let template = loaded.chat_template.as_ref();
-    let fixed = match args.prompt_tokens {
-        Some(n) => {
-            let text = FIXED_TEXT.repeat(n / 40 + 1);
-            let ids = loaded.tokenizer.encode(&text, false)?;
-            Some(ids[..n.min(ids.len())].to_vec())
-        }
-        None => None,
-    };
-    let ids = |i: usize| -> Result<Vec<u32>> {
-        if let Some(ids) = &fixed {
-            return Ok(ids.clone());
-        }
-        let text = prompts[i % prompts.len()];
-        match template {
-            Some(t) => {
-                let msgs = [crate::load::Message { role: "user".into(), content: text.into() }];
-                loaded.tokenizer.encode(&t.render(&msgs, true)?, false)
-            }
-            None => loaded.tokenizer.encode(text, true),
-        }
-    };
+    let ids = bench_prompts(&loaded, args.prompt_tokens)?;
     let cfg = SamplingConfig {
         max_new_tokens: args.max_new_tokens,
         temperature: args.temperature,
@@ -270,37 +323,15 @@ fn generate_bench(args: &BenchGenerateArgs, global: &GlobalArgs) -> Result<()> {
     };
     let pad = loaded.tokenizer.pad_id();
     // Warm-up (page in weights, size allocator pools).
-    generate(&loaded.model, &[ids(0)?], &[], pad, &SamplingConfig { max_new_tokens: 4, ..cfg }, |_, _| {})?;
+    generate(&loaded.model, &[ids(0)?], &[], pad, &SamplingConfig { max_new_tokens: 4, ..cfg.clone() }, |_, _| {})?;
     let mut results = Vec::new();
     let mut sizes = vec![1];
     if args.batch_size > 1 {
         sizes.push(args.batch_size);
     }
     for &batch in &sizes {
-        let batch_prompts: Vec<Vec<u32>> = (0..batch).map(ids).collect::<Result<_>>()?;
-        let start = Instant::now();
-        // The first token of every row comes from the prefill; the rest are decode steps.
-        let mut first_token_at: Option<Instant> = None;
-        let mut calls = 0usize;
-        // No stop tokens: every row generates exactly `max_new_tokens`.
-        let gens = generate(&loaded.model, &batch_prompts, &[], pad, &cfg, |_, _| {
-            calls += 1;
-            if calls == batch {
-                first_token_at = Some(Instant::now());
-            }
-        })?;
-        let secs = start.elapsed().as_secs_f64();
-        let tokens: usize = gens.iter().map(|g| g.tokens.len()).sum();
-        let decode_secs = first_token_at.map_or(secs, |t| t.elapsed().as_secs_f64());
-        let decode_tokens = tokens.saturating_sub(batch);
-        results.push(json!({
-            "batch_size": batch,
-            "new_tokens": tokens,
-            "seconds": secs,
-            "tokens_per_second": tokens as f64 / secs,
-            "tokens_per_second_per_sequence": tokens as f64 / secs / batch as f64,
-            "decode_tokens_per_second": decode_tokens as f64 / decode_secs,
-        }));
+        let batch_prompts: Vec<Vec<u32>> = (0..batch).map(&ids).collect::<Result<_>>()?;
+        results.push(time_generation(&loaded, &batch_prompts, &cfg)?);
     }
     let report = json!({
         "bench": "generate",
