@@ -323,7 +323,7 @@ fn generate_bench(args: &BenchGenerateArgs, global: &GlobalArgs) -> Result<()> {
     };
     let pad = loaded.tokenizer.pad_id();
     // Warm-up (page in weights, size allocator pools).
-    generate(&loaded.model, &[ids(0)?], &[], pad, &SamplingConfig { max_new_tokens: 4, ..cfg.clone() }, |_, _| {})?;
+    generate(&loaded.model, &[ids(0)?], &[], pad, &SamplingConfig { max_new_tokens: 4, ..cfg }, |_, _| {})?;
     let mut results = Vec::new();
     let mut sizes = vec![1];
     if args.batch_size > 1 {
