@@ -297,8 +297,8 @@ fn student_init_keeps_the_chosen_layers_in_hf_layout() {
 fn smollm2_student(recipe: &str) {
     let dir = common::scratch();
     let (train, eval) = (dir.path().join("train.jsonl"), dir.path().join("eval.jsonl"));
-    head_lines("data/sft/train.jsonl", 96, &train);
-    head_lines("data/sft/test.jsonl", 24, &eval);
+    head_lines("tests/fixtures/shipped-v1/sft/train.jsonl", 96, &train);
+    head_lines("tests/fixtures/shipped-v1/sft/test.jsonl", 24, &eval);
     let run = dir.path().join("run");
     candor_train(&[
         "--config",
@@ -343,7 +343,7 @@ fn dac_kl_on_smollm2_halves_a_15_layer_students_held_out_kl() {
 fn kdrl_on_smollm2_pulls_a_15_layer_student_toward_its_teacher() {
     let dir = common::scratch();
     let prompts = dir.path().join("prompts.jsonl");
-    head_lines("data/preference/train.jsonl", 8, &prompts);
+    head_lines("tests/fixtures/shipped-v1/preference/train.jsonl", 8, &prompts);
     let run = dir.path().join("run");
     candor_train(&[
         "--config",

@@ -393,7 +393,7 @@ fn passes(row: &Value, output: &str) -> bool {
 fn quickstart_pipeline_runs_end_to_end_on_smollm2() {
     let dir = common::scratch();
     let prompts = dir.path().join("prompts.jsonl");
-    head_lines("data/preference/test.jsonl", 12, &prompts);
+    head_lines("tests/fixtures/shipped-v1/preference/test.jsonl", 12, &prompts);
     let run = dir.path().join("run");
     let set = |kv: String| ["--set".to_string(), kv];
     let mut args: Vec<String> = vec!["run".into(), "configs/quickstart.toml".into(), "--quiet".into()];

@@ -371,8 +371,8 @@ const TINY_SSL_DROP: f64 = 0.02;
 /// 16 training and 16 held-out preference rows of candor's shipped data.
 fn shipped_pairs(dir: &Path) -> (String, String) {
     let (train, eval) = (dir.join("train.jsonl"), dir.join("eval.jsonl"));
-    head_lines("data/preference/train.jsonl", 16, &train);
-    head_lines("data/preference/test.jsonl", 16, &eval);
+    head_lines("tests/fixtures/shipped-v1/preference/train.jsonl", 16, &train);
+    head_lines("tests/fixtures/shipped-v1/preference/test.jsonl", 16, &eval);
     (train.display().to_string(), eval.display().to_string())
 }
 
@@ -419,8 +419,8 @@ const REWARD_EVAL_LINES: [usize; 16] = [17, 21, 29, 30, 33, 35, 40, 41, 0, 1, 2,
 fn reward_model_on_smollm2_ranks_held_out_pairs_better_than_chance() {
     let dir = common::scratch();
     let (train, eval) = (dir.path().join("train.jsonl"), dir.path().join("eval.jsonl"));
-    pick_lines("data/preference/train.jsonl", &REWARD_TRAIN_LINES, &train);
-    pick_lines("data/preference/test.jsonl", &REWARD_EVAL_LINES, &eval);
+    pick_lines("tests/fixtures/shipped-v1/preference/train.jsonl", &REWARD_TRAIN_LINES, &train);
+    pick_lines("tests/fixtures/shipped-v1/preference/test.jsonl", &REWARD_EVAL_LINES, &eval);
     let run = dir.path().join("run");
     candor_train(&[
         "--config",

@@ -272,8 +272,10 @@ fn critique_writes_sft_rows_in_the_reward_models_format() {
 
 fn json_prompts(dir: &Path) -> PathBuf {
     let path = dir.join("json.jsonl");
-    let text =
-        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("data/preference/train.jsonl")).unwrap();
+    let text = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/shipped-v1/preference/train.jsonl"),
+    )
+    .unwrap();
     let rows: Vec<&str> = text.lines().filter(|l| l.contains("\"task\": \"json\"")).take(8).collect();
     std::fs::write(&path, rows.join("\n") + "\n").unwrap();
     path

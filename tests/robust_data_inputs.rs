@@ -652,8 +652,8 @@ fn randomized_jsonl_inputs_never_panic_and_errors_name_the_file() {
         text.lines().take(n).map(|l| format!("{l}\n")).collect()
     };
     let seeds: Vec<String> = vec![
-        take("data/preference/train.jsonl", 2),
-        take("data/sft/train.jsonl", 2),
+        take("tests/fixtures/shipped-v1/preference/train.jsonl", 2),
+        take("tests/fixtures/shipped-v1/sft/train.jsonl", 2),
         [
             r#"{"prompt": "Q:", "chosen": " yes", "rejected": " no", "reward_chosen": 1, "reward_rejected": 0, "margin": 0.5}"#,
             r#"{"prompt": "Q:", "completion": " yes", "label": true}"#,

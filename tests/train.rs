@@ -242,8 +242,8 @@ const MARGIN_AFTER_4: f64 = 0.08;
 fn dpo_on_smollm2_raises_held_out_margins_and_accuracy() {
     let dir = common::scratch();
     let (train_data, eval_data) = (dir.path().join("train.jsonl"), dir.path().join("eval.jsonl"));
-    head_lines("data/preference/train.jsonl", 8, &train_data);
-    head_lines("data/preference/test.jsonl", 8, &eval_data);
+    head_lines("tests/fixtures/shipped-v1/preference/train.jsonl", 8, &train_data);
+    head_lines("tests/fixtures/shipped-v1/preference/test.jsonl", 8, &eval_data);
     let run = dir.path().join("run");
     let o = std::process::Command::new(env!("CARGO_BIN_EXE_candor"))
         .current_dir(env!("CARGO_MANIFEST_DIR"))
@@ -311,7 +311,7 @@ fn every_recipe_resolves_and_sft_runs_on_the_real_model() {
     }
     let dir = common::scratch();
     let eval_data = dir.path().join("eval.jsonl");
-    head_lines("data/sft/test.jsonl", 4, &eval_data);
+    head_lines("tests/fixtures/shipped-v1/sft/test.jsonl", 4, &eval_data);
     let run = dir.path().join("run");
     let o = std::process::Command::new(env!("CARGO_BIN_EXE_candor"))
         .current_dir(root)
