@@ -60,15 +60,17 @@ fn global_settings(global: &GlobalArgs, recipe: bool) -> Vec<(String, toml::Valu
 
 /// The settings the flags give, through [`TRAIN_FLAGS`]: every flag given and every switch on.
 fn flag_settings(args: &TrainArgs) -> Result<Vec<(String, toml::Value)>> {
-    let fields = match serde_json::to_value(args)? {
-        serde_json::Value::Object(fields) => fields,
+    // TOML, not JSON: a flag given as NaN must reach validation as NaN, and a flag not given
+    // (`None`) is simply absent.
+    let fields = match toml::Value::try_from(args)? {
+        toml::Value::Table(fields) => fields,
         other => anyhow::bail!("the training flags serialize as a map, not {other}"),
     };
     let mut settings = Vec::new();
     for (field, key) in TRAIN_FLAGS {
-        match fields.get(*field).with_context(|| format!("`TRAIN_FLAGS` names no flag field `{field}`"))? {
-            serde_json::Value::Null | serde_json::Value::Bool(false) => {}
-            value => settings.push((key.to_string(), toml::Value::try_from(value)?)),
+        match fields.get(*field) {
+            None | Some(toml::Value::Boolean(false)) => {}
+            Some(value) => settings.push((key.to_string(), value.clone())),
         }
     }
     Ok(settings)
