@@ -323,6 +323,115 @@ fn winrate_from_output_files_with_a_verifier_and_single_model_accuracy() {
     );
 }
 
+/// `candor eval` and `candor eval winrate` on IFEval rows from output files: IFEval's
+/// accuracies, strict and loose, per side, in the table and the summary (hand-computed).
+#[test]
+fn ifeval_rows_report_prompt_and_instruction_level_accuracy() {
+    let dir = common::scratch();
+    let row = |key: u32, ids: Value, kwargs: Value| {
+        let prompt = format!("prompt {key}");
+        json!({"key": key, "prompt": prompt, "instruction_id_list": ids, "kwargs": kwargs})
+    };
+    let prompts = [
+        row(
+            1,
+            json!(["punctuation:no_comma", "keywords:existence"]),
+            json!([{"keywords": null}, {"keywords": ["moon"]}]),
+        ),
+        row(2, json!(["startend:quotation"]), json!([{}])),
+        row(3, json!(["length_constraints:number_words"]), json!([{"num_words": 3, "relation": "less than"}])),
+    ];
+    // Model: 1 passes only loose (its intro line has a comma), 2 passes, 3 fails.
+    let model = ["Sure, here:\nThe moon is bright", "\"Hello\"", "one two three four"];
+    // Baseline: 1 fails (one line with a comma), 2 fails, 3 passes.
+    let baseline = ["The moon, the moon", "Hello", "one two"];
+    let (pf, mf, bf) = (dir.path().join("ifeval.jsonl"), dir.path().join("m.jsonl"), dir.path().join("b.jsonl"));
+    write_lines(&pf, &prompts);
+    write_lines(&mf, &model.map(|c| json!({"completion": c})));
+    write_lines(&bf, &baseline.map(|c| json!({"completion": c})));
+    let read = |p: &Path| -> Value { serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap() };
+    let close = |v: &Value, want: f64| (v.as_f64().unwrap() - want).abs() < 1e-12;
+
+    let single = dir.path().join("single");
+    let (p, m, out) = (pf.to_str().unwrap(), mf.to_str().unwrap(), single.to_str().unwrap());
+    let o =
+        candor(&["eval", "--model", "A", "--prompts", p, "--outputs", m, "--judge", "verifier:auto", "--output", out]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        stdout.contains("IFEval (A)") && stdout.contains("prompt-level") && stdout.contains("punctuation:no_comma")
+    );
+    let s = read(&single.join("summary.json"));
+    // verifier:auto scores prompt-level strict: 1 of 3.
+    assert!(close(&s["accuracy"], 1.0 / 3.0), "{s}");
+    let ifeval = &s["ifeval"];
+    assert!(
+        close(&ifeval["prompt_level"]["strict_acc"], 1.0 / 3.0)
+            && close(&ifeval["prompt_level"]["loose_acc"], 2.0 / 3.0)
+    );
+    // Instructions: strict 2 of 4, loose 3 of 4.
+    assert!(
+        close(&ifeval["instruction_level"]["strict_acc"], 0.5)
+            && close(&ifeval["instruction_level"]["loose_acc"], 0.75)
+    );
+    assert_eq!(
+        ifeval["per_instruction"]["punctuation:no_comma"],
+        json!({"count": 1, "strict_acc": 0.0, "loose_acc": 1.0})
+    );
+    let scores = std::fs::read_to_string(single.join("scores.jsonl")).unwrap();
+    let first: Value = serde_json::from_str(scores.lines().next().unwrap()).unwrap();
+    assert_eq!(
+        (first["ifeval"]["strict"].clone(), first["ifeval"]["loose"].clone()),
+        (json!([false, true]), json!([true, true]))
+    );
+
+    let pair = dir.path().join("pair");
+    let o = candor(&[
+        "eval",
+        "winrate",
+        "--model",
+        "A",
+        "--baseline",
+        "B",
+        "--prompts",
+        p,
+        "--outputs",
+        m,
+        "--baseline-outputs",
+        bf.to_str().unwrap(),
+        "--judge",
+        "verifier:auto",
+        "--output",
+        pair.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    let (model_at, baseline_at) = (stdout.find("IFEval (model A)"), stdout.find("IFEval (baseline B)"));
+    assert!(model_at.is_some() && model_at < baseline_at, "{stdout}");
+    let s = read(&pair.join("summary.json"));
+    // Tie, win, loss on prompt-level strict; the win-rate fields are all still there.
+    assert_eq!(
+        (s["wins"].as_u64(), s["ties"].as_u64(), s["losses"].as_u64(), s["win_rate"].as_f64()),
+        (Some(1), Some(1), Some(1), Some(0.5))
+    );
+    assert!(close(&s["ifeval"]["model"]["prompt_level"]["loose_acc"], 2.0 / 3.0));
+    assert!(close(&s["ifeval"]["baseline"]["prompt_level"]["loose_acc"], 1.0 / 3.0));
+    assert!(close(&s["ifeval"]["baseline"]["instruction_level"]["loose_acc"], 0.5));
+    let first: Value =
+        serde_json::from_str(std::fs::read_to_string(pair.join("annotations.jsonl")).unwrap().lines().next().unwrap())
+            .unwrap();
+    assert_eq!(first["ifeval"]["model"]["loose"], json!([true, true]));
+
+    // An unknown instruction is named with its line.
+    write_lines(&pf, &[row(1, json!(["keywords:sparkle"]), json!([{}])), prompts[1].clone(), prompts[2].clone()]);
+    let o = candor(&["eval", "--model", "A", "--prompts", p, "--outputs", m, "--judge", "verifier:auto"]);
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && stderr.contains("line 1") && stderr.contains("unknown instruction `keywords:sparkle`"),
+        "{stderr}"
+    );
+}
+
 #[test]
 fn plot_draws_a_runs_curves() {
     let dir = common::scratch();

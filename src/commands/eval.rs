@@ -8,9 +8,11 @@ use serde_json::json;
 
 use crate::cli::{EvalArgs, EvalCommand, EvalGenerationArgs, GlobalArgs, WinrateArgs};
 use crate::eval::winrate::{
-    generate_outputs, judge_and_summarise, read_outputs, read_prompts, table, EvalPrompt, Summary,
+    generate_outputs, ifeval_results, judge_and_summarise, read_outputs, read_prompts, reports_ifeval, table,
+    EvalPrompt, Summary,
 };
 use crate::generate::SamplingConfig;
+use crate::judge::ifeval::Report;
 
 /// Run `candor eval ...`.
 pub fn run(args: &EvalArgs, global: &GlobalArgs) -> Result<()> {
@@ -130,6 +132,13 @@ fn single(args: &EvalArgs, global: &GlobalArgs) -> Result<()> {
         prompts.iter().zip(&outputs).flat_map(|(p, outs)| outs.iter().map(move |o| (p, o.as_str()))).collect();
     let items: Vec<(&crate::data::Text, &serde_json::Map<String, serde_json::Value>, &str)> =
         answered.iter().map(|(p, o)| (&p.prompt, &p.row, *o)).collect();
+    // IFEval rows are read before scoring, so that a bad one is named with its line.
+    let ifeval: Vec<_> = if reports_ifeval(judge.as_ref()) {
+        ifeval_results(&prompts, &outputs)?.into_iter().flatten().collect()
+    } else {
+        vec![None; answered.len()]
+    };
+    let ifeval_report = Report::new(ifeval.iter().flatten());
     let Some(scores) = judge.score(&items)? else {
         bail!("`{}` compares two outputs; scoring one model needs a verifier: or rm: judge (or use `candor eval winrate`)", judge.name());
     };
@@ -145,17 +154,27 @@ fn single(args: &EvalArgs, global: &GlobalArgs) -> Result<()> {
         println!("{task:<18} {metric} {:.3} ({n} outputs)", sum / *n as f64);
     }
     println!("{:<18} {metric} {mean:.3} ({} outputs, judge {})", "overall", scores.len(), judge.name());
+    if let Some(report) = &ifeval_report {
+        print!("{}", report.table(model));
+    }
     if let Some(dir) = &args.output {
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create `{}`", dir.display()))?;
         let mut lines = crate::data::JsonLines::create(Some(&dir.join("scores.jsonl")))?;
-        for ((p, out), s) in answered.iter().zip(&scores) {
-            lines.write(&json!({"line": p.line, "task": p.task(), "output": out, "score": s}))?;
+        for (((p, out), s), result) in answered.iter().zip(&scores).zip(&ifeval) {
+            let mut line = json!({"line": p.line, "task": p.task(), "output": out, "score": s});
+            if let Some(result) = result {
+                line["ifeval"] = serde_json::to_value(result)?;
+            }
+            lines.write(&line)?;
         }
         lines.finish()?;
-        let summary = json!({
+        let mut summary = json!({
             "model": model, "judge": judge.name(), metric: mean, "outputs": scores.len(),
             "per_task": per_task.iter().map(|(t, (sum, n))| (t.clone(), json!({metric: sum / *n as f64, "outputs": n}))).collect::<serde_json::Map<_, _>>(),
         });
+        if let Some(report) = &ifeval_report {
+            summary["ifeval"] = serde_json::to_value(report)?;
+        }
         std::fs::write(dir.join("summary.json"), serde_json::to_string_pretty(&summary)?)?;
     }
     Ok(())

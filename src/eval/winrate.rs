@@ -1,7 +1,8 @@
 //! `candor eval winrate`: generate with both models (or read their outputs), judge every pair,
 //! and summarise: wins/ties/losses, win-rate with a bootstrap interval, length-controlled
-//! win-rate, average lengths, per-task breakdown; `annotations.jsonl`, `summary.json` and a
-//! plot in the output directory.
+//! win-rate, average lengths, per-task breakdown, and IFEval's accuracies of each side on IFEval
+//! rows under a verifier judge; `annotations.jsonl`, `summary.json` and a plot in the output
+//! directory.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -13,6 +14,7 @@ use serde_json::{json, Map, Value};
 use super::stats::{length_controlled_win_rate, win_rate, WinRate};
 use crate::data::{read_jsonl, Example, SequenceTokenizer, Text, Truncation};
 use crate::generate::{completion_text, generate, SamplingConfig};
+use crate::judge::ifeval::{IfevalRow, Report, RowResult};
 use crate::judge::Outcome;
 use crate::judge::{Case, Judge, Judgment};
 use crate::load::LoadedModel;
@@ -114,6 +116,24 @@ pub fn read_outputs(path: &Path, prompts: usize, samples: usize) -> Result<Vec<V
     Ok(outputs.chunks(samples).map(<[String]>::to_vec).collect())
 }
 
+/// IFEval's results of each output (per prompt, per sample), `None` where the prompt's row is not
+/// an IFEval row; an error names the prompt's line and the bad field.
+pub fn ifeval_results(prompts: &[EvalPrompt], outputs: &[Vec<String>]) -> Result<Vec<Vec<Option<RowResult>>>> {
+    prompts
+        .iter()
+        .zip(outputs)
+        .map(|(p, outs)| {
+            let row = IfevalRow::from_row(&p.row).with_context(|| format!("prompts line {}", p.line))?;
+            Ok(outs.iter().map(|o| row.as_ref().map(|r| r.evaluate(o))).collect())
+        })
+        .collect()
+}
+
+/// Whether a judge is a verifier, whose evaluations also report IFEval's accuracies.
+pub fn reports_ifeval(judge: &dyn Judge) -> bool {
+    judge.name().starts_with("verifier:")
+}
+
 /// A win-rate over some comparisons.
 #[derive(Debug, Clone, Serialize)]
 pub struct Breakdown {
@@ -148,6 +168,10 @@ pub struct Summary {
     pub avg_length: BTreeMap<String, f64>,
     /// Per `task` of the rows.
     pub per_task: BTreeMap<String, Breakdown>,
+    /// IFEval's accuracies of each side (`model`, `baseline`) on the IFEval rows, under a
+    /// verifier judge; absent otherwise.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ifeval: Option<BTreeMap<String, Report>>,
 }
 
 /// Judge every (prompt, sample) pair and summarise; writes `annotations.jsonl`,
@@ -177,6 +201,12 @@ pub fn judge_and_summarise(
     if cases.is_empty() {
         bail!("nothing to judge: no prompts with outputs of both models");
     }
+    // IFEval rows are read before judging, so that a bad one is named with its line.
+    let ifeval = if reports_ifeval(judge) {
+        Some([ifeval_results(prompts, model_outputs)?, ifeval_results(prompts, baseline_outputs)?])
+    } else {
+        None
+    };
     let mut judgments: Vec<Judgment> = Vec::with_capacity(cases.len());
     for chunk in cases.chunks(16) {
         judgments.extend(judge.judge(chunk)?);
@@ -187,12 +217,16 @@ pub fn judge_and_summarise(
     let mut readable: Vec<(Outcome, f64, String)> = Vec::new();
     for ((case, (i, s)), j) in cases.iter().zip(&owners).zip(&judgments) {
         let p = &prompts[*i];
-        annotations.write(&json!({
+        let mut line = json!({
             "line": p.line, "task": p.task(), "sample": s,
             "prompt": crate::judge::llm::prompt_text(&p.prompt),
             "model_output": case.model, "baseline_output": case.baseline,
             "outcome": j.outcome, "scores": j.scores, "asked": j.asked,
-        }))?;
+        });
+        if let Some([Some(m), Some(b)]) = ifeval.as_ref().map(|[m, b]| [&m[*i][*s], &b[*i][*s]]) {
+            line["ifeval"] = json!({"model": m, "baseline": b});
+        }
+        annotations.write(&line)?;
         if let Some(o) = j.outcome {
             readable.push((o, case.model.chars().count() as f64 - case.baseline.chars().count() as f64, p.task()));
         }
@@ -254,6 +288,10 @@ pub fn judge_and_summarise(
             ("baseline".to_string(), mean_len(baseline_outputs)),
         ]),
         per_task,
+        ifeval: ifeval.and_then(|[m, b]| {
+            let report = |r: &[Vec<Option<RowResult>>]| Report::new(r.iter().flatten().flatten());
+            Some(BTreeMap::from([("model".to_string(), report(&m)?), ("baseline".to_string(), report(&b)?)]))
+        }),
     };
     let value = serde_json::to_value(&summary)?;
     // serde_json writes a NaN or an infinity as `null`: none may reach the summary.
@@ -306,5 +344,11 @@ pub fn table(s: &Summary) -> String {
         s.unparsed,
         s.judge
     ));
+    // The model's IFEval table first, then the baseline's.
+    for (side, name) in [("model", &s.model), ("baseline", &s.baseline)] {
+        if let Some(report) = s.ifeval.as_ref().and_then(|r| r.get(side)) {
+            out.push_str(&report.table(&format!("{side} {name}")));
+        }
+    }
     out
 }

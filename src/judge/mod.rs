@@ -7,6 +7,7 @@
 //! on its own.
 
 pub mod critic;
+pub mod ifeval;
 pub mod llm;
 pub mod openai;
 pub mod reward_model;

@@ -2,16 +2,28 @@
 //!
 //! | check | row | passes when |
 //! |---|---|---|
-//! | `numeric` | `answer` (a number), optional `tolerance` | the last number in the output is within `tolerance` (default 1e-6, absolute) |
+//! | `numeric` | `answer` (a number, or text ending in GSM8K's `#### N`), optional `tolerance` | the output's answer is within `tolerance` (default 1e-6, absolute) of the expected number |
 //! | `exact` | `answer` | equal after lower-casing, trimming punctuation and collapsing spaces |
 //! | `regex` | `constraint: {type: "regex", value}` | the pattern matches somewhere in the output |
 //! | `max_words` / `max_chars` | `constraint: {type, value}` | non-empty and within the limit |
 //! | `uppercase` / `lowercase` | `constraint: {type}` | has letters, all of that case |
 //! | `keywords` | `constraint: {type, value: [..]}` | every keyword appears (case-insensitive) |
 //! | `json` / `json_keys` | `constraint: {type, value: [..]}` | the output is JSON (an object with those keys) |
+//! | `ifeval` / `ifeval_loose` | IFEval's `instruction_id_list` and `kwargs` | every instruction is followed, strict / loose ([`super::ifeval`]) |
 //!
-//! `auto` picks the check from the row: its constraint's type, else `numeric` when the answer
-//! is a number, else `exact`.
+//! `auto` picks the check from the row: `ifeval` for an IFEval row, else its constraint's type,
+//! else `numeric` when the answer is a number, else `exact`.
+//!
+//! **GSM8K.** An `answer` with GSM8K's `#### N` expects N (commas dropped: `#### 1,234` is
+//! 1234); an output with `#### M` answered M (the first such mark, as lm-evaluation-harness's
+//! strict match reads it), else the output's last number.
+//!
+//! **IFEval.** A row with `instruction_id_list: [..]` and `kwargs: [{..}, ..]` (list-aligned;
+//! `null` arguments are unused, as in IFEval's `input_data.jsonl`) is checked by all 25 IFEval
+//! instruction types with the official semantics; `auto` and `ifeval` pass when all
+//! instructions are followed strictly (prompt-level strict), `ifeval_loose` when all are
+//! followed loosely. An unknown instruction id, an argument missing or of the wrong type, or
+//! lists of different lengths are errors naming the field.
 
 use anyhow::{anyhow, bail, Result};
 use serde_json::{Map, Value};
@@ -29,6 +41,8 @@ pub const CHECKS: &[&str] = &[
     "keywords",
     "json",
     "json_keys",
+    "ifeval",
+    "ifeval_loose",
 ];
 
 /// A verifier: which check to run (`auto` = from each row).
@@ -50,9 +64,10 @@ impl Verifier {
     pub fn passes(&self, row: &Map<String, Value>, output: &str) -> Result<bool> {
         let constraint = row.get("constraint").and_then(Value::as_object);
         let check = match self.check.as_str() {
+            "auto" if super::ifeval::is_ifeval_row(row) => "ifeval".to_string(),
             "auto" => match (constraint.and_then(|c| c.get("type")).and_then(Value::as_str), row.get("answer")) {
                 (Some(kind), _) => kind.to_string(),
-                (None, Some(answer)) if number(&answer_text(answer)).is_some() => "numeric".into(),
+                (None, Some(answer)) if expected_number(&answer_text(answer)).is_some() => "numeric".into(),
                 (None, Some(_)) => "exact".into(),
                 (None, None) => {
                     bail!("the row has neither `answer` nor `constraint` to verify against")
@@ -90,9 +105,10 @@ impl Verifier {
         let out = output.trim();
         Ok(match check.as_str() {
             "numeric" => {
-                let want = number(&answer()?).ok_or_else(|| anyhow!("field `answer`: not a number"))?;
+                let want = expected_number(&answer()?)
+                    .ok_or_else(|| anyhow!("field `answer`: not a number (nor text with `#### N`)"))?;
                 let tolerance = row.get("tolerance").and_then(Value::as_f64).unwrap_or(1e-6);
-                last_number(out).is_some_and(|got| (got - want).abs() <= tolerance)
+                given_number(out).is_some_and(|got| (got - want).abs() <= tolerance)
             }
             "exact" => normalize(out) == normalize(&answer()?),
             "regex" => {
@@ -116,6 +132,16 @@ impl Verifier {
                 parse_json(out)
                     .and_then(|v| v.as_object().cloned())
                     .is_some_and(|o| keys.iter().all(|k| o.contains_key(k)))
+            }
+            "ifeval" | "ifeval_loose" => {
+                let result = super::ifeval::evaluate(row, output)?.ok_or_else(|| {
+                    anyhow!("field `instruction_id_list`: missing (check `{check}` needs an IFEval row)")
+                })?;
+                if check == "ifeval" {
+                    result.prompt_level_strict
+                } else {
+                    result.prompt_level_loose
+                }
             }
             other => bail!("field `constraint.type`: unknown check `{other}` (known: {})", CHECKS[1..].join(", ")),
         })
@@ -163,10 +189,24 @@ fn number(s: &str) -> Option<f64> {
     s.trim().replace(',', "").parse().ok()
 }
 
-/// The last number written in `text` (`-12`, `3.5`, `1,234`).
-fn last_number(text: &str) -> Option<f64> {
-    let re = regex::Regex::new(r"-?\d[\d,]*(?:\.\d+)?").expect("valid pattern");
-    re.find_iter(text).last().and_then(|m| number(m.as_str()))
+/// A number as written: `-12`, `3.5`, `1,234`.
+const NUMBER: &str = r"-?\d[\d,]*(?:\.\d+)?";
+
+/// The number after GSM8K's first `#### ` mark in `text` (an optional `$` allowed).
+fn gsm8k_number(text: &str) -> Option<f64> {
+    let re = regex::Regex::new(&format!(r"####\s*\$?\s*({NUMBER})")).expect("valid pattern");
+    re.captures(text).and_then(|c| number(&c[1]))
+}
+
+/// The number an `answer` expects: GSM8K's `#### N`, else the whole answer as a number.
+fn expected_number(answer: &str) -> Option<f64> {
+    gsm8k_number(answer).or_else(|| number(answer))
+}
+
+/// The number an output gives: GSM8K's `#### M`, else its last number.
+fn given_number(text: &str) -> Option<f64> {
+    let last = || regex::Regex::new(NUMBER).expect("valid pattern").find_iter(text).last();
+    gsm8k_number(text).or_else(|| last().and_then(|m| number(m.as_str())))
 }
 
 fn normalize(s: &str) -> String {
@@ -228,6 +268,39 @@ mod tests {
         assert!(auto.passes(&re, "Hello").unwrap() && !auto.passes(&re, "hello").unwrap());
         assert!(Verifier::new("lowercase").unwrap().passes(&row(json!({})), "all small").unwrap());
         assert!(Verifier::new("json").unwrap().passes(&row(json!({})), "[1, 2]").unwrap());
+    }
+
+    #[test]
+    fn gsm8k_answers_and_outputs() {
+        let auto = Verifier::new("auto").unwrap();
+        let gsm = row(json!({"answer": "She sold 48/2 = <<48/2=24>>24 clips.\n#### 1,234"}));
+        assert!(auto.passes(&gsm, "So she sold 1234 clips.").unwrap());
+        // The first `#### M` is the answer, not the last number.
+        assert!(auto.passes(&gsm, "24 + 1210 = 1234\n#### 1,234\nQuestion: 5 + 5? Answer: 10").unwrap());
+        assert!(auto.passes(&gsm, "#### $1234").unwrap());
+        assert!(!auto.passes(&gsm, "#### 24 and then 1234").unwrap() && !auto.passes(&gsm, "1235").unwrap());
+        let negative = row(json!({"answer": "#### -7"}));
+        assert!(Verifier::new("numeric").unwrap().passes(&negative, "It is -7.").unwrap());
+    }
+
+    #[test]
+    fn ifeval_rows_score_prompt_level_strict_or_loose() {
+        let ifeval = row(json!({
+            "prompt": "Write without commas about the moon.",
+            "instruction_id_list": ["punctuation:no_comma", "keywords:existence"],
+            "kwargs": [{"keywords": null}, {"keywords": ["moon"]}],
+        }));
+        let (auto, strict, loose) =
+            (Verifier::new("auto").unwrap(), Verifier::new("ifeval").unwrap(), Verifier::new("ifeval_loose").unwrap());
+        assert!(auto.passes(&ifeval, "The moon is bright").unwrap() && strict.passes(&ifeval, "The moon").unwrap());
+        let intro = "Sure, here:\nThe moon is bright";
+        assert!(!auto.passes(&ifeval, intro).unwrap() && loose.passes(&ifeval, intro).unwrap());
+        assert!(!auto.passes(&ifeval, "The sun").unwrap());
+        let err = strict.passes(&row(json!({"answer": "4"})), "4").unwrap_err().to_string();
+        assert!(err.contains("instruction_id_list"), "{err}");
+        let bad = row(json!({"instruction_id_list": ["keywords:sparkle"], "kwargs": [{}]}));
+        let err = auto.passes(&bad, "x").unwrap_err().to_string();
+        assert!(err.contains("`instruction_id_list[0]`: unknown instruction `keywords:sparkle`"), "{err}");
     }
 
     #[test]
