@@ -170,14 +170,6 @@ def kw_none(rng):
     return {}
 
 
-def upper_text(text):
-    return text.upper()
-
-
-def no_commas(text):
-    return text.replace(",", "")
-
-
 INSTRUCTIONS = {
     "change_case:english_capital": (
         ["Your entire response should be in English, and in all capital letters.",
@@ -193,7 +185,7 @@ INSTRUCTIONS = {
         ["In your entire response, refrain from the use of any commas.", "Do not use any commas.",
          "Avoid commas completely.", "Your answer must not contain a single comma.",
          "Write without using commas."],
-        kw_none, lambda text, kw, rng: no_commas(text)),
+        kw_none, lambda text, kw, rng: text.replace(",", "")),
     "length_constraints:number_words": (
         ["Answer with less than {num_words} words.", "Use fewer than {num_words} words.",
          "Keep it under {num_words} words.", "Your response should contain less than {num_words} words.",
@@ -472,7 +464,7 @@ def split_templates(rng, templates, key):
 
 
 def families(rng):
-    """(name, maker, templates, key of the held-out phrasing, rows per split)."""
+    """(name, maker, templates (None: built per split), key of the held-out phrasing)."""
     return [
         ("arithmetic", arithmetic_expr, EXPR_TEMPLATES, lambda t: t),
         ("word_problem", word_problem, [(p, s) for p in WORD_PROBLEMS for s in WORD_SUFFIXES], lambda t: t[0][0]),
