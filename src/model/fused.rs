@@ -916,20 +916,8 @@ fn lm_head_logps_within(hidden: &Tensor, weight: &Tensor, targets: &[u32], budge
 mod tests {
     use super::*;
     use crate::model::ops;
+    use crate::model::testing::{max_abs_diff, randn};
     use candle::{Device, Var};
-
-    /// Random normal values, seeded.
-    fn randn(seed: u64, shape: &[usize]) -> Tensor {
-        use rand::{Rng, SeedableRng};
-        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-        let n: usize = shape.iter().product();
-        let v: Vec<f32> = (0..n).map(|_| rng.random_range(-1.0f32..1.0)).collect();
-        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
-    }
-
-    fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
-    }
 
     /// Values and gradients (of `Σ out ∘ probe`) of a fused op and its plain twin agree.
     fn check_op(inputs: &[Tensor], fused: impl Fn(&[Tensor]) -> Tensor, plain: impl Fn(&[Tensor]) -> Tensor, tol: f32) {

@@ -12,6 +12,8 @@ pub mod lora;
 pub mod ops;
 mod precision;
 mod spin_pool;
+#[cfg(test)]
+pub(crate) mod testing;
 pub mod transformer;
 
 pub use config::{Architecture, ModelConfig};
