@@ -35,8 +35,7 @@ impl std::str::FromStr for TruncationMode {
     type Err = String;
     /// The names TOML recipes use (`keep-start`, `keep-end`).
     fn from_str(s: &str) -> std::result::Result<Self, String> {
-        use serde::de::IntoDeserializer;
-        Self::deserialize(s.into_deserializer()).map_err(|e: serde::de::value::Error| e.to_string())
+        super::variant_named(s)
     }
 }
 

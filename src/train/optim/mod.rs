@@ -216,8 +216,7 @@ impl std::str::FromStr for Scheduler {
     type Err = String;
     /// The names TOML recipes use (`constant`, `linear`, `cosine`).
     fn from_str(s: &str) -> std::result::Result<Self, String> {
-        use serde::de::IntoDeserializer;
-        Self::deserialize(s.into_deserializer()).map_err(|e: serde::de::value::Error| e.to_string())
+        crate::data::variant_named(s)
     }
 }
 
