@@ -67,13 +67,16 @@ pub fn train(cfg: &TrainConfig, opts: &RunOptions) -> Result<RunSummary> {
     let mut summaries: Vec<Value> = Vec::new();
     for round in 0..online.rounds {
         let path = round_path(run_dir, round);
-        let data = match read_round(&path)? {
-            Some(data) if trainer.step >= data.start_step => data,
+        let (data, items) = match read_round(&path)? {
+            Some(data) if trainer.step >= data.start_step => {
+                let items = builder.items(&data, &prompt_ids)?;
+                (data, items)
+            }
             _ => {
-                let mut data = build_round(&trainer, round, &sources, previous.as_ref())?;
+                let (mut data, items) = build_round(&trainer, round, &sources, previous.as_ref())?;
                 data.summary = round_summary(&data, previous.as_ref(), &sources)?;
                 write_round(&path, &data)?;
-                data
+                (data, items)
             }
         };
         // Rewritten whole each round, so a resumed run never repeats a line.
@@ -81,7 +84,7 @@ pub fn train(cfg: &TrainConfig, opts: &RunOptions) -> Result<RunSummary> {
         let lines: String = summaries.iter().map(|s| format!("{s}\n")).collect();
         super::checkpoint::write_atomically(&run_dir.join("rounds.jsonl"), lines.as_bytes())?;
         if trainer.step < data.start_step + data.steps {
-            train_round(&mut trainer, &data, &builder.items(&data, &prompt_ids)?)?;
+            train_round(&mut trainer, &data, &items)?;
         }
         previous = Some(data);
     }
@@ -177,13 +180,14 @@ struct RoundSources<'a> {
     builder: &'a dyn RoundBuilder,
 }
 
-/// Sample, judge and build round `round`'s training set from the policy as it stands.
+/// Sample, judge and build round `round`'s training set from the policy as it stands, with
+/// the items it trains on.
 fn build_round(
     trainer: &Trainer,
     round: u64,
     sources: &RoundSources,
     previous: Option<&RoundData>,
-) -> Result<RoundData> {
+) -> Result<(RoundData, Vec<Item>)> {
     let RoundSources { prompts, prompt_ids, judge, teacher, builder } = *sources;
     let cfg = trainer.cfg;
     let online = cfg.online.as_ref().expect("validated");
@@ -209,10 +213,10 @@ fn build_round(
     let (start_step, summary) = (trainer.step, Map::new());
     let mut data =
         RoundData { round, start_step, steps: 0, prompts: chosen, pointwise, samples: pools, records, summary };
-    let items = builder.items(&data, prompt_ids)?.len();
-    data.steps = steps_for_epochs(items, &cfg.run, online.epochs_per_round as u64);
+    let items = builder.items(&data, prompt_ids)?;
+    data.steps = steps_for_epochs(items.len(), &cfg.run, online.epochs_per_round as u64);
     phases.done();
-    Ok(data)
+    Ok((data, items))
 }
 
 /// `online.samples_per_prompt` answers to each prompt of `ids`, sampled from `frozen`.
