@@ -12,6 +12,7 @@ pub mod llm;
 pub mod openai;
 pub mod reward_model;
 pub mod verifier;
+pub mod weighted;
 
 use anyhow::{bail, Result};
 use serde::Serialize;
@@ -91,6 +92,9 @@ pub struct Judgment {
     pub asked: Vec<Asked>,
 }
 
+/// Pointwise scores, each with its component judges' own scores (empty for a single judge).
+pub type ScoredParts = Vec<(f64, Vec<f64>)>;
+
 /// Decides between two outputs.
 pub trait Judge: Send + Sync {
     /// The `--judge` value it was built from.
@@ -103,6 +107,17 @@ pub trait Judge: Send + Sync {
     /// (verifier: 1/0, reward model: the reward); `None` for pairwise-only judges.
     fn score(&self, _outputs: &[(&Text, &Map<String, Value>, &str)]) -> Result<Option<Vec<f64>>> {
         Ok(None)
+    }
+
+    /// The component judges' names of a weighted sum (`score_parts`' columns); empty otherwise.
+    fn part_names(&self) -> Vec<String> {
+        Vec::new()
+    }
+
+    /// Pointwise scores with each component judge's own score (weighted sums of judges); by
+    /// default the score alone.
+    fn score_parts(&self, outputs: &[(&Text, &Map<String, Value>, &str)]) -> Result<Option<ScoredParts>> {
+        Ok(self.score(outputs)?.map(|scores| scores.into_iter().map(|s| (s, Vec::new())).collect()))
     }
 
     /// Remote judges: how many requests got no usable reply and why the first did (its HTTP
@@ -194,6 +209,10 @@ pub struct JudgeOptions {
 pub fn from_spec(spec: &str, opts: &JudgeOptions, load: &crate::load::LoadOptions) -> Result<Box<dyn Judge>> {
     // Errors show the spec with any URL credentials hidden.
     let shown = redact_url_credentials(spec);
+    let terms = weighted::terms(spec)?;
+    if terms.len() > 1 || terms[0].0 != 1.0 {
+        return Ok(Box::new(weighted::WeightedJudge::new(&terms, opts, load)?));
+    }
     let Some((kind, arg)) = spec.split_once(':') else {
         bail!("`--judge {shown}`: expected KIND:ARG with KIND one of rm, verifier, llm, openai (e.g. verifier:auto, rm:runs/reward/final)");
     };

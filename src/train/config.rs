@@ -131,7 +131,8 @@ pub struct OnlineSection {
     /// Prompts per round, taken in turn from a seeded shuffle of the file (0 = all, every round).
     #[serde(default)]
     pub prompts_per_round: usize,
-    /// The judge of the samples (`verifier:auto`, `rm:DIR`, `llm:MODEL`, `openai:URL`).
+    /// The judge of the samples (`verifier:auto`, `rm:DIR`, `llm:MODEL`, `openai:URL`), or a
+    /// weighted sum of pointwise ones (`verifier:numeric + 0.5*rm:DIR`, TRL's `reward_weights`).
     #[serde(default = "default_online_judge")]
     pub judge: String,
     /// `openai:` judges: the model name sent to the server.

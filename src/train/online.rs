@@ -202,7 +202,13 @@ fn build_round(
     let mut pools = sample_pools(trainer, &frozen, &ids, seed)?;
     let answers = teacher.answers(&trainer.policy, &chosen, prompts, online.max_new_tokens)?;
     for (pool, answers) in pools.iter_mut().zip(answers) {
-        pool.extend(answers.into_iter().map(|(tokens, text)| Sample { tokens, text, score: 0.0, teacher: true }));
+        pool.extend(answers.into_iter().map(|(tokens, text)| Sample {
+            tokens,
+            text,
+            score: 0.0,
+            parts: Vec::new(),
+            teacher: true,
+        }));
     }
     say(format!("judging with {}", judge.name()));
     let pointwise = score_pools(judge, &chosen.iter().map(|&p| &prompts[p]).collect::<Vec<_>>(), &mut pools)?;
@@ -238,7 +244,7 @@ fn sample_pools(trainer: &Trainer, frozen: &CausalLm, ids: &[Vec<u32>], seed: u6
             gens.iter()
                 .map(|g| {
                     let text = completion_text(&policy.tokenizer, g)?;
-                    Ok(Sample { tokens: g.tokens.clone(), text, score: 0.0, teacher: false })
+                    Ok(Sample { tokens: g.tokens.clone(), text, score: 0.0, parts: Vec::new(), teacher: false })
                 })
                 .collect()
         })
@@ -264,10 +270,10 @@ fn score_pools(judge: &dyn Judge, prompts: &[&EvalPrompt], pools: &mut [Vec<Samp
         .zip(pools.iter())
         .flat_map(|(p, pool)| pool.iter().map(move |s| (&p.prompt, &p.row, s.text.as_str())))
         .collect();
-    if let Some(scores) = judge.score(&outputs)? {
+    if let Some(scores) = judge.score_parts(&outputs)? {
         let mut scores = scores.into_iter();
         for s in pools.iter_mut().flatten() {
-            s.score = scores.next().context("the judge returned too few scores")?;
+            (s.score, s.parts) = scores.next().context("the judge returned too few scores")?;
         }
         return Ok(true);
     }

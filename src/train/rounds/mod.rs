@@ -35,6 +35,9 @@ pub struct Sample {
     /// The judge's score: the verifier's 1/0, the reward model's reward, or a pairwise
     /// judge's average win-rate against the prompt's other answers.
     pub score: f64,
+    /// A weighted sum of judges: each judge's own score (in `online.judge`'s order).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub parts: Vec<f64>,
     /// Written by a teacher (`online.teacher_outputs` / `teacher_model`), not sampled.
     #[serde(default)]
     pub teacher: bool,

@@ -115,7 +115,10 @@ mod tests {
     use super::*;
 
     fn pool(scores: &[f64]) -> Vec<Sample> {
-        scores.iter().map(|&score| Sample { tokens: vec![1], text: String::new(), score, teacher: false }).collect()
+        scores
+            .iter()
+            .map(|&score| Sample { tokens: vec![1], text: String::new(), score, parts: Vec::new(), teacher: false })
+            .collect()
     }
 
     #[test]
