@@ -6,7 +6,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::objectives::{
-    copg, dac_kl, dno, dpo, hindsight, inpo, kd, kdrl, nft, rdpo, reward, rpo, sft, sinkd, spo, text2grad,
+    copg, dac_kl, dno, dpo, hindsight, inpo, kd, kdrl, nft, rdpo, reward, rpo, sft, simpo, sinkd, spo, text2grad,
     ObjectiveOutput, PairLogps, PairScores, SequenceLogps, StepScale,
 };
 use crate::{AlignError, Result};
@@ -82,6 +82,8 @@ objectives! {
         "DPO + alpha x NLL on the chosen completions (TRL's rpo_alpha)";
     "spo" => Spo(spo::SpoConfig), Pairs => spo::loss, offline(DataNeed::Pairs).with_reference(),
         "Self-supervised Preference Optimization: base loss + key-content degree classifier";
+    "simpo" => Simpo(simpo::SimpoConfig), Pairs => simpo::loss, offline(DataNeed::Pairs),
+        "SimPO: reference-free, length-normalised log-probs with a target margin gamma (TRL's CPO loss_type simpo)";
     "copg" => Copg(copg::CopgConfig), Pairs => copg::loss,
         offline(DataNeed::Pairs).with_reference().with_pair_rewards(),
         "Contrastive Policy Gradient on pairs with scalar rewards (reward_chosen/reward_rejected)";

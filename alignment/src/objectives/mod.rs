@@ -18,6 +18,7 @@ pub mod rdpo;
 pub mod reward;
 pub mod rpo;
 pub mod sft;
+pub mod simpo;
 pub mod sinkd;
 pub mod spo;
 pub mod text2grad;
@@ -130,8 +131,34 @@ pub(crate) fn log_ratios(x: &PairLogps) -> Result<(Tensor, Tensor)> {
 
 /// Reduce per-pair losses over the step and add TRL's preference metrics.
 pub(crate) fn reduce_pairs(x: &PairLogps, pairs: &PairLosses, scale: &StepScale) -> Result<ObjectiveOutput> {
+    reduce_pairs_logging(pairs, [&x.policy_chosen, &x.policy_rejected], scale)
+}
+
+/// The policy's length-normalised (per-token mean) log-probs `(log π(y_w|x)/|y_w|, log π(y_l|x)/|y_l|)`,
+/// SimPO's and ORPO's (TRL's `average_log_prob=True`).
+pub(crate) fn mean_token_logps(x: &PairLogps) -> Result<(Tensor, Tensor)> {
+    Ok(((&x.policy_chosen / &x.chosen_tokens)?, (&x.policy_rejected / &x.rejected_tokens)?))
+}
+
+/// TRL's token-mean NLL of the chosen completions over the step (`nll_loss`), `−Σ log π(y_w|x) / Σ|y_w|`.
+pub(crate) fn chosen_nll(x: &PairLogps, scale: &StepScale) -> Result<Tensor> {
+    Ok((x.policy_chosen.sum(D::Minus1)?.neg()? / scale.tokens.max(1.0))?)
+}
+
+/// A detached scalar tensor as `f64` (metrics).
+pub(crate) fn scalar(t: &Tensor) -> Result<f64> {
+    Ok(t.detach().to_dtype(candle::DType::F64)?.sum_all()?.to_scalar::<f64>()?)
+}
+
+/// [`reduce_pairs`] with the `logps/chosen` and `logps/rejected` metrics taken from `logps`
+/// (length-normalised for SimPO and ORPO, as TRL logs them).
+pub(crate) fn reduce_pairs_logging(
+    pairs: &PairLosses,
+    logps: [&Tensor; 2],
+    scale: &StepScale,
+) -> Result<ObjectiveOutput> {
     let n = scale.examples;
-    let sum = |t: &Tensor| -> Result<f64> { Ok(t.to_dtype(candle::DType::F64)?.sum_all()?.to_scalar::<f64>()?) };
+    let sum = scalar;
     let margins = (&pairs.chosen_rewards - &pairs.rejected_rewards)?;
     let accuracy = margins.gt(0.0)?.to_dtype(candle::DType::F64)?;
     let metrics = vec![
@@ -139,8 +166,8 @@ pub(crate) fn reduce_pairs(x: &PairLogps, pairs: &PairLosses, scale: &StepScale)
         ("rewards/rejected".to_string(), sum(&pairs.rejected_rewards)? / n),
         ("rewards/margins".to_string(), sum(&margins)? / n),
         ("rewards/accuracies".to_string(), sum(&accuracy)? / n),
-        ("logps/chosen".to_string(), sum(&x.policy_chosen.detach())? / n),
-        ("logps/rejected".to_string(), sum(&x.policy_rejected.detach())? / n),
+        ("logps/chosen".to_string(), sum(logps[0])? / n),
+        ("logps/rejected".to_string(), sum(logps[1])? / n),
     ];
     Ok(ObjectiveOutput { loss: (pairs.per_pair.sum(D::Minus1)? / n)?, metrics })
 }

@@ -9,11 +9,10 @@
 //! The NLL is TRL's: a token-level mean over *all* chosen completion tokens of the batch (of the
 //! whole optimizer step under gradient accumulation), not a mean of per-sequence means.
 
-use candle::D;
 use serde::{Deserialize, Serialize};
 
 use super::dpo::{self, DpoConfig};
-use super::{invalid, reduce_pairs, ObjectiveOutput, PairLogps, StepScale};
+use super::{chosen_nll, invalid, reduce_pairs, scalar, ObjectiveOutput, PairLogps, StepScale};
 use crate::Result;
 
 /// RPO hyper-parameters.
@@ -60,8 +59,8 @@ impl RpoConfig {
 pub fn loss(x: &PairLogps, cfg: &RpoConfig, scale: &StepScale) -> Result<ObjectiveOutput> {
     cfg.validate()?;
     let mut out = reduce_pairs(x, &dpo::per_pair(x, &cfg.dpo())?, scale)?;
-    let nll = (x.policy_chosen.sum(D::Minus1)?.neg()? / scale.tokens)?;
-    out.metrics.push(("nll_loss".into(), nll.to_dtype(candle::DType::F64)?.to_scalar::<f64>()?));
+    let nll = chosen_nll(x, scale)?;
+    out.metrics.push(("nll_loss".into(), scalar(&nll)?));
     out.loss = (out.loss + (nll * cfg.alpha)?)?;
     Ok(out)
 }
