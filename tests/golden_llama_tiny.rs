@@ -155,6 +155,7 @@ fn pair_logps(exp: &Value) -> PairLogps {
         rewards: None,
         degrees: None,
         previous: None,
+        chosen_prompt: None,
     }
 }
 
@@ -227,6 +228,7 @@ fn dpo_gradients_match_pytorch_including_tied_embeddings_on(kernels: Kernels) {
         rewards: None,
         degrees: None,
         previous: None,
+        chosen_prompt: None,
     };
     let loss = dpo::loss(&x, &DpoConfig::default(), &StepScale::single(3, 0.0)).unwrap().loss;
     let want_loss = exp["gradients_dpo_sigmoid"]["loss"].as_f64().unwrap();

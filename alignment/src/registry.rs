@@ -6,7 +6,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::objectives::{
-    copg, dac_kl, dno, dpo, hindsight, inpo, kd, kdrl, nft, rdpo, reward, rpo, sft, simpo, sinkd, spo, text2grad,
+    copg, dac_kl, dno, dpo, hindsight, inpo, kd, kdrl, nft, orpo, rdpo, reward, rpo, sft, simpo, sinkd, spo, text2grad,
     ObjectiveOutput, PairLogps, PairScores, SequenceLogps, StepScale,
 };
 use crate::{AlignError, Result};
@@ -84,6 +84,8 @@ objectives! {
         "Self-supervised Preference Optimization: base loss + key-content degree classifier";
     "simpo" => Simpo(simpo::SimpoConfig), Pairs => simpo::loss, offline(DataNeed::Pairs),
         "SimPO: reference-free, length-normalised log-probs with a target margin gamma (TRL's CPO loss_type simpo)";
+    "orpo" => Orpo(orpo::OrpoConfig), Pairs => orpo::loss, offline(DataNeed::Pairs).with_prompt_nll(),
+        "ORPO: NLL on the chosen answers plus beta x the log odds ratio, no reference model";
     "copg" => Copg(copg::CopgConfig), Pairs => copg::loss,
         offline(DataNeed::Pairs).with_reference().with_pair_rewards(),
         "Contrastive Policy Gradient on pairs with scalar rewards (reward_chosen/reward_rejected)";
@@ -183,6 +185,8 @@ pub struct ObjectiveSpec {
     pub previous_iterate: bool,
     /// Whether every pair must carry scalar rewards.
     pub pair_rewards: bool,
+    /// Whether the chosen rows' prompt tokens are scored too (an NLL over whole sequences).
+    pub prompt_nll: bool,
 }
 
 impl ObjectiveSpec {
@@ -211,6 +215,10 @@ impl ObjectiveSpec {
     const fn with_pair_rewards(self) -> Self {
         Self { pair_rewards: true, ..self }
     }
+    /// The row's chosen prompts are scored too.
+    const fn with_prompt_nll(self) -> Self {
+        Self { prompt_nll: true, ..self }
+    }
 }
 
 /// A row's facts for a dataset objective (name and help come from the row).
@@ -227,6 +235,7 @@ const fn offline(data_need: DataNeed) -> ObjectiveSpec {
         value_head: false,
         previous_iterate: false,
         pair_rewards: false,
+        prompt_nll: false,
     }
 }
 

@@ -162,6 +162,7 @@ mod tests {
             rewards: None,
             degrees: None,
             previous: None,
+            chosen_prompt: None,
         };
         let out = loss(&x, &DpoConfig::default(), &StepScale { examples: 4.0, tokens: 2.0 }).unwrap();
         let l = out.loss.to_scalar::<f32>().unwrap();

@@ -14,6 +14,7 @@ pub mod inpo;
 pub mod kd;
 pub mod kdrl;
 pub mod nft;
+pub mod orpo;
 pub mod rdpo;
 pub mod reward;
 pub mod rpo;
@@ -49,6 +50,9 @@ pub struct PairLogps {
     pub degrees: Option<spo::DegreeBatch>,
     /// The previous iterate's log-probs (INPO); `None` for other objectives.
     pub previous: Option<inpo::PreviousIterate>,
+    /// Summed log-probs `[B]` of the chosen rows' prompt tokens (with gradient) and their counts
+    /// `[B]`, for an NLL over whole chosen sequences (ORPO, as TRL); `None` for other objectives.
+    pub chosen_prompt: Option<(Tensor, Tensor)>,
 }
 
 /// Scalar scores of a reward model on preference pairs, `[B]` each (with gradient).
@@ -187,5 +191,6 @@ pub(crate) fn one_pair(logps: [f32; 4], tokens: [f32; 2]) -> PairLogps {
         rewards: None,
         degrees: None,
         previous: None,
+        chosen_prompt: None,
     }
 }

@@ -10,6 +10,7 @@ use candor_alignment::{PairLogps, PairScores};
 use super::{forward_logps, of_kind, StepModels};
 use crate::data::{collate, Batch, TokenizedSequence};
 use crate::model::CausalLm;
+use crate::scoring::completion_logps_by_class;
 use crate::train::heads::DEGREE_HEADS;
 use crate::train::items::{Item, PairItem};
 
@@ -48,7 +49,10 @@ pub(super) fn pair_logps(models: StepModels, items: &[&Item]) -> Result<PairLogp
     let device = policy.device();
     let f32s = |v: Vec<f32>| Tensor::new(v, device);
     let ps = pairs(items);
-    let pi = forward_logps(policy, items, pad)?;
+    let (pi, chosen_prompt) = match ps.iter().any(|p| p.score_prompt) {
+        true => with_chosen_prompts(policy, &ps, pad)?,
+        false => (forward_logps(policy, items, pad)?, None),
+    };
     // Per-pair (chosen, rejected) values every pair of the batch has, as two `[B]` tensors.
     let both = |get: &dyn Fn(&PairItem) -> Option<(f32, f32)>| -> Result<Option<(Tensor, Tensor)>> {
         match ps.iter().map(|p| get(p)).collect::<Option<Vec<_>>>() {
@@ -81,7 +85,32 @@ pub(super) fn pair_logps(models: StepModels, items: &[&Item]) -> Result<PairLogp
         rewards: both(&|p| p.rewards)?,
         degrees,
         previous: both(&|p| p.previous)?.map(|(chosen, rejected)| PreviousIterate { chosen, rejected }),
+        chosen_prompt,
     })
+}
+
+/// Summed log-probs `[B]` of the chosen rows' prompt tokens and their counts `[B]`.
+type PromptLogps = (Tensor, Tensor);
+
+/// The policy's summed completion log-probs `[chosen, rejected]` and, from the same forward
+/// pass, the summed log-probs of the chosen rows' prompt tokens with their counts.
+fn with_chosen_prompts(policy: &CausalLm, ps: &[&PairItem], pad: u32) -> Result<(Vec<Tensor>, Option<PromptLogps>)> {
+    // Prompt tokens of the chosen rows become class 2; completions stay class 1.
+    let chosen: Vec<TokenizedSequence> = ps
+        .iter()
+        .map(|p| {
+            let mask = p.chosen.completion_mask.iter().map(|&m| if m == 0 { 2 } else { m }).collect();
+            TokenizedSequence::new(p.chosen.ids.clone(), mask)
+        })
+        .collect();
+    let rows: Vec<&TokenizedSequence> = chosen.iter().chain(ps.iter().map(|p| &p.rejected)).collect();
+    let by_class = completion_logps_by_class(policy, &collate(&rows, pad, policy.device())?, 2)?;
+    let b = ps.len();
+    let completions = by_class.narrow(1, 0, 1)?.squeeze(1)?;
+    let counts: Vec<f32> =
+        chosen.iter().map(|s| s.completion_mask.iter().skip(1).filter(|&&m| m == 2).count() as f32).collect();
+    let prompts = (by_class.narrow(0, 0, b)?.narrow(1, 1, 1)?.squeeze(1)?, Tensor::new(counts, policy.device())?);
+    Ok((vec![completions.narrow(0, 0, b)?, completions.narrow(0, b, b)?], Some(prompts)))
 }
 
 /// SPO's variants of the micro-batch, encoded by the policy and pooled at each one's last token.

@@ -27,12 +27,23 @@ pub struct PairItem {
     /// SPO: prompt + key-content-removed completion, its degree, and its head (0 chosen,
     /// 1 rejected).
     pub variants: Vec<(TokenizedSequence, u32, u32)>,
+    /// Whether the chosen sequence's prompt tokens are scored too (ORPO's NLL).
+    pub score_prompt: bool,
 }
 
 impl PairItem {
     /// A pair with nothing beyond its two sequences.
     pub fn new(chosen: TokenizedSequence, rejected: TokenizedSequence) -> Self {
-        Self { chosen, rejected, reference: None, previous: None, rewards: None, margin: None, variants: Vec::new() }
+        Self {
+            chosen,
+            rejected,
+            reference: None,
+            previous: None,
+            rewards: None,
+            margin: None,
+            variants: Vec::new(),
+            score_prompt: false,
+        }
     }
 }
 
@@ -49,6 +60,7 @@ pub(super) fn pair_of_row(
     // Columns the objective does not read are ignored, as TRL ignores them.
     let needs_rewards = objective.needs_pair_rewards();
     pair.rewards = if needs_rewards || judged { pair_rewards(row, needs_rewards && !judged)? } else { None };
+    pair.score_prompt = objective.spec().prompt_nll;
     let scored = objective.data_need() == DataNeed::ScoredPairs;
     pair.margin = if scored { number_field(row, "margin")? } else { None };
     if let Some(degrees) = objective.degree_heads().map(|h| h.classes) {
