@@ -6,8 +6,8 @@
 use serde::{Deserialize, Serialize};
 
 use crate::objectives::{
-    copg, dac_kl, dno, dpo, hindsight, inpo, kd, kdrl, nft, orpo, rdpo, reward, rpo, sft, simpo, sinkd, spo, text2grad,
-    ObjectiveOutput, PairLogps, PairScores, SequenceLogps, StepScale,
+    copg, dac_kl, dno, dpo, hindsight, inpo, kd, kdrl, kto, nft, orpo, rdpo, reward, rpo, sft, simpo, sinkd, spo,
+    text2grad, ObjectiveOutput, PairLogps, PairScores, SequenceLogps, StepScale,
 };
 use crate::{AlignError, Result};
 
@@ -86,6 +86,8 @@ objectives! {
         "SimPO: reference-free, length-normalised log-probs with a target margin gamma (TRL's CPO loss_type simpo)";
     "orpo" => Orpo(orpo::OrpoConfig), Pairs => orpo::loss, offline(DataNeed::Pairs).with_prompt_nll(),
         "ORPO: NLL on the chosen answers plus beta x the log odds ratio, no reference model";
+    "kto" => Kto(kto::KtoConfig), Unpaired => kto::loss, offline(DataNeed::Unpaired).with_reference(),
+        "KTO: unpaired desirable/undesirable answers against a batch-level KL reference point";
     "copg" => Copg(copg::CopgConfig), Pairs => copg::loss,
         offline(DataNeed::Pairs).with_reference().with_pair_rewards(),
         "Contrastive Policy Gradient on pairs with scalar rewards (reward_chosen/reward_rejected)";
@@ -270,6 +272,9 @@ pub enum DataNeed {
     ScoredPairs,
     /// Pairs or unpaired (`label`) rows rendered into feedback-conditioned sequences.
     Hindsight,
+    /// Labelled completions (`label` rows; pairs are split into a desirable and an undesirable
+    /// row), each with a mismatched completion from its micro-batch (KTO's KL estimate).
+    Unpaired,
     /// The policy's own samples with per-token sampling log-probs and verifier labels (NFT).
     Rollouts,
     /// The policy's own samples with per-token advantages, returns and rollout values (PPO).
@@ -288,6 +293,7 @@ impl DataNeed {
             DataNeed::Pairs => "preference pairs (`prompt`/`chosen`/`rejected` rows)",
             DataNeed::ScoredPairs => "preference pairs scored by a scalar head (`prompt`/`chosen`/`rejected` rows)",
             DataNeed::Hindsight => "preference pairs or `label`led rows, rendered as feedback-conditioned sequences",
+            DataNeed::Unpaired => "labelled completions (`prompt`/`completion`/`label` rows; preference rows count as one desirable and one undesirable row)",
             DataNeed::Rollouts => "the policy's verifier-labelled samples with their sampling log-probs",
             DataNeed::TokenRewards => "the policy's samples with token advantages and returns",
             DataNeed::Distill => "completions scored by the teacher (`prompt`/`completion`, `messages` or `text` rows)",
@@ -316,6 +322,8 @@ pub enum ObjectiveInput {
     Pairs(PairLogps),
     /// For [`DataNeed::ScoredPairs`].
     Scores(PairScores),
+    /// For [`DataNeed::Unpaired`].
+    Unpaired(kto::UnpairedLogps),
     /// For [`DataNeed::Rollouts`].
     Tokens(nft::NftTokens),
     /// For [`DataNeed::TokenRewards`].

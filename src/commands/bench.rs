@@ -12,7 +12,7 @@ use crate::generate::{generate, SamplingConfig};
 use crate::load::{self, LoadedModel, ModelSource};
 use crate::model::CausalLm;
 use crate::train::inputs::StepModels;
-use crate::train::items::{DistillItem, Item, PairItem, RolloutItem};
+use crate::train::items::{DistillItem, Item, LabelledItem, PairItem, RolloutItem};
 use crate::train::optim::{clip_grad_norm, AdamW, AdamWConfig};
 use crate::train::trainer::accumulate;
 
@@ -183,6 +183,7 @@ fn synthetic_items(objective: &Objective, args: &BenchTrainArgs, vocab: u64) -> 
                 pair.previous = objective.needs_previous_iterate().then_some((0.0, 0.0));
                 Item::Pair(pair)
             }
+            DataNeed::Unpaired => Item::Labelled(LabelledItem { sequence: sequence(), desirable: row % 2 == 0 }),
             DataNeed::Rollouts | DataNeed::TokenRewards | DataNeed::TeacherRollouts => {
                 let sequence = sequence();
                 let old_logps = vec![-1.0; sequence.completion_tokens()];

@@ -494,6 +494,26 @@ impl TrainConfig {
             return Err(setting("run.grad_accum", "must be at least 1"));
         }
         self.validate_numbers()?;
+        let need = self.objective.data_need();
+        if need == DataNeed::Unpaired && r.batch_size < 2 {
+            return Err(setting(
+                "run.batch_size",
+                format!(
+                    "`{}` estimates its KL reference point from the other rows of a micro-batch: use at least 2",
+                    self.objective.name()
+                ),
+            ));
+        }
+        let offline = self.objective.loop_kind() == LoopKind::Offline;
+        if self.model.precompute_ref_logps && offline && self.objective.needs_reference() && need != DataNeed::Pairs {
+            return Err(setting(
+                "model.precompute_ref_logps",
+                format!(
+                    "applies to preference-pair objectives; `{}` scores its reference on the fly",
+                    self.objective.name()
+                ),
+            ));
+        }
         if r.packing && self.objective.data_need() != DataNeed::Sequences {
             let names = Objective::names_where(|s| s.data_need == DataNeed::Sequences);
             bail!(

@@ -13,6 +13,7 @@ pub mod hindsight;
 pub mod inpo;
 pub mod kd;
 pub mod kdrl;
+pub mod kto;
 pub mod nft;
 pub mod orpo;
 pub mod rdpo;

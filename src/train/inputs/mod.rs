@@ -4,6 +4,7 @@
 //! family.
 
 mod distill;
+mod labelled;
 mod pairs;
 mod ppo;
 mod rollouts;
@@ -58,6 +59,7 @@ pub fn objective_input(models: StepModels, need: DataNeed, items: &[&Item]) -> R
         DataNeed::Hindsight => ObjectiveInput::Sequences(sequences::class_logps(models, items)?),
         DataNeed::Pairs => ObjectiveInput::Pairs(pairs::pair_logps(models, items)?),
         DataNeed::ScoredPairs => ObjectiveInput::Scores(pairs::pair_scores(models, items)?),
+        DataNeed::Unpaired => ObjectiveInput::Unpaired(labelled::unpaired_logps(models, items)?),
         DataNeed::Rollouts => ObjectiveInput::Tokens(rollouts::labelled_tokens(models, items)?),
         DataNeed::TeacherRollouts => ObjectiveInput::Kdrl(rollouts::teacher_tokens(models, items)?),
         DataNeed::TokenRewards => ObjectiveInput::Ppo(ppo::ppo_tokens(models, items)?),
@@ -87,6 +89,9 @@ pub fn forward_logps(model: &CausalLm, items: &[&Item], pad: u32) -> Result<Vec<
         }
         Item::Sequence(_) => collate(&sequences::sequences(items), pad, device)?,
         Item::Pair(_) => pairs::pair_batch(items, pad, device)?,
+        Item::Labelled(_) => {
+            collate(&labelled::labelled(items).iter().map(|l| &l.sequence).collect::<Vec<_>>(), pad, device)?
+        }
         Item::Rollout(_) => {
             collate(&rollouts::samples(items).iter().map(|r| &r.sequence).collect::<Vec<_>>(), pad, device)?
         }

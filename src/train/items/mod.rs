@@ -5,6 +5,7 @@
 use std::path::Path;
 
 mod hindsight;
+mod labelled;
 mod pairs;
 mod samples;
 
@@ -12,6 +13,7 @@ use anyhow::{bail, Context, Result};
 use candor_alignment::objectives::hindsight::Feedback;
 use candor_alignment::{DataNeed, Objective};
 
+pub use labelled::LabelledItem;
 pub use pairs::PairItem;
 pub use samples::{DistillItem, PpoItem, RolloutItem};
 
@@ -28,6 +30,8 @@ pub enum Item {
     Packed(Vec<TokenizedSequence>),
     /// A preference pair.
     Pair(PairItem),
+    /// A completion labelled desirable or not (KTO).
+    Labelled(LabelledItem),
     /// One of the policy's own samples, labelled (NFT).
     Rollout(RolloutItem),
     /// One of the policy's own samples with token advantages (PPO).
@@ -43,6 +47,7 @@ impl Item {
             Item::Sequence(s) => s.completion_tokens(),
             Item::Packed(seqs) => seqs.iter().map(|s| s.completion_tokens()).sum(),
             Item::Pair(p) => p.chosen.completion_tokens(),
+            Item::Labelled(l) => l.sequence.completion_tokens(),
             Item::Rollout(r) => r.sequence.completion_tokens(),
             Item::Ppo(p) => p.sequence.completion_tokens(),
             Item::Distill(d) => d.sequence.completion_tokens(),
@@ -57,6 +62,7 @@ impl Item {
             Item::Pair(p) => {
                 p.chosen.ids.len() + p.rejected.ids.len() + p.variants.iter().map(|v| v.0.ids.len()).sum::<usize>()
             }
+            Item::Labelled(l) => l.sequence.ids.len(),
             Item::Rollout(r) => r.sequence.ids.len(),
             Item::Ppo(p) => p.sequence.ids.len(),
             Item::Distill(d) => d.sequence.ids.len(),
@@ -85,14 +91,22 @@ pub fn load_items(
     };
     let objective = &cfg.objective;
     let mut items = Vec::with_capacity(data.rows.len());
+    // Preference rows split for an unpaired objective: their undesirable halves follow all the
+    // rows, in row order (TRL's `unpair_preference_dataset` layout).
+    let mut undesirable = Vec::new();
     for row in &data.rows {
         let at = || format!("{}:{}", path.display(), row.line);
-        let item = item_of_row(&tok, objective, cfg.run.seed, row, reward_judge.is_some()).with_context(at)?;
-        if item.loss_tokens() == 0 {
-            bail!("{}: no completion tokens left after truncation (raise `data.max_length`)", at());
+        let (item, second) =
+            items_of_row(&tok, objective, cfg.run.seed, row, reward_judge.is_some()).with_context(at)?;
+        for item in std::iter::once(&item).chain(second.as_ref()) {
+            if item.loss_tokens() == 0 {
+                bail!("{}: no completion tokens left after truncation (raise `data.max_length`)", at());
+            }
         }
         items.push(item);
+        undesirable.extend(second);
     }
+    items.extend(undesirable);
     if let Some(judge) = reward_judge {
         pairs::judge_missing_rewards(judge, &data.rows, &mut items)
             .with_context(|| format!("scoring `{}` with `{}`", path.display(), judge.name()))?;
@@ -110,13 +124,23 @@ pub fn load_items(
     Ok(items)
 }
 
-fn item_of_row(tok: &SequenceTokenizer, objective: &Objective, seed: u64, row: &Row, judged: bool) -> Result<Item> {
+/// The item of a row, and a second one when an unpaired objective splits a preference row.
+fn items_of_row(
+    tok: &SequenceTokenizer,
+    objective: &Objective,
+    seed: u64,
+    row: &Row,
+    judged: bool,
+) -> Result<(Item, Option<Item>)> {
     let name = objective.name();
     let need = objective.data_need();
-    Ok(match (need, &row.example) {
-        (DataNeed::Rollouts | DataNeed::TokenRewards | DataNeed::TeacherRollouts, _) => bail!(
-            "objective `{name}` learns from its own samples, not from dataset rows: give prompts with `--prompts`"
-        ),
+    let item = match (need, &row.example) {
+        (DataNeed::Unpaired, _) => return labelled::items_of_row(tok, name, row),
+        (DataNeed::Rollouts | DataNeed::TokenRewards | DataNeed::TeacherRollouts, _) => {
+            bail!(
+                "objective `{name}` learns from its own samples, not from dataset rows: give prompts with `--prompts`"
+            )
+        }
         (DataNeed::Pairs | DataNeed::ScoredPairs, Example::Preference { prompt, chosen, rejected }) => {
             Item::Pair(pairs::pair_of_row(tok, objective, row, [prompt, chosen, rejected], judged)?)
         }
@@ -145,12 +169,15 @@ fn item_of_row(tok: &SequenceTokenizer, objective: &Objective, seed: u64, row: &
             sequence: crate::scoring::row_sequences(tok, &row.example)?.remove(0).1,
             teacher_states: None,
         }),
-    })
+    };
+    Ok((item, None))
 }
 
 /// The objectives that accept unpaired (`label`) rows, from the registry, for error messages.
 fn unpaired_objectives() -> String {
-    let unpaired = |name: &str| Objective::default_for(name).is_ok_and(|o| o.data_need() == DataNeed::Hindsight);
+    let unpaired = |name: &str| {
+        Objective::default_for(name).is_ok_and(|o| matches!(o.data_need(), DataNeed::Hindsight | DataNeed::Unpaired))
+    };
     Objective::NAMES.iter().map(|(name, _)| *name).filter(|n| unpaired(n)).collect::<Vec<_>>().join(", ")
 }
 
