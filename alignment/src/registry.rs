@@ -6,7 +6,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::objectives::{
-    copg, dac_kl, dno, dpo, hindsight, inpo, kd, kdrl, kto, nft, orpo, rdpo, reward, rpo, sft, simpo, sinkd, spo,
+    copg, dac_kl, dno, dpo, grpo, hindsight, inpo, kd, kdrl, kto, nft, orpo, rdpo, reward, rpo, sft, simpo, sinkd, spo,
     text2grad, ObjectiveOutput, PairLogps, PairScores, SequenceLogps, StepScale,
 };
 use crate::{AlignError, Result};
@@ -106,6 +106,8 @@ objectives! {
     "text2grad" => Text2grad(text2grad::Text2GradConfig), Ppo => text2grad::loss,
         online(DataNeed::TokenRewards, JudgeNeed::Any, 1).with_reference().with_value_head(),
         "Text2Grad: span-level rewards from natural-language critiques, token-level PPO with a value head";
+    "grpo" => Grpo(grpo::GrpoConfig), Grpo => grpo::loss, online(DataNeed::GroupRollouts, JudgeNeed::Any, 2),
+        "GRPO: group-relative advantages from any judge (or a weighted sum), clipped token surrogate, optional KL (TRL's loss types dapo / grpo / dr_grpo / bnpo)";
     "kd" => Kd(kd::KdConfig), Distill => kd::loss, distill(),
         "knowledge distillation: forward KL (beta 0), reverse KL (beta 1) or generalized JSD to a frozen teacher";
     "sinkd" => Sinkd(sinkd::SinkdConfig), Distill => sinkd::loss, distill(),
@@ -283,6 +285,9 @@ pub enum DataNeed {
     Distill,
     /// The policy's own samples with group advantages and the teacher's token log-probs (KDRL).
     TeacherRollouts,
+    /// The policy's own samples with group-relative advantages, and the reference's token
+    /// log-probs when a KL term needs them (GRPO).
+    GroupRollouts,
 }
 
 impl DataNeed {
@@ -298,6 +303,7 @@ impl DataNeed {
             DataNeed::TokenRewards => "the policy's samples with token advantages and returns",
             DataNeed::Distill => "completions scored by the teacher (`prompt`/`completion`, `messages` or `text` rows)",
             DataNeed::TeacherRollouts => "the policy's samples with group advantages and teacher log-probs",
+            DataNeed::GroupRollouts => "the policy's judged samples with group-relative advantages",
         }
     }
 }
@@ -332,6 +338,8 @@ pub enum ObjectiveInput {
     Distill(kd::DistillTokens),
     /// For [`DataNeed::TeacherRollouts`].
     Kdrl(kdrl::KdrlTokens),
+    /// For [`DataNeed::GroupRollouts`].
+    Grpo(grpo::GrpoTokens),
 }
 
 impl Objective {
@@ -413,6 +421,7 @@ impl Objective {
         match self {
             Objective::Dpo(c) => !c.reference_free,
             Objective::Inpo(c) => c.tau > 0.0,
+            Objective::Grpo(c) => c.beta > 0.0,
             _ => self.spec().reference,
         }
     }
@@ -472,7 +481,7 @@ mod tests {
         assert_eq!(kind("kdrl"), LoopKind::Online);
         assert_eq!(
             Objective::names_where(|s| s.loop_kind == LoopKind::Online),
-            ["inpo", "dno", "nft", "text2grad", "kdrl"]
+            ["inpo", "dno", "nft", "text2grad", "grpo", "kdrl"]
         );
         assert_eq!(Objective::names_where(|s| s.judge == JudgeNeed::Verifier), ["nft", "kdrl"]);
         assert_eq!(Objective::names_where(|s| s.teacher_pool), ["dno"]);

@@ -184,14 +184,26 @@ fn synthetic_items(objective: &Objective, args: &BenchTrainArgs, vocab: u64) -> 
                 Item::Pair(pair)
             }
             DataNeed::Unpaired => Item::Labelled(LabelledItem { sequence: sequence(), desirable: row % 2 == 0 }),
-            DataNeed::Rollouts | DataNeed::TokenRewards | DataNeed::TeacherRollouts => {
+            DataNeed::Rollouts | DataNeed::TokenRewards | DataNeed::TeacherRollouts | DataNeed::GroupRollouts => {
                 let sequence = sequence();
                 let old_logps = vec![-1.0; sequence.completion_tokens()];
                 let teacher_logps = vec![-1.5; sequence.completion_tokens()];
                 let correct = row % 2 == 0;
                 let advantage = if correct { 1.0 } else { -1.0 };
                 let (accuracy, kd) = (0.5, !correct);
-                Item::Rollout(RolloutItem { sequence, old_logps, accuracy, correct, advantage, teacher_logps, kd })
+                let reference_logps = teacher_logps.clone();
+                let max_tokens = args.seq_len / 2;
+                Item::Rollout(RolloutItem {
+                    sequence,
+                    old_logps,
+                    accuracy,
+                    correct,
+                    advantage,
+                    teacher_logps,
+                    kd,
+                    reference_logps,
+                    max_tokens,
+                })
             }
             DataNeed::Distill => Item::Distill(DistillItem { sequence: sequence(), teacher_states: None }),
         })

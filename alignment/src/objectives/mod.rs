@@ -9,6 +9,7 @@ pub mod copg;
 pub mod dac_kl;
 pub mod dno;
 pub mod dpo;
+pub mod grpo;
 pub mod hindsight;
 pub mod inpo;
 pub mod kd;

@@ -62,6 +62,7 @@ pub fn objective_input(models: StepModels, need: DataNeed, items: &[&Item]) -> R
         DataNeed::Unpaired => ObjectiveInput::Unpaired(labelled::unpaired_logps(models, items)?),
         DataNeed::Rollouts => ObjectiveInput::Tokens(rollouts::labelled_tokens(models, items)?),
         DataNeed::TeacherRollouts => ObjectiveInput::Kdrl(rollouts::teacher_tokens(models, items)?),
+        DataNeed::GroupRollouts => ObjectiveInput::Grpo(rollouts::group_tokens(models, items)?),
         DataNeed::TokenRewards => ObjectiveInput::Ppo(ppo::ppo_tokens(models, items)?),
         DataNeed::Distill => ObjectiveInput::Distill(distill::distill_tokens(models, items)?),
     })

@@ -1,8 +1,9 @@
-//! The policy's own samples, token by token: NFT's labelled rollouts and KDRL's rollouts with
-//! the teacher's log-probs.
+//! The policy's own samples, token by token: NFT's labelled rollouts, KDRL's rollouts with the
+//! teacher's log-probs and GRPO's with group advantages.
 
 use anyhow::Result;
 use candle::Tensor;
+use candor_alignment::objectives::grpo::GrpoTokens;
 use candor_alignment::objectives::kdrl::KdrlTokens;
 use candor_alignment::objectives::nft::NftTokens;
 
@@ -69,6 +70,26 @@ pub(super) fn teacher_tokens(models: StepModels, items: &[&Item]) -> Result<Kdrl
         advantages: t.repeated(|r| r.advantage)?,
         kd_mask: t.repeated(|r| f32::from(u8::from(r.kd)))?,
         progress: models.progress,
+        policy: t.policy,
+        old: t.old,
+    })
+}
+
+/// GRPO's per-token inputs of a micro-batch of judged samples: advantages, the sampled tokens'
+/// old log-probs and, when recorded, the reference's.
+pub(super) fn group_tokens(models: StepModels, items: &[&Item]) -> Result<GrpoTokens> {
+    let t = SampledTokens::of(models.policy, items, models.pad)?;
+    let reference: Vec<f32> = t.samples.iter().flat_map(|r| r.reference_logps.iter().copied()).collect();
+    let reference = match reference.len() {
+        0 => None,
+        n if n == t.policy.dim(0)? => Some(Tensor::new(reference, t.policy.device())?),
+        n => anyhow::bail!("{n} reference log-probs for {} answer tokens", t.policy.dim(0)?),
+    };
+    Ok(GrpoTokens {
+        advantages: t.repeated(|r| r.advantage)?,
+        lengths: t.samples.iter().map(|r| r.old_logps.len()).collect(),
+        max_completion_length: t.samples.iter().map(|r| r.max_tokens).max().unwrap_or(0),
+        reference,
         policy: t.policy,
         old: t.old,
     })

@@ -136,7 +136,7 @@ fn items_of_row(
     let need = objective.data_need();
     let item = match (need, &row.example) {
         (DataNeed::Unpaired, _) => return labelled::items_of_row(tok, name, row),
-        (DataNeed::Rollouts | DataNeed::TokenRewards | DataNeed::TeacherRollouts, _) => {
+        (DataNeed::Rollouts | DataNeed::TokenRewards | DataNeed::TeacherRollouts | DataNeed::GroupRollouts, _) => {
             bail!(
                 "objective `{name}` learns from its own samples, not from dataset rows: give prompts with `--prompts`"
             )

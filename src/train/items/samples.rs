@@ -1,5 +1,5 @@
-//! Items of sampled or distilled sequences: the policy's own samples with what NFT, KDRL and
-//! PPO need of them, and distillation sequences.
+//! Items of sampled or distilled sequences: the policy's own samples with what NFT, KDRL, GRPO
+//! and PPO need of them, and distillation sequences.
 
 use crate::data::TokenizedSequence;
 
@@ -45,4 +45,8 @@ pub struct RolloutItem {
     pub teacher_logps: Vec<f32>,
     /// KDRL: whether the KD term applies to the answer (reward-guided masking).
     pub kd: bool,
+    /// GRPO: the reference's log-prob of each answer token (empty without a KL term).
+    pub reference_logps: Vec<f32>,
+    /// GRPO: the sampler's token budget (Dr. GRPO's normaliser).
+    pub max_tokens: usize,
 }

@@ -1,10 +1,11 @@
 //! What each online method makes of a round's judged samples, one file per method behind
 //! [`RoundBuilder`]: best-vs-worst pairs against the previous iterate ([`pairs`]), verifier-
-//! labelled rollouts ([`nft`], [`kdrl`], sharing [`rollouts`]) and critiqued PPO rollouts
+//! labelled rollouts ([`nft`], [`kdrl`], [`grpo`], sharing [`rollouts`]) and critiqued PPO rollouts
 //! ([`text2grad`]). The online loop samples and judges; a builder turns the pools into records
 //! (written to `rounds/round-N.json`), rebuilds the training items from them and adds its
 //! fields to the round's line of `rounds.jsonl`.
 
+mod grpo;
 mod kdrl;
 mod nft;
 mod pairs;
@@ -134,6 +135,11 @@ pub fn builder_for(cfg: &TrainConfig, load: &LoadOptions) -> Result<Box<dyn Roun
         Objective::Inpo(_) | Objective::Dno(_) => Box::new(pairs::PairRounds { min_margin: online.min_margin }),
         Objective::Nft(_) => Box::new(nft::NftRounds),
         Objective::Kdrl(k) => Box::new(kdrl::KdrlRounds { config: k.clone() }),
+        Objective::Grpo(g) => Box::new(grpo::GrpoRounds {
+            config: g.clone(),
+            max_tokens: online.max_new_tokens,
+            judges: crate::judge::weighted::terms(&online.judge)?,
+        }),
         Objective::Text2grad(t) => Box::new(text2grad::Text2GradRounds::load(t, online.judge_model.as_deref(), load)?),
         other => bail!("objective `{}` is not an online objective", other.name()),
     })

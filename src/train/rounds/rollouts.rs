@@ -1,5 +1,6 @@
-//! Verifier-labelled rollouts, as NFT and KDRL record them: each sample with π_old's per-token
-//! log-probs and its label, and for KDRL the group advantage and the teacher's log-probs.
+//! Judged rollouts, as NFT, KDRL and GRPO record them: each sample with π_old's per-token
+//! log-probs and its label, for KDRL and GRPO the group advantage, and the teacher's (KDRL) or
+//! the reference's (GRPO) log-probs.
 
 use anyhow::Result;
 use serde::{Deserialize, Serialize};
@@ -30,6 +31,12 @@ pub struct RoundRollout {
     /// KDRL: whether the KD term applies (reward-guided masking).
     #[serde(default)]
     pub kd: bool,
+    /// GRPO: the reference's log-prob of each answer token (empty without a KL term).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub reference_logps: Vec<f32>,
+    /// GRPO: the sampler's token budget (`online.max_new_tokens`).
+    #[serde(default)]
+    pub max_tokens: usize,
 }
 
 /// The records' key in the round data.
@@ -49,6 +56,8 @@ pub fn items(data: &RoundData, prompt_ids: &[Vec<u32>]) -> Result<Vec<Item>> {
                 advantage: r.advantage,
                 teacher_logps: r.teacher_logps,
                 kd: r.kd,
+                reference_logps: r.reference_logps,
+                max_tokens: r.max_tokens,
             })
         })
         .collect())
