@@ -50,7 +50,7 @@ fn lines(path: &Path) -> Vec<Value> {
 fn every_online_objective_runs_rounds_and_logs_them() {
     let dir = common::scratch();
     let prompts = tiny_prompts(dir.path());
-    for objective in ["inpo", "dno", "nft"] {
+    for objective in ["inpo", "dno", "nft", "grpo"] {
         let run = dir.path().join(objective);
         let o = online_command(objective, &prompts, &run, &["--save-only-model"]).output().unwrap();
         assert!(o.status.success(), "{objective}: {}", String::from_utf8_lossy(&o.stderr));
@@ -71,11 +71,51 @@ fn every_online_objective_runs_rounds_and_logs_them() {
         match objective {
             "nft" => assert!((first["nft/ratio"].as_f64().unwrap() - 1.0).abs() < 1e-5, "{first}"),
             "dno" => assert!((first["loss"].as_f64().unwrap() - std::f64::consts::LN_2).abs() < 1e-5, "{first}"),
+            // Ratio 1 everywhere: nothing clipped.
+            "grpo" => assert_eq!(first["clip_ratio/region_mean"].as_f64(), Some(0.0), "{first}"),
             // h = 0 at the start: (0 − η/2)² with η = 1.
             _ => assert!((first["loss"].as_f64().unwrap() - 0.25).abs() < 1e-4, "{first}"),
         }
         assert!(run.join("rounds/round-2.json").exists() && run.join("final/model.safetensors").exists());
     }
+}
+
+#[test]
+fn grpo_sums_weighted_judges_and_logs_trls_round_metrics() {
+    let dir = common::scratch();
+    let prompts = tiny_prompts(dir.path());
+    let run = dir.path().join("grpo");
+    let judge = "verifier:auto + 0.5*verifier:regex";
+    let extra = ["--judge", judge, "--beta", "0.04", "--loss-type", "grpo", "--save-only-model"];
+    let o = online_command("grpo", &prompts, &run, &extra).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let rounds = lines(&run.join("rounds.jsonl"));
+    let data: Value = serde_json::from_str(&std::fs::read_to_string(run.join("rounds/round-0.json")).unwrap()).unwrap();
+    let samples: Vec<&Value> = data["samples"].as_array().unwrap().iter().flat_map(|p| p.as_array().unwrap()).collect();
+    // Each sample's score is 1 x the first judge's + 0.5 x the second's, and both judge the
+    // same constraint here.
+    for s in &samples {
+        let parts = f64s(&s["parts"]);
+        assert_eq!(parts.len(), 2);
+        assert_eq!(s["score"].as_f64().unwrap(), parts[0] + 0.5 * parts[1]);
+    }
+    let scores: Vec<f64> = samples.iter().map(|s| s["score"].as_f64().unwrap()).collect();
+    let mean = scores.iter().sum::<f64>() / scores.len() as f64;
+    assert!((rounds[0]["reward"].as_f64().unwrap() - mean).abs() < 1e-12, "{} vs {mean}: {scores:?}", rounds[0]);
+    for key in ["reward_std", "frac_reward_zero_std", "completions/mean_length", "completions/clipped_ratio"] {
+        assert!(rounds[0][key].as_f64().is_some(), "no `{key}` in {}", rounds[0]);
+    }
+    assert!(rounds[0]["rewards/verifier:auto/mean"].as_f64().is_some(), "{}", rounds[0]);
+    // Advantages are normalised within each prompt's 4 samples: they sum to 0 per group.
+    let rollouts = data["rollouts"].as_array().unwrap();
+    for group in rollouts.chunks(4) {
+        let sum: f64 = group.iter().map(|r| r["advantage"].as_f64().unwrap()).sum();
+        assert!(sum.abs() < 1e-5, "{sum}");
+        assert!(group.iter().all(|r| !r["reference_logps"].as_array().unwrap().is_empty()), "β > 0 records π_ref");
+    }
+    // At the round's first step the policy is the reference: the KL term is exactly 0.
+    let steps = lines(&run.join("metrics.jsonl"));
+    assert_eq!(steps[0]["kl"].as_f64(), Some(0.0), "{}", steps[0]);
 }
 
 #[test]

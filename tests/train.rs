@@ -300,7 +300,8 @@ fn dpo_on_smollm2_raises_held_out_margins_and_accuracy() {
 #[test]
 fn every_recipe_resolves_and_sft_runs_on_the_real_model() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    for recipe in ["sft", "dpo", "rdpo", "rpo", "spo", "copg", "hindsight", "reward"] {
+    let recipes = ["sft", "dpo", "rdpo", "rpo", "simpo", "orpo", "kto", "spo", "copg", "hindsight", "reward", "grpo"];
+    for recipe in recipes {
         let o = std::process::Command::new(env!("CARGO_BIN_EXE_candor"))
             .current_dir(root)
             .args(["train", "--config", &format!("configs/{recipe}.toml"), "--print-config"])
