@@ -108,6 +108,7 @@ pub fn loss(x: &UnpairedLogps, cfg: &KtoConfig, scale: &StepScale) -> Result<Obj
 
 #[cfg(test)]
 mod tests {
+    use super::super::metric;
     use super::*;
     use candle::Device;
 
@@ -120,10 +121,6 @@ mod tests {
             policy_kl: t(kl.0),
             reference_kl: t(kl.1),
         }
-    }
-
-    fn metric(out: &ObjectiveOutput, key: &str) -> f64 {
-        out.metrics.iter().find(|(k, _)| k == key).map(|m| m.1).unwrap_or(f64::NAN)
     }
 
     #[test]

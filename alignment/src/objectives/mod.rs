@@ -178,6 +178,12 @@ pub(crate) fn reduce_pairs_logging(
     Ok(ObjectiveOutput { loss: (pairs.per_pair.sum(D::Minus1)? / n)?, metrics })
 }
 
+/// A metric of an output by name (NaN when absent), for the objectives' unit tests.
+#[cfg(test)]
+pub(crate) fn metric(out: &ObjectiveOutput, key: &str) -> f64 {
+    out.metrics.iter().find(|(k, _)| k == key).map_or(f64::NAN, |m| m.1)
+}
+
 /// One preference pair of scalar log-probs, for the objectives' unit tests:
 /// policy chosen/rejected, reference chosen/rejected, and token counts.
 #[cfg(test)]

@@ -83,11 +83,8 @@ fn sequence_nll(x: &PairLogps, (prompt_logps, prompt_tokens): &(Tensor, Tensor),
 
 #[cfg(test)]
 mod tests {
+    use super::super::metric;
     use super::*;
-
-    fn metric(out: &ObjectiveOutput, key: &str) -> f64 {
-        out.metrics.iter().find(|(k, _)| k == key).unwrap().1
-    }
 
     #[test]
     fn worked_example_odds_ratio_and_nll() {

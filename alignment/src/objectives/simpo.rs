@@ -91,11 +91,8 @@ pub fn loss(x: &PairLogps, cfg: &SimpoConfig, scale: &StepScale) -> Result<Objec
 
 #[cfg(test)]
 mod tests {
+    use super::super::metric;
     use super::*;
-
-    fn metric(out: &ObjectiveOutput, key: &str) -> f64 {
-        out.metrics.iter().find(|(k, _)| k == key).unwrap().1
-    }
 
     #[test]
     fn worked_example_length_normalised_margin() {
