@@ -1,5 +1,7 @@
-//! Qwen2 (q/k/v biases, untied head), Mistral (sliding window 6) and Llama with llama3 RoPE
-//! scaling against transformers. Reference values: `tests/fixtures/gen_arch_goldens.py`.
+//! Qwen2 (q/k/v biases, untied head), Mistral (sliding window 6), Llama with llama3 RoPE
+//! scaling and Qwen3 (per-head q/k norms, head width apart from the hidden size; its DPO
+//! gradients and its llama.cpp-named GGUF too) against transformers. Reference values:
+//! `tests/fixtures/gen_arch_goldens.py` and `gen_arch_goldens_2.py`.
 
 mod common;
 
@@ -139,4 +141,77 @@ fn mistral_with_sliding_window_matches_transformers() {
 #[test]
 fn llama3_rope_scaling_matches_transformers() {
     check_architecture("llama3rope-tiny");
+}
+
+#[test]
+fn qwen3_with_qk_norms_matches_transformers() {
+    check_architecture("qwen3-tiny");
+    KERNELS.into_iter().for_each(|kernels| check_dpo_gradients("qwen3-tiny", kernels));
+}
+
+#[test]
+fn qwen3_gguf_with_llama_cpp_names_loads_to_the_same_model() {
+    check_gguf_logits("qwen3-tiny");
+}
+
+/// The fixture's `model.gguf` (llama.cpp's names and metadata) gives transformers' logits.
+fn check_gguf_logits(dir: &str) {
+    let exp = json(&format!("{dir}/expected.json"));
+    let loaded =
+        candor::load::load_gguf_model(&fixture(&format!("{dir}/model.gguf")), candle::DType::F32, &Device::Cpu)
+            .unwrap();
+    let rows: Vec<Vec<u32>> = exp["input_ids"].as_array().unwrap().iter().map(u32s).collect();
+    let mask: Vec<Vec<u32>> = exp["attention_mask"].as_array().unwrap().iter().map(u32s).collect();
+    let (ids, attn) = (Tensor::new(rows, &Device::Cpu).unwrap(), Tensor::new(mask, &Device::Cpu).unwrap());
+    let opts = ForwardOptions { attention_mask: Some(&attn), positions: None };
+    let logits: Vec<Vec<Vec<f32>>> = loaded.model.forward(&ids, opts, None).unwrap().to_vec3().unwrap();
+    for (b, per_pos) in exp["logits"].as_array().unwrap().iter().enumerate() {
+        for (t, want) in per_pos.as_array().unwrap().iter().enumerate() {
+            let got: Vec<f64> = logits[b][t].iter().map(|&v| v as f64).collect();
+            assert_close(&format!("{dir} GGUF logits[{b}, {t}]"), &got, &f64s(want), 1e-4);
+        }
+    }
+}
+
+/// The gradient of the fixture's DPO loss (sigmoid, β from the fixture, constant reference
+/// log-probs) for every parameter: L2 norm, recorded elements and the random projection.
+fn check_dpo_gradients(dir: &str, kernels: Kernels) {
+    use candor_alignment::objectives::dpo::{self, DpoConfig};
+    let exp = json(&format!("{dir}/expected.json"));
+    let d = &exp["dpo"];
+    let mut loaded = load_kernels(dir, kernels);
+    let vars = loaded.model.make_trainable().unwrap();
+    let rows: Vec<Vec<u32>> = d["input_ids"].as_array().unwrap().iter().map(u32s).collect();
+    let mask: Vec<Vec<u32>> = d["attention_mask"].as_array().unwrap().iter().map(u32s).collect();
+    let label: Vec<Vec<f32>> =
+        d["label_mask"].as_array().unwrap().iter().map(|r| u32s(r).iter().map(|&v| v as f32).collect()).collect();
+    let (ids, attn) = (Tensor::new(rows, &Device::Cpu).unwrap(), Tensor::new(mask, &Device::Cpu).unwrap());
+    let token = loaded.model.token_logps(&ids, Some(&attn)).unwrap();
+    let sums = (token * Tensor::new(label, &Device::Cpu).unwrap()).unwrap().sum(1).unwrap();
+    let f32s = |k: &str| Tensor::new(f64s(&d[k]).iter().map(|&v| v as f32).collect::<Vec<_>>(), &Device::Cpu).unwrap();
+    let x = candor_alignment::PairLogps {
+        policy_chosen: sums.narrow(0, 0, 2).unwrap(),
+        policy_rejected: sums.narrow(0, 2, 2).unwrap(),
+        reference_chosen: f32s("reference_chosen_logps"),
+        reference_rejected: f32s("reference_rejected_logps"),
+        chosen_tokens: Tensor::new(&[1f32, 1.0], &Device::Cpu).unwrap(),
+        rejected_tokens: Tensor::new(&[1f32, 1.0], &Device::Cpu).unwrap(),
+        rewards: None,
+        degrees: None,
+        previous: None,
+        chosen_prompt: None,
+    };
+    let cfg = DpoConfig { beta: d["beta"].as_f64().unwrap(), ..Default::default() };
+    let out = dpo::loss(&x, &cfg, &candor_alignment::StepScale::single(2, 0.0)).unwrap();
+    let loss = out.loss.to_scalar::<f32>().unwrap() as f64;
+    assert!((loss - d["loss"].as_f64().unwrap()).abs() < 1e-5, "{dir} ({kernels}): DPO loss {loss}");
+    let grads = out.loss.backward().unwrap();
+    for (name, var) in &vars {
+        let g = grads.get(var.as_tensor()).unwrap_or_else(|| panic!("{dir}: no DPO gradient reached `{name}`"));
+        let flat: Vec<f64> = g.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().map(|&v| v as f64).collect();
+        let l2 = flat.iter().map(|v| v * v).sum::<f64>().sqrt();
+        let w = d["grad_l2"][name].as_f64().unwrap_or_else(|| panic!("{dir}: fixture lacks DPO `{name}`"));
+        assert!((l2 - w).abs() <= GRAD_RTOL * w + GRAD_ATOL, "{dir} ({kernels}): DPO `{name}` gradient L2 {l2} vs {w}");
+        check_gradient_elements(&format!("{dir} ({kernels}) DPO: `{name}`"), name, &flat, d);
+    }
 }

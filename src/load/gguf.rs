@@ -133,6 +133,8 @@ fn hf_tensor_name(gguf: &str) -> Option<String> {
         "attn_k" => "self_attn.k_proj",
         "attn_v" => "self_attn.v_proj",
         "attn_output" => "self_attn.o_proj",
+        "attn_q_norm" => "self_attn.q_norm",
+        "attn_k_norm" => "self_attn.k_norm",
         "ffn_gate" => "mlp.gate_proj",
         "ffn_up" => "mlp.up_proj",
         "ffn_down" => "mlp.down_proj",
@@ -166,6 +168,8 @@ fn gguf_tensor_name(hf: &str) -> String {
         "self_attn.k_proj" => "attn_k",
         "self_attn.v_proj" => "attn_v",
         "self_attn.o_proj" => "attn_output",
+        "self_attn.q_norm" => "attn_q_norm",
+        "self_attn.k_norm" => "attn_k_norm",
         "mlp.gate_proj" => "ffn_gate",
         "mlp.up_proj" => "ffn_up",
         "mlp.down_proj" => "ffn_down",
@@ -221,8 +225,12 @@ pub fn load_gguf_bytes(bytes: &[u8], path: &Path) -> Result<GgufModel> {
         "llama" => Architecture::Llama,
         "mistral" => Architecture::Mistral,
         "qwen2" => Architecture::Qwen2,
+        "qwen3" => Architecture::Qwen3,
         other => {
-            bail!("{}: unsupported GGUF architecture `{other}` (supported: llama, mistral, qwen2)", path.display())
+            bail!(
+                "{}: unsupported GGUF architecture `{other}` (supported: llama, mistral, qwen2, qwen3)",
+                path.display()
+            )
         }
     };
     let tokenizer = gguf_tokenizer(&meta)?;
@@ -270,6 +278,7 @@ pub fn load_gguf_bytes(bytes: &[u8], path: &Path) -> Result<GgufModel> {
         qkv_bias: content.tensor_infos.contains_key("blk.0.attn_q.bias"),
         o_bias: content.tensor_infos.contains_key("blk.0.attn_output.bias"),
         mlp_bias: content.tensor_infos.contains_key("blk.0.ffn_up.bias"),
+        qk_norm: content.tensor_infos.contains_key("blk.0.attn_q_norm.weight"),
         tie_word_embeddings: !has_output,
         pad_token_id: tokenizer.pad,
         bos_token_id: tokenizer.bos.as_ref().map(|b| b.1),

@@ -121,6 +121,10 @@ impl Block {
         f(&self.input_layernorm)?;
         f(&self.post_attention_layernorm)?;
         let a = &self.self_attn;
+        if let Some((q, k)) = &a.qk_norm {
+            f(q)?;
+            f(k)?;
+        }
         let m = &self.mlp;
         for lin in [&a.q_proj, &a.k_proj, &a.v_proj, &a.o_proj, &m.gate_proj, &m.up_proj, &m.down_proj] {
             f(&lin.weight)?;

@@ -1,7 +1,8 @@
 //! Model configuration: transformers' `config.json` keys in, one resolved [`ModelConfig`] out.
 //!
-//! Llama (SmolLM2 included), Mistral and Qwen2 differ only in switches of this struct: q/k/v
-//! biases (Qwen2), a sliding attention window (Mistral), llama3 RoPE scaling, tied embeddings.
+//! Llama (SmolLM2 included), Mistral, Qwen2 and Qwen3 differ only in switches of this struct:
+//! q/k/v biases (Qwen2), per-head q/k norms (Qwen3), a sliding attention window (Mistral), llama3
+//! RoPE scaling, tied embeddings.
 
 use serde::{Deserialize, Serialize};
 
@@ -15,6 +16,9 @@ pub enum Architecture {
     Mistral,
     /// `Qwen2ForCausalLM`: Llama with biases on q, k and v.
     Qwen2,
+    /// `Qwen3ForCausalLM`: Llama with an RMSNorm on each query and key head (no biases), and a
+    /// head width independent of the hidden size.
+    Qwen3,
 }
 
 /// Llama 3's frequency-dependent RoPE scaling (`rope_type = "llama3"`).
@@ -69,6 +73,9 @@ pub struct ModelConfig {
     pub o_bias: bool,
     /// Biases on the MLP projections (Llama with `mlp_bias`).
     pub mlp_bias: bool,
+    /// An RMSNorm over each query and key head before RoPE (Qwen3's `q_norm`, `k_norm`).
+    #[serde(default)]
+    pub qk_norm: bool,
     /// The output projection shares the embedding matrix.
     pub tie_word_embeddings: bool,
     /// Padding token, used to pool the sequence-classification head.
@@ -322,6 +329,12 @@ impl ModelConfig {
         linear(format!("{p}.mlp.up_proj"), inter, hidden, self.mlp_bias);
         linear(format!("{p}.mlp.down_proj"), hidden, inter, self.mlp_bias);
         out.push(ExpectedTensor { name: format!("{p}.post_attention_layernorm.weight"), dims: vec![hidden] });
+        if self.qk_norm {
+            let head = Dim { size: self.head_dim, from: "head_dim" };
+            for norm in ["q_norm", "k_norm"] {
+                out.push(ExpectedTensor { name: format!("{p}.self_attn.{norm}.weight"), dims: vec![head] });
+            }
+        }
         out
     }
 
@@ -358,6 +371,7 @@ impl ModelConfig {
             Architecture::Llama => ("llama", "Llama"),
             Architecture::Mistral => ("mistral", "Mistral"),
             Architecture::Qwen2 => ("qwen2", "Qwen2"),
+            Architecture::Qwen3 => ("qwen3", "Qwen3"),
         };
         let head = if self.num_labels.is_some() { "ForSequenceClassification" } else { "ForCausalLM" };
         let mut rope = serde_json::json!({"rope_theta": self.rope_theta, "rope_type": "default"});
@@ -403,7 +417,10 @@ impl ModelConfig {
             Architecture::Mistral => {
                 obj.insert("sliding_window".into(), serde_json::json!(self.sliding_window));
             }
-            Architecture::Qwen2 => {
+            Architecture::Qwen2 | Architecture::Qwen3 => {
+                if self.architecture == Architecture::Qwen3 {
+                    obj.insert("attention_bias".into(), self.qkv_bias.into());
+                }
                 obj.insert("use_sliding_window".into(), self.sliding_window.is_some().into());
                 obj.insert("max_window_layers".into(), self.first_sliding_layer.into());
                 obj.insert("sliding_window".into(), serde_json::json!(self.sliding_window));
@@ -475,6 +492,7 @@ impl RawConfig {
             Some("llama") | None => Architecture::Llama,
             Some("mistral") => Architecture::Mistral,
             Some("qwen2") => Architecture::Qwen2,
+            Some("qwen3") => Architecture::Qwen3,
             Some(other) => return Err(ConfigError::Unsupported { field: "model_type", value: other.into() }),
         };
         if let Some(act) = self.hidden_act.as_deref() {
@@ -504,12 +522,12 @@ impl RawConfig {
         let rope_scaling = scaling.map(parse_rope_scaling).transpose()?.flatten();
         let sliding_window = match architecture {
             Architecture::Mistral => self.sliding_window,
-            Architecture::Qwen2 if self.use_sliding_window == Some(true) => self.sliding_window,
+            Architecture::Qwen2 | Architecture::Qwen3 if self.use_sliding_window == Some(true) => self.sliding_window,
             _ => None,
         };
         // Qwen2 slides only from layer `max_window_layers` on (transformers' `layer_types`).
         let first_sliding_layer = match architecture {
-            Architecture::Qwen2 => self.max_window_layers.unwrap_or(0),
+            Architecture::Qwen2 | Architecture::Qwen3 => self.max_window_layers.unwrap_or(0),
             _ => 0,
         };
         let attention_bias = self.attention_bias.unwrap_or(false);
@@ -539,6 +557,7 @@ impl RawConfig {
             qkv_bias: architecture == Architecture::Qwen2 || attention_bias,
             o_bias: architecture == Architecture::Llama && attention_bias,
             mlp_bias: architecture == Architecture::Llama && self.mlp_bias.unwrap_or(false),
+            qk_norm: architecture == Architecture::Qwen3,
             tie_word_embeddings: self.tie_word_embeddings.unwrap_or(architecture == Architecture::Llama),
             pad_token_id: self.pad_token_id,
             bos_token_id: self.bos_token_id,

@@ -102,6 +102,23 @@ pub(super) struct Attention {
     pub(super) k_proj: Linear,
     pub(super) v_proj: Linear,
     pub(super) o_proj: Linear,
+    /// Qwen3's RMSNorm weights `[head_dim]` over each query and key head, applied before RoPE.
+    pub(super) qk_norm: Option<(Tensor, Tensor)>,
+}
+
+impl Attention {
+    /// Qwen3's per-head RMSNorm of queries and keys `[B, T, heads, D]` (over the head's width),
+    /// with the fused or the plain kernel; unchanged without one.
+    fn norm_heads(&self, q: Tensor, k: Tensor, eps: f64, fused_kernels: bool) -> Result<(Tensor, Tensor)> {
+        let Some((qn, kn)) = &self.qk_norm else {
+            return Ok((q, k));
+        };
+        let norm = |x: &Tensor, w: &Tensor| match fused_kernels {
+            true => fused::rms_norm(x, w, eps),
+            false => ops::rms_norm(x, w, eps),
+        };
+        Ok((norm(&q, qn)?, norm(&k, kn)?))
+    }
 }
 
 /// The gated MLP's projections: `down(silu(gate(x)) ∘ up(x))`.
@@ -176,6 +193,13 @@ impl CausalLm {
                     k_proj: w.linear(&format!("{p}.self_attn.k_proj"), config.qkv_bias)?,
                     v_proj: w.linear(&format!("{p}.self_attn.v_proj"), config.qkv_bias)?,
                     o_proj: w.linear(&format!("{p}.self_attn.o_proj"), config.o_bias)?,
+                    qk_norm: match config.qk_norm {
+                        true => Some((
+                            w.tensor(&format!("{p}.self_attn.q_norm.weight"))?,
+                            w.tensor(&format!("{p}.self_attn.k_norm.weight"))?,
+                        )),
+                        false => None,
+                    },
                 },
                 post_attention_layernorm: w.tensor(&format!("{p}.post_attention_layernorm.weight"))?,
                 mlp: Mlp {
@@ -318,8 +342,9 @@ impl CausalLm {
         let normed = fused::rms_norm(x, &layer.input_layernorm, cfg.rms_norm_eps)?;
         let a = &layer.self_attn;
         let [q, k, v] = Linear::forward_group(&normed, [&a.q_proj, &a.k_proj, &a.v_proj])?;
-        let q = fused::apply_rope(&q.reshape((b, t, h, hd))?, cos, sin)?;
-        let k = fused::apply_rope(&k.reshape((b, t, kv, hd))?, cos, sin)?;
+        let (q, k) = a.norm_heads(q.reshape((b, t, h, hd))?, k.reshape((b, t, kv, hd))?, cfg.rms_norm_eps, true)?;
+        let q = fused::apply_rope(&q, cos, sin)?;
+        let k = fused::apply_rope(&k, cos, sin)?;
         let attn = fused::attention(&q, &k, &v.reshape((b, t, kv, hd))?, pattern.clone(), cfg.kv_groups())?;
         let x = (x + a.o_proj.forward(&attn.reshape((b, t, h * hd))?)?)?;
         let normed = fused::rms_norm(&x, &layer.post_attention_layernorm, cfg.rms_norm_eps)?;
@@ -378,8 +403,10 @@ impl CausalLm {
         // [B, T, heads * D] -> [B, heads, T, D]
         let split = |y: Tensor, heads: usize| y.reshape((b, t, heads, hd))?.transpose(1, 2);
         let [q, k, v] = Linear::forward_group(&normed, [&a.q_proj, &a.k_proj, &a.v_proj])?;
-        let q = ops::apply_rope(&split(q, h)?, cos, sin)?;
-        let k = ops::apply_rope(&split(k, kv)?, cos, sin)?;
+        let heads = |y: Tensor, n: usize| y.reshape((b, t, n, hd));
+        let (q, k) = a.norm_heads(heads(q, h)?, heads(k, kv)?, cfg.rms_norm_eps, false)?;
+        let q = ops::apply_rope(&q.transpose(1, 2)?, cos, sin)?;
+        let k = ops::apply_rope(&k.transpose(1, 2)?, cos, sin)?;
         let v = split(v, kv)?;
         let (k, v) = match cache {
             Some(c) => c.append(i, &k, &v)?,
@@ -495,6 +522,10 @@ impl CausalLm {
         for (i, layer) in self.layers.iter_mut().enumerate() {
             f(&format!("model.layers.{i}.input_layernorm.weight"), &mut layer.input_layernorm)?;
             f(&format!("model.layers.{i}.post_attention_layernorm.weight"), &mut layer.post_attention_layernorm)?;
+            if let Some((q, k)) = layer.self_attn.qk_norm.as_mut() {
+                f(&format!("model.layers.{i}.self_attn.q_norm.weight"), q)?;
+                f(&format!("model.layers.{i}.self_attn.k_norm.weight"), k)?;
+            }
         }
         f("model.norm.weight", &mut self.norm)?;
         if let Some(w) = self.lm_head.as_mut() {
