@@ -37,6 +37,7 @@ pub fn write_hf_dir(
         .into_iter()
         .map(|(n, t)| Ok((n, t.detach().to_dtype(dtype)?.to_device(&candle::Device::Cpu)?)))
         .collect::<Result<_>>()?;
+    let weights = if config.fused_projections { fuse_projections(weights)? } else { weights };
     write_weights(dir, weights, max_shard_bytes)?;
     tokenizer
         .inner()
@@ -67,6 +68,35 @@ pub fn write_hf_dir(
         &json!({"bos_token_id": config.bos_token_id, "eos_token_id": eos, "pad_token_id": config.pad_token_id}),
     )?;
     Ok(())
+}
+
+/// Phi-3's layout: each layer's q/k/v projections saved as one `qkv_proj` and gate/up as one
+/// `gate_up_proj` (rows concatenated in that order), as transformers reads them.
+fn fuse_projections(weights: Vec<(String, Tensor)>) -> Result<Vec<(String, Tensor)>> {
+    const GROUPS: [(&str, &[&str]); 2] = [
+        ("self_attn.qkv_proj", &["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"]),
+        ("mlp.gate_up_proj", &["mlp.gate_proj", "mlp.up_proj"]),
+    ];
+    let mut by_name: HashMap<String, Tensor> = weights.iter().cloned().collect();
+    let mut out = Vec::with_capacity(weights.len());
+    for (name, tensor) in weights {
+        let fused = GROUPS.iter().find_map(|(fused, parts)| {
+            let (layer, rest) = name.rsplit_once(parts[0]).filter(|(_, rest)| !rest.is_empty())?;
+            Some((layer.to_string(), rest.to_string(), *fused, *parts))
+        });
+        match fused {
+            Some((layer, kind, fused, parts)) => {
+                let pieces: Vec<Tensor> = parts
+                    .iter()
+                    .map(|p| by_name.remove(&format!("{layer}{p}{kind}")).context("a fused projection lacks a part"))
+                    .collect::<Result<_>>()?;
+                out.push((format!("{layer}{fused}{kind}"), Tensor::cat(&pieces, 0)?));
+            }
+            None if GROUPS.iter().any(|(_, parts)| parts.iter().any(|p| name.contains(&format!(".{p}.")))) => {}
+            None => out.push((name, tensor)),
+        }
+    }
+    Ok(out)
 }
 
 /// Save weights as one file, or as shards of at most `max_shard_bytes` plus an index.

@@ -51,14 +51,13 @@ fn check_architecture_on(dir: &str, kernels: Kernels) {
     let loss = masked.sum_all().unwrap().neg().unwrap();
     let grads = loss.backward().unwrap();
     let want = exp["grad_l2"].as_object().unwrap();
-    assert_eq!(want.len(), vars.len(), "{dir}: parameter count");
-    for (name, var) in &vars {
-        let g = grads.get(var.as_tensor()).unwrap_or_else(|| panic!("{dir}: no gradient reached `{name}`"));
-        let flat: Vec<f64> = g.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().map(|&v| v as f64).collect();
+    let named = transformers_gradients(&vars, &grads, dir);
+    assert_eq!(want.len(), named.len(), "{dir}: parameter count");
+    for (name, flat) in &named {
         let got = flat.iter().map(|v| v * v).sum::<f64>().sqrt();
         let w = want[name].as_f64().unwrap_or_else(|| panic!("{dir}: fixture lacks `{name}`"));
         assert!((got - w).abs() <= GRAD_RTOL * w, "{dir} ({kernels}): `{name}` gradient L2 {got} vs {w}");
-        check_gradient_elements(&format!("{dir} ({kernels}): `{name}`"), name, &flat, &exp);
+        check_gradient_elements(&format!("{dir} ({kernels}): `{name}`"), name, flat, &exp);
     }
 
     // Greedy continuation of the first 5 tokens of row 0 (KV-cached decoding).
@@ -206,12 +205,72 @@ fn check_dpo_gradients(dir: &str, kernels: Kernels) {
     let loss = out.loss.to_scalar::<f32>().unwrap() as f64;
     assert!((loss - d["loss"].as_f64().unwrap()).abs() < 1e-5, "{dir} ({kernels}): DPO loss {loss}");
     let grads = out.loss.backward().unwrap();
-    for (name, var) in &vars {
-        let g = grads.get(var.as_tensor()).unwrap_or_else(|| panic!("{dir}: no DPO gradient reached `{name}`"));
-        let flat: Vec<f64> = g.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().map(|&v| v as f64).collect();
+    for (name, flat) in &transformers_gradients(&vars, &grads, dir) {
         let l2 = flat.iter().map(|v| v * v).sum::<f64>().sqrt();
         let w = d["grad_l2"][name].as_f64().unwrap_or_else(|| panic!("{dir}: fixture lacks DPO `{name}`"));
         assert!((l2 - w).abs() <= GRAD_RTOL * w + GRAD_ATOL, "{dir} ({kernels}): DPO `{name}` gradient L2 {l2} vs {w}");
-        check_gradient_elements(&format!("{dir} ({kernels}) DPO: `{name}`"), name, &flat, d);
+        check_gradient_elements(&format!("{dir} ({kernels}) DPO: `{name}`"), name, flat, d);
     }
+}
+
+#[test]
+fn phi3_with_fused_projections_partial_rope_and_longrope_matches_transformers() {
+    // The fixture's sequences pass the original context (4), so every forward takes the long
+    // factors; the rows' 4-token prefixes take the short ones.
+    check_architecture("phi3-tiny");
+    KERNELS.into_iter().for_each(|kernels| check_dpo_gradients("phi3-tiny", kernels));
+    let exp = json("phi3-tiny/expected.json");
+    let n = exp["rope"]["short_prefix_len"].as_u64().unwrap() as usize;
+    let prefixes: Vec<Vec<u32>> = exp["input_ids"].as_array().unwrap().iter().map(|r| u32s(r)[..n].to_vec()).collect();
+    for kernels in KERNELS {
+        let loaded = load_kernels("phi3-tiny", kernels);
+        let ids = Tensor::new(prefixes.clone(), &Device::Cpu).unwrap();
+        let logits: Vec<Vec<Vec<f32>>> =
+            loaded.model.forward(&ids, ForwardOptions::default(), None).unwrap().to_vec3().unwrap();
+        for (b, row) in exp["rope"]["short_prefix_logits"].as_array().unwrap().iter().enumerate() {
+            for (t, want) in row.as_array().unwrap().iter().enumerate() {
+                let got: Vec<f64> = logits[b][t].iter().map(|&v| v as f64).collect();
+                assert_close(&format!("phi3 short prefix ({kernels}) logits[{b}, {t}]"), &got, &f64s(want), 1e-4);
+            }
+        }
+    }
+}
+
+#[test]
+fn phi3_gguf_with_fused_tensors_and_rope_factors_loads_to_the_same_model() {
+    check_gguf_logits("phi3-tiny");
+}
+
+/// Every parameter's gradient, flattened, under transformers' names: Phi-3's separate q/k/v
+/// and gate/up projections concatenated back into `qkv_proj` and `gate_up_proj` rows.
+fn transformers_gradients(
+    vars: &[(String, candle::Var)],
+    grads: &candle::backprop::GradStore,
+    dir: &str,
+) -> Vec<(String, Vec<f64>)> {
+    let grad = |name: &str| -> Tensor {
+        let var = &vars.iter().find(|(n, _)| n == name).unwrap_or_else(|| panic!("{dir}: no `{name}`")).1;
+        grads.get(var.as_tensor()).unwrap_or_else(|| panic!("{dir}: no gradient reached `{name}`")).clone()
+    };
+    let fused = [
+        ("self_attn.q_proj", "self_attn.qkv_proj", &["q_proj", "k_proj", "v_proj"][..]),
+        ("mlp.gate_proj", "mlp.gate_up_proj", &["gate_proj", "up_proj"][..]),
+    ];
+    let phi3 = dir.starts_with("phi3");
+    let mut out = Vec::new();
+    for (name, _) in vars {
+        let flat = |t: Tensor| -> Vec<f64> {
+            t.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().map(|&v| v as f64).collect()
+        };
+        match fused.iter().find(|(first, _, _)| phi3 && name.contains(first)) {
+            Some((first, whole, parts)) => {
+                let pieces: Vec<Tensor> =
+                    parts.iter().map(|p| grad(&name.replace(first.rsplit('.').next().unwrap(), p))).collect();
+                out.push((name.replace(first, whole), flat(Tensor::cat(&pieces, 0).unwrap())));
+            }
+            None if phi3 && ["k_proj", "v_proj", "up_proj"].iter().any(|p| name.contains(&format!(".{p}."))) => {}
+            None => out.push((name.clone(), flat(grad(name)))),
+        }
+    }
+    out
 }

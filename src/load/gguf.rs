@@ -25,7 +25,7 @@ use tokenizers::{AddedToken, PreTokenizerWrapper, Tokenizer};
 
 use super::tokenizer::TextTokenizer;
 use super::{check_weights, TensorHeader, WeightCheck};
-use crate::model::config::{Architecture, ModelConfig};
+use crate::model::config::{Architecture, LongRope, ModelConfig};
 
 /// Everything a GGUF file holds, ready to build a model from.
 pub struct GgufModel {
@@ -134,6 +134,7 @@ fn hf_tensor_name(gguf: &str) -> Option<String> {
         "attn_v" => "self_attn.v_proj",
         "attn_output" => "self_attn.o_proj",
         "attn_q_norm" => "self_attn.q_norm",
+        "attn_qkv" => "self_attn.qkv_proj",
         "attn_k_norm" => "self_attn.k_norm",
         "ffn_gate" => "mlp.gate_proj",
         "ffn_up" => "mlp.up_proj",
@@ -169,6 +170,8 @@ fn gguf_tensor_name(hf: &str) -> String {
         "self_attn.v_proj" => "attn_v",
         "self_attn.o_proj" => "attn_output",
         "self_attn.q_norm" => "attn_q_norm",
+        "self_attn.qkv_proj" => "attn_qkv",
+        "mlp.gate_up_proj" => "ffn_up",
         "self_attn.k_norm" => "attn_k_norm",
         "mlp.gate_proj" => "ffn_gate",
         "mlp.up_proj" => "ffn_up",
@@ -178,6 +181,44 @@ fn gguf_tensor_name(hf: &str) -> String {
         _ => return hf.to_string(),
     };
     format!("blk.{layer}.{part}.{kind}")
+}
+
+/// Phi-3's `ffn_up` holds gate and up fused (`mlp.gate_up_proj`); other names stay.
+fn fused_name(hf: String, architecture: Architecture) -> String {
+    match hf.strip_suffix("mlp.up_proj.weight") {
+        Some(layer) if architecture == Architecture::Phi3 => format!("{layer}mlp.gate_up_proj.weight"),
+        _ => hf,
+    }
+}
+
+/// Phi-3's LongRoPE from `{arch}.rope.scaling.*` and the `rope_factors_short/long` tensors;
+/// `None` when the file has no factors.
+fn longrope(content: &Content, bytes: &[u8], meta: &Metadata, arch: &str, path: &Path) -> Result<Option<LongRope>> {
+    let factors = |name: &str| -> Result<Option<Vec<f64>>> {
+        if !content.tensor_infos.contains_key(name) {
+            return Ok(None);
+        }
+        let q = content
+            .tensor(&mut Cursor::new(bytes), name, &Device::Cpu)
+            .and_then(|q| q.dequantize(&Device::Cpu))
+            .and_then(|t| t.flatten_all()?.to_vec1::<f32>())
+            .map_err(|e| anyhow!("{}: tensor `{name}`: {e}", path.display()))?;
+        Ok(Some(q.into_iter().map(f64::from).collect()))
+    };
+    let (Some(short_factor), Some(long_factor)) =
+        (factors("rope_factors_short.weight")?, factors("rope_factors_long.weight")?)
+    else {
+        return Ok(None);
+    };
+    let key = |k: &str| format!("{arch}.{k}");
+    let original = meta.usize(&key("rope.scaling.original_context_length"))?;
+    let max = meta.opt_usize(&key("context_length"))?.unwrap_or(original) as f64;
+    let attention_factor = match meta.opt_f64(&key("rope.scaling.attn_factor"))? {
+        Some(a) => a,
+        None if max <= original as f64 => 1.0,
+        None => (1.0 + (max / original as f64).ln() / (original as f64).ln()).sqrt(),
+    };
+    Ok(Some(LongRope { short_factor, long_factor, original_max_position_embeddings: original, attention_factor }))
 }
 
 /// Where a [`ModelConfig`] field comes from in a GGUF file of architecture `arch`.
@@ -226,9 +267,10 @@ pub fn load_gguf_bytes(bytes: &[u8], path: &Path) -> Result<GgufModel> {
         "mistral" => Architecture::Mistral,
         "qwen2" => Architecture::Qwen2,
         "qwen3" => Architecture::Qwen3,
+        "phi3" => Architecture::Phi3,
         other => {
             bail!(
-                "{}: unsupported GGUF architecture `{other}` (supported: llama, mistral, qwen2, qwen3)",
+                "{}: unsupported GGUF architecture `{other}` (supported: llama, mistral, qwen2, qwen3, phi3)",
                 path.display()
             )
         }
@@ -273,12 +315,18 @@ pub fn load_gguf_bytes(bytes: &[u8], path: &Path) -> Result<GgufModel> {
         rope_theta: meta.opt_f64(&key("rope.freq_base"))?.unwrap_or(10_000.0),
         rope_scaling: None,
         max_position_embeddings: meta.opt_usize(&key("context_length"))?.unwrap_or(2048),
-        sliding_window: meta.opt_usize(&key("attention.sliding_window"))?,
+        sliding_window: meta.opt_usize(&key("attention.sliding_window"))?.filter(|&w| w > 0),
         first_sliding_layer: 0,
         qkv_bias: content.tensor_infos.contains_key("blk.0.attn_q.bias"),
         o_bias: content.tensor_infos.contains_key("blk.0.attn_output.bias"),
         mlp_bias: content.tensor_infos.contains_key("blk.0.ffn_up.bias"),
         qk_norm: content.tensor_infos.contains_key("blk.0.attn_q_norm.weight"),
+        longrope: longrope(&content, bytes, &meta, &arch_name, path)?,
+        partial_rotary_factor: match meta.opt_usize(&key("rope.dimension_count"))? {
+            Some(d) if head_dim > 0 => d as f64 / head_dim as f64,
+            _ => 1.0,
+        },
+        fused_projections: architecture == Architecture::Phi3,
         tie_word_embeddings: !has_output,
         pad_token_id: tokenizer.pad,
         bos_token_id: tokenizer.bos.as_ref().map(|b| b.1),
@@ -303,7 +351,7 @@ pub fn load_gguf_bytes(bytes: &[u8], path: &Path) -> Result<GgufModel> {
                 file: path.to_path_buf(),
                 display_name: name.clone(),
             };
-            hf_tensor_name(name).map(|hf| (hf, header))
+            hf_tensor_name(name).map(|hf| (fused_name(hf, architecture), header))
         })
         .collect();
     let holder = path.display().to_string();
@@ -323,7 +371,9 @@ pub fn load_gguf_bytes(bytes: &[u8], path: &Path) -> Result<GgufModel> {
     let names: Vec<(&String, String)> = content
         .tensor_infos
         .keys()
-        .filter_map(|n| hf_tensor_name(n).filter(|hf| used.contains(hf)).map(|hf| (n, hf)))
+        .filter_map(|n| {
+            hf_tensor_name(n).map(|hf| fused_name(hf, architecture)).filter(|hf| used.contains(hf)).map(|hf| (n, hf))
+        })
         .collect();
     let weights = names
         .par_iter()

@@ -6,6 +6,12 @@
 
 use serde::{Deserialize, Serialize};
 
+pub use super::rope::LongRope;
+
+fn full_rotation() -> f64 {
+    1.0
+}
+
 /// The decoder-only architectures candor implements; `model_type` in `config.json`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -19,6 +25,9 @@ pub enum Architecture {
     /// `Qwen3ForCausalLM`: Llama with an RMSNorm on each query and key head (no biases), and a
     /// head width independent of the hidden size.
     Qwen3,
+    /// `Phi3ForCausalLM`: q/k/v and gate/up stored fused (`qkv_proj`, `gate_up_proj`), RoPE on
+    /// part of each head, LongRoPE scaling.
+    Phi3,
 }
 
 /// Llama 3's frequency-dependent RoPE scaling (`rope_type = "llama3"`).
@@ -59,6 +68,15 @@ pub struct ModelConfig {
     pub rope_theta: f64,
     /// Optional llama3 RoPE scaling.
     pub rope_scaling: Option<Llama3RopeScaling>,
+    /// Phi-3's LongRoPE scaling.
+    #[serde(default)]
+    pub longrope: Option<LongRope>,
+    /// The share of each head's width that RoPE rotates (Phi-3's `partial_rotary_factor`).
+    #[serde(default = "full_rotation")]
+    pub partial_rotary_factor: f64,
+    /// q/k/v and gate/up are stored as one `qkv_proj` and one `gate_up_proj` (Phi-3).
+    #[serde(default)]
+    pub fused_projections: bool,
     /// Maximum context length.
     pub max_position_embeddings: usize,
     /// Keys further back than this many positions are invisible (Mistral, Qwen2 with
@@ -107,6 +125,8 @@ struct RawConfig {
     rope_theta: Option<f64>,
     rope_parameters: Option<serde_json::Value>,
     rope_scaling: Option<serde_json::Value>,
+    partial_rotary_factor: Option<f64>,
+    original_max_position_embeddings: Option<usize>,
     max_position_embeddings: Option<usize>,
     sliding_window: Option<usize>,
     use_sliding_window: Option<bool>,
@@ -292,11 +312,45 @@ impl ModelConfig {
                 ));
             }
         }
+        self.validate_partial_rope()?;
         if self.sliding_window == Some(0) {
             return Err(ConfigError::invalid("sliding_window", "must be positive (got 0)"));
         }
         if self.num_labels == Some(0) {
             return Err(ConfigError::invalid("num_labels", "must be positive (got 0)"));
+        }
+        Ok(())
+    }
+
+    /// The rotated share of each head and LongRoPE's factors: one factor per rotated pair, each
+    /// a positive number.
+    fn validate_partial_rope(&self) -> Result<(), ConfigError> {
+        let dim = self.rotary_dim();
+        if !(self.partial_rotary_factor > 0.0 && self.partial_rotary_factor <= 1.0) || dim == 0 || !dim.is_multiple_of(2) {
+            return Err(ConfigError::invalid(
+                "partial_rotary_factor",
+                format!(
+                    "must leave an even, positive number of rotated channels of `head_dim` = {} (got {})",
+                    self.head_dim, self.partial_rotary_factor
+                ),
+            ));
+        }
+        if let Some(l) = &self.longrope {
+            for (key, f) in [("short_factor", &l.short_factor), ("long_factor", &l.long_factor)] {
+                if f.len() != dim / 2 || f.iter().any(|v| !(v.is_finite() && *v > 0.0)) {
+                    return Err(ConfigError::invalid(
+                        "rope_scaling",
+                        format!("`{key}` must hold {} positive numbers, one per rotated pair (got {f:?})", dim / 2),
+                    ));
+                }
+            }
+            if !(l.attention_factor.is_finite() && l.attention_factor > 0.0) || l.original_max_position_embeddings == 0
+            {
+                return Err(ConfigError::invalid(
+                    "rope_scaling",
+                    "longrope needs a positive `attention_factor` and `original_max_position_embeddings`",
+                ));
+            }
         }
         Ok(())
     }
@@ -321,12 +375,23 @@ impl ModelConfig {
             }
             out.push(ExpectedTensor { name: format!("{name}.weight"), dims: vec![o, i] });
         };
-        linear(format!("{p}.self_attn.q_proj"), q, hidden, self.qkv_bias);
-        linear(format!("{p}.self_attn.k_proj"), kv, hidden, self.qkv_bias);
-        linear(format!("{p}.self_attn.v_proj"), kv, hidden, self.qkv_bias);
-        linear(format!("{p}.self_attn.o_proj"), hidden, q, self.o_bias);
-        linear(format!("{p}.mlp.gate_proj"), inter, hidden, self.mlp_bias);
-        linear(format!("{p}.mlp.up_proj"), inter, hidden, self.mlp_bias);
+        if self.fused_projections {
+            let qkv = Dim {
+                size: q.size + 2 * kv.size,
+                from: "(num_attention_heads + 2 × num_key_value_heads) × head_dim",
+            };
+            let gate_up = Dim { size: 2 * inter.size, from: "2 × intermediate_size" };
+            linear(format!("{p}.self_attn.qkv_proj"), qkv, hidden, self.qkv_bias);
+            linear(format!("{p}.self_attn.o_proj"), hidden, q, self.o_bias);
+            linear(format!("{p}.mlp.gate_up_proj"), gate_up, hidden, self.mlp_bias);
+        } else {
+            linear(format!("{p}.self_attn.q_proj"), q, hidden, self.qkv_bias);
+            linear(format!("{p}.self_attn.k_proj"), kv, hidden, self.qkv_bias);
+            linear(format!("{p}.self_attn.v_proj"), kv, hidden, self.qkv_bias);
+            linear(format!("{p}.self_attn.o_proj"), hidden, q, self.o_bias);
+            linear(format!("{p}.mlp.gate_proj"), inter, hidden, self.mlp_bias);
+            linear(format!("{p}.mlp.up_proj"), inter, hidden, self.mlp_bias);
+        }
         linear(format!("{p}.mlp.down_proj"), hidden, inter, self.mlp_bias);
         out.push(ExpectedTensor { name: format!("{p}.post_attention_layernorm.weight"), dims: vec![hidden] });
         if self.qk_norm {
@@ -360,6 +425,11 @@ impl ModelConfig {
         out
     }
 
+    /// Channels of each head that RoPE rotates (transformers' `int(head_dim × factor)`).
+    pub fn rotary_dim(&self) -> usize {
+        (self.head_dim as f64 * self.partial_rotary_factor) as usize
+    }
+
     /// Number of query heads sharing one key/value head.
     pub fn kv_groups(&self) -> usize {
         self.num_attention_heads / self.num_key_value_heads
@@ -372,9 +442,18 @@ impl ModelConfig {
             Architecture::Mistral => ("mistral", "Mistral"),
             Architecture::Qwen2 => ("qwen2", "Qwen2"),
             Architecture::Qwen3 => ("qwen3", "Qwen3"),
+            Architecture::Phi3 => ("phi3", "Phi3"),
         };
         let head = if self.num_labels.is_some() { "ForSequenceClassification" } else { "ForCausalLM" };
-        let mut rope = serde_json::json!({"rope_theta": self.rope_theta, "rope_type": "default"});
+        let mut rope = serde_json::json!({"rope_theta": self.rope_theta, "rope_type": "default",
+            "partial_rotary_factor": self.partial_rotary_factor});
+        if let Some(l) = &self.longrope {
+            rope = serde_json::json!({
+                "rope_theta": self.rope_theta, "rope_type": "longrope", "short_factor": l.short_factor,
+                "long_factor": l.long_factor, "original_max_position_embeddings": l.original_max_position_embeddings,
+                "attention_factor": l.attention_factor, "partial_rotary_factor": self.partial_rotary_factor,
+            });
+        }
         if let Some(s) = &self.rope_scaling {
             rope = serde_json::json!({
                 "rope_theta": self.rope_theta, "rope_type": "llama3", "factor": s.factor,
@@ -400,7 +479,7 @@ impl ModelConfig {
             "rms_norm_eps": self.rms_norm_eps,
             "rope_theta": self.rope_theta,
             "rope_parameters": rope.clone(),
-            "rope_scaling": if self.rope_scaling.is_some() { rope } else { serde_json::Value::Null },
+            "rope_scaling": if self.rope_scaling.is_some() || self.longrope.is_some() { rope } else { serde_json::Value::Null },
             "max_position_embeddings": self.max_position_embeddings,
             "tie_word_embeddings": self.tie_word_embeddings,
             "pad_token_id": self.pad_token_id,
@@ -414,8 +493,11 @@ impl ModelConfig {
                 obj.insert("attention_bias".into(), self.o_bias.into());
                 obj.insert("mlp_bias".into(), self.mlp_bias.into());
             }
-            Architecture::Mistral => {
+            Architecture::Mistral | Architecture::Phi3 => {
                 obj.insert("sliding_window".into(), serde_json::json!(self.sliding_window));
+                if let Some(l) = self.longrope.as_ref().filter(|_| self.architecture == Architecture::Phi3) {
+                    obj.insert("original_max_position_embeddings".into(), l.original_max_position_embeddings.into());
+                }
             }
             Architecture::Qwen2 | Architecture::Qwen3 => {
                 if self.architecture == Architecture::Qwen3 {
@@ -493,6 +575,7 @@ impl RawConfig {
             Some("mistral") => Architecture::Mistral,
             Some("qwen2") => Architecture::Qwen2,
             Some("qwen3") => Architecture::Qwen3,
+            Some("phi3") => Architecture::Phi3,
             Some(other) => return Err(ConfigError::Unsupported { field: "model_type", value: other.into() }),
         };
         if let Some(act) = self.hidden_act.as_deref() {
@@ -520,8 +603,14 @@ impl RawConfig {
             .filter(|r| r.get("rope_type").and_then(|t| t.as_str()).is_some_and(|t| t != "default"))
             .or(self.rope_scaling.as_ref().filter(|v| v.is_object()));
         let rope_scaling = scaling.map(parse_rope_scaling).transpose()?.flatten();
+        let longrope = scaling.map(|s| parse_longrope(s, &self)).transpose()?.flatten();
+        let partial_rotary_factor = rope
+            .and_then(|r| r.get("partial_rotary_factor"))
+            .and_then(|v| v.as_f64())
+            .or(self.partial_rotary_factor)
+            .unwrap_or(1.0);
         let sliding_window = match architecture {
-            Architecture::Mistral => self.sliding_window,
+            Architecture::Mistral | Architecture::Phi3 => self.sliding_window,
             Architecture::Qwen2 | Architecture::Qwen3 if self.use_sliding_window == Some(true) => self.sliding_window,
             _ => None,
         };
@@ -551,6 +640,9 @@ impl RawConfig {
             rms_norm_eps: self.rms_norm_eps.unwrap_or(1e-6),
             rope_theta,
             rope_scaling,
+            longrope,
+            partial_rotary_factor,
+            fused_projections: architecture == Architecture::Phi3,
             max_position_embeddings: self.max_position_embeddings.unwrap_or(2048),
             sliding_window,
             first_sliding_layer,
@@ -572,7 +664,7 @@ impl RawConfig {
 fn parse_rope_scaling(v: &serde_json::Value) -> Result<Option<Llama3RopeScaling>, ConfigError> {
     let kind = v.get("rope_type").or_else(|| v.get("type")).and_then(|t| t.as_str()).unwrap_or("default");
     match kind {
-        "default" => Ok(None),
+        "default" | "longrope" => Ok(None),
         "llama3" => {
             let num = |k: &'static str| {
                 v.get(k).and_then(|x| x.as_f64()).ok_or(ConfigError::Unsupported {
@@ -589,6 +681,42 @@ fn parse_rope_scaling(v: &serde_json::Value) -> Result<Option<Llama3RopeScaling>
         }
         other => Err(ConfigError::Unsupported { field: "rope_scaling", value: format!("rope_type `{other}`") }),
     }
+}
+
+/// Phi-3's LongRoPE from a `longrope` rope dict (`None` for other kinds); the original context
+/// may sit at the top level, as Phi-3's configs keep it, and the attention factor is derived
+/// from `max / original` as transformers does when the dict has none.
+fn parse_longrope(v: &serde_json::Value, raw: &RawConfig) -> Result<Option<LongRope>, ConfigError> {
+    if v.get("rope_type").or_else(|| v.get("type")).and_then(|t| t.as_str()) != Some("longrope") {
+        return Ok(None);
+    }
+    let factors = |k: &'static str| -> Result<Vec<f64>, ConfigError> {
+        v.get(k)
+            .and_then(|x| x.as_array())
+            .and_then(|a| a.iter().map(|x| x.as_f64()).collect::<Option<Vec<f64>>>())
+            .ok_or_else(|| ConfigError::invalid("rope_scaling", format!("longrope needs `{k}`, a list of numbers")))
+    };
+    let original = v
+        .get("original_max_position_embeddings")
+        .and_then(|x| x.as_u64())
+        .map(|x| x as usize)
+        .or(raw.original_max_position_embeddings)
+        .ok_or_else(|| ConfigError::invalid("original_max_position_embeddings", "is missing (longrope needs it)"))?;
+    let max = raw.max_position_embeddings.unwrap_or(original) as f64;
+    let factor = v.get("factor").and_then(|x| x.as_f64()).filter(|_| raw.original_max_position_embeddings.is_none());
+    let factor = factor.unwrap_or(max / original as f64);
+    let attention_factor = match v.get("attention_factor").and_then(|x| x.as_f64()) {
+        Some(a) => a,
+        None if factor <= 1.0 => 1.0,
+        None => (1.0 + factor.ln() / (original as f64).ln()).sqrt(),
+    };
+    let l = LongRope {
+        short_factor: factors("short_factor")?,
+        long_factor: factors("long_factor")?,
+        original_max_position_embeddings: original,
+        attention_factor,
+    };
+    Ok(Some(l))
 }
 
 #[cfg(test)]

@@ -315,6 +315,12 @@ impl SavedAdapter {
 impl CausalLm {
     /// Attach fresh LoRA adapters to the configured target modules (seeded initialisation).
     pub fn add_lora(&mut self, cfg: &LoraConfig, seed: u64) -> anyhow::Result<()> {
+        if self.config().fused_projections {
+            let split = ["q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"];
+            if let Some(t) = cfg.targets.iter().find(|t| split.contains(&t.as_str())) {
+                anyhow::bail!("LoRA target `{t}`: this model stores q/k/v and gate/up fused (`qkv_proj`, `gate_up_proj`, as Phi-3), and adapters on the fused projections are not supported yet; target `o_proj` and `down_proj`");
+            }
+        }
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
         let (dtype, device) = (self.dtype(), self.device().clone());
         let mut err = None;

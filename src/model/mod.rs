@@ -11,6 +11,7 @@ mod layers;
 pub mod lora;
 pub mod ops;
 mod precision;
+pub mod rope;
 mod spin_pool;
 #[cfg(test)]
 pub(crate) mod testing;

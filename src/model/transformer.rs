@@ -23,6 +23,7 @@ use super::kv_cache::KvCache;
 use super::lora::LoraAdapter;
 use super::ops;
 use super::precision::round_to;
+use super::rope::Rope;
 
 /// Anything that can hand out weights by their transformers name.
 pub trait WeightSource {
@@ -42,6 +43,25 @@ struct Loader<'a> {
 impl Loader<'_> {
     fn tensor(&mut self, name: &str) -> Result<Tensor> {
         self.source.get(name)?.to_device(self.device)?.to_dtype(self.dtype)
+    }
+
+    /// Consecutive row blocks of `sizes` rows of the fused projection `prefix` (Phi-3's
+    /// `qkv_proj`, `gate_up_proj`), as separate projections.
+    fn split_linear<const N: usize>(&mut self, prefix: &str, sizes: [usize; N], bias: bool) -> Result<[Linear; N]> {
+        let weight = self.tensor(&format!("{prefix}.weight"))?;
+        let bias = if bias { Some(self.tensor(&format!("{prefix}.bias"))?) } else { None };
+        let mut at = 0;
+        let mut parts = Vec::with_capacity(N);
+        for n in sizes {
+            parts.push(Linear {
+                weight: weight.narrow(0, at, n)?.contiguous()?,
+                bias: bias.as_ref().map(|b| b.narrow(0, at, n)).transpose()?,
+                lora: None,
+                round_input: None,
+            });
+            at += n;
+        }
+        Ok(parts.try_into().expect("one part per size"))
     }
 
     fn linear(&mut self, prefix: &str, bias: bool) -> Result<Linear> {
@@ -167,7 +187,7 @@ pub struct CausalLm {
     pub(super) lm_head: Option<Tensor>,
     /// `[num_labels, hidden]` of a `*ForSequenceClassification` model.
     pub(super) score: Option<Tensor>,
-    inv_freq: Vec<f32>,
+    rope: Rope,
     kernels: Kernels,
     /// Mixed precision: the dtype the matmuls' operands are rounded to (f32 master weights).
     pub(super) matmul_precision: Option<DType>,
@@ -186,12 +206,35 @@ impl CausalLm {
         let mut layers = Vec::with_capacity(config.num_hidden_layers);
         for i in 0..config.num_hidden_layers {
             let p = format!("model.layers.{i}");
+            let [q_proj, k_proj, v_proj] = match config.fused_projections {
+                true => {
+                    let (q, kv) =
+                        (config.num_attention_heads * config.head_dim, config.num_key_value_heads * config.head_dim);
+                    w.split_linear(&format!("{p}.self_attn.qkv_proj"), [q, kv, kv], config.qkv_bias)?
+                }
+                false => ["q_proj", "k_proj", "v_proj"]
+                    .map(|n| w.linear(&format!("{p}.self_attn.{n}"), config.qkv_bias))
+                    .into_iter()
+                    .collect::<Result<Vec<_>>>()?
+                    .try_into()
+                    .expect("three projections"),
+            };
+            let [gate_proj, up_proj] = match config.fused_projections {
+                true => {
+                    let inter = config.intermediate_size;
+                    w.split_linear(&format!("{p}.mlp.gate_up_proj"), [inter, inter], config.mlp_bias)?
+                }
+                false => [
+                    w.linear(&format!("{p}.mlp.gate_proj"), config.mlp_bias)?,
+                    w.linear(&format!("{p}.mlp.up_proj"), config.mlp_bias)?,
+                ],
+            };
             layers.push(Block {
                 input_layernorm: w.tensor(&format!("{p}.input_layernorm.weight"))?,
                 self_attn: Attention {
-                    q_proj: w.linear(&format!("{p}.self_attn.q_proj"), config.qkv_bias)?,
-                    k_proj: w.linear(&format!("{p}.self_attn.k_proj"), config.qkv_bias)?,
-                    v_proj: w.linear(&format!("{p}.self_attn.v_proj"), config.qkv_bias)?,
+                    q_proj,
+                    k_proj,
+                    v_proj,
                     o_proj: w.linear(&format!("{p}.self_attn.o_proj"), config.o_bias)?,
                     qk_norm: match config.qk_norm {
                         true => Some((
@@ -202,18 +245,14 @@ impl CausalLm {
                     },
                 },
                 post_attention_layernorm: w.tensor(&format!("{p}.post_attention_layernorm.weight"))?,
-                mlp: Mlp {
-                    gate_proj: w.linear(&format!("{p}.mlp.gate_proj"), config.mlp_bias)?,
-                    up_proj: w.linear(&format!("{p}.mlp.up_proj"), config.mlp_bias)?,
-                    down_proj: w.linear(&format!("{p}.mlp.down_proj"), config.mlp_bias)?,
-                },
+                mlp: Mlp { gate_proj, up_proj, down_proj: w.linear(&format!("{p}.mlp.down_proj"), config.mlp_bias)? },
             });
         }
         let embed_tokens = w.tensor("model.embed_tokens.weight")?;
         let norm = w.tensor("model.norm.weight")?;
         let lm_head = if config.num_labels.is_none() && has_lm_head { Some(w.tensor("lm_head.weight")?) } else { None };
         let score = if config.num_labels.is_some() { Some(w.tensor("score.weight")?) } else { None };
-        let inv_freq = ops::rope_inv_freq(config.head_dim, config.rope_theta, config.rope_scaling.as_ref());
+        let rope = Rope::new(&config);
         Ok(Self {
             config,
             embed_tokens,
@@ -221,7 +260,7 @@ impl CausalLm {
             norm,
             lm_head,
             score,
-            inv_freq,
+            rope,
             kernels: Kernels::default(),
             matmul_precision: None,
             rounding_anchors: None,
@@ -249,7 +288,7 @@ impl CausalLm {
                 &default_positions
             }
         };
-        let (cos, sin) = ops::rope_tables(&self.inv_freq, positions, self.dtype())?;
+        let (cos, sin) = self.rope.tables(positions, self.dtype())?;
         let mut x = self.embed_tokens.embedding_rows(ids)?;
         if cache.is_some() {
             x = self.plain_blocks(x, &cos, &sin, opts.attention_mask, cache)?;
@@ -343,8 +382,8 @@ impl CausalLm {
         let a = &layer.self_attn;
         let [q, k, v] = Linear::forward_group(&normed, [&a.q_proj, &a.k_proj, &a.v_proj])?;
         let (q, k) = a.norm_heads(q.reshape((b, t, h, hd))?, k.reshape((b, t, kv, hd))?, cfg.rms_norm_eps, true)?;
-        let q = fused::apply_rope(&q, cos, sin)?;
-        let k = fused::apply_rope(&k, cos, sin)?;
+        let q = self.rope.rotate(&q, cos, sin, true)?;
+        let k = self.rope.rotate(&k, cos, sin, true)?;
         let attn = fused::attention(&q, &k, &v.reshape((b, t, kv, hd))?, pattern.clone(), cfg.kv_groups())?;
         let x = (x + a.o_proj.forward(&attn.reshape((b, t, h * hd))?)?)?;
         let normed = fused::rms_norm(&x, &layer.post_attention_layernorm, cfg.rms_norm_eps)?;
@@ -405,8 +444,8 @@ impl CausalLm {
         let [q, k, v] = Linear::forward_group(&normed, [&a.q_proj, &a.k_proj, &a.v_proj])?;
         let heads = |y: Tensor, n: usize| y.reshape((b, t, n, hd));
         let (q, k) = a.norm_heads(heads(q, h)?, heads(k, kv)?, cfg.rms_norm_eps, false)?;
-        let q = ops::apply_rope(&q.transpose(1, 2)?, cos, sin)?;
-        let k = ops::apply_rope(&k.transpose(1, 2)?, cos, sin)?;
+        let q = self.rope.rotate(&q.transpose(1, 2)?, cos, sin, false)?;
+        let k = self.rope.rotate(&k.transpose(1, 2)?, cos, sin, false)?;
         let v = split(v, kv)?;
         let (k, v) = match cache {
             Some(c) => c.append(i, &k, &v)?,
