@@ -91,9 +91,8 @@ pub fn load_items(
     };
     let objective = &cfg.objective;
     let mut items = Vec::with_capacity(data.rows.len());
-    // Preference rows split for an unpaired objective: their undesirable halves follow all the
-    // rows, in row order (TRL's `unpair_preference_dataset` layout).
-    let mut undesirable = Vec::new();
+    // Preference rows split for an unpaired objective, laid out after the other rows.
+    let mut split = Vec::new();
     for row in &data.rows {
         let at = || format!("{}:{}", path.display(), row.line);
         let (item, second) =
@@ -103,10 +102,12 @@ pub fn load_items(
                 bail!("{}: no completion tokens left after truncation (raise `data.max_length`)", at());
             }
         }
-        items.push(item);
-        undesirable.extend(second);
+        match second {
+            Some(undesirable) => split.push((item, undesirable)),
+            None => items.push(item),
+        }
     }
-    items.extend(undesirable);
+    items.extend(labelled::interleave(split));
     if let Some(judge) = reward_judge {
         pairs::judge_missing_rewards(judge, &data.rows, &mut items)
             .with_context(|| format!("scoring `{}` with `{}`", path.display(), judge.name()))?;
