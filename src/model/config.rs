@@ -326,7 +326,10 @@ impl ModelConfig {
     /// a positive number.
     fn validate_partial_rope(&self) -> Result<(), ConfigError> {
         let dim = self.rotary_dim();
-        if !(self.partial_rotary_factor > 0.0 && self.partial_rotary_factor <= 1.0) || dim == 0 || !dim.is_multiple_of(2) {
+        if !(self.partial_rotary_factor > 0.0 && self.partial_rotary_factor <= 1.0)
+            || dim == 0
+            || !dim.is_multiple_of(2)
+        {
             return Err(ConfigError::invalid(
                 "partial_rotary_factor",
                 format!(
