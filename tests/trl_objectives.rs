@@ -134,10 +134,10 @@ fn kto_splits_preference_rows_and_rotates_completions_as_trl() {
     let batch = &cases()["kto"]["batches"][0];
     let seqs: Vec<TokenizedSequence> = batch["sequences"].as_array().unwrap().iter().map(sequence).collect();
     let want: Vec<TokenizedSequence> = batch["kl_sequences"].as_array().unwrap().iter().map(sequence).collect();
-    let split = |s: &TokenizedSequence| s.completion_mask.iter().take_while(|&&m| m == 0).count();
     for (i, (s, w)) in seqs.iter().zip(&want).enumerate() {
         let partner = &seqs[(i + seqs.len() - 1) % seqs.len()];
-        let built = TokenizedSequence::prompt_and_answer(&s.ids[..split(s)], &partner.ids[split(partner)..]);
+        let built =
+            TokenizedSequence::prompt_and_answer(&s.ids[..s.prompt_len()], &partner.ids[partner.prompt_len()..]);
         assert_eq!((&built.ids, &built.completion_mask), (&w.ids, &w.completion_mask), "KL row {i}");
     }
     assert_eq!(u32s(&batch["kl_completion_from_dataset_row"]), [5, 0, 1, 2, 3, 4]);

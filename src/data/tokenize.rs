@@ -78,6 +78,11 @@ impl TokenizedSequence {
         Self { ids, completion_mask, hidden_from_later: Vec::new() }
     }
 
+    /// Tokens before the first completion token (the prompt).
+    pub fn prompt_len(&self) -> usize {
+        self.completion_mask.iter().take_while(|&&m| m == 0).count()
+    }
+
     /// Number of completion tokens that are scored: position 0 is never predicted (nothing
     /// precedes it), so a `text` row whose mask starts there scores one token fewer than it has.
     pub fn completion_tokens(&self) -> usize {

@@ -27,7 +27,7 @@
 use candle::{DType, Tensor};
 use serde::{Deserialize, Serialize};
 
-use super::{invalid, scalar, ObjectiveOutput, StepScale};
+use super::{invalid, sample_std, scalar, ObjectiveOutput, StepScale};
 use crate::Result;
 
 /// How the summed per-token loss is normalised (TRL's `loss_type`).
@@ -114,16 +114,6 @@ impl GrpoConfig {
     pub fn epsilon_high(&self) -> f64 {
         self.epsilon_high.unwrap_or(self.epsilon)
     }
-}
-
-/// The sample standard deviation (Bessel's correction, torch's default); 0 for one value.
-fn sample_std(values: &[f64]) -> f64 {
-    if values.len() < 2 {
-        return 0.0;
-    }
-    let n = values.len() as f64;
-    let mean = values.iter().sum::<f64>() / n;
-    (values.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / (n - 1.0)).sqrt()
 }
 
 /// A round's advantages and TRL's reward metrics.

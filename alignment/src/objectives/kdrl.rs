@@ -18,7 +18,7 @@
 use candle::{DType, Tensor};
 use serde::{Deserialize, Serialize};
 
-use super::{invalid, ObjectiveOutput, StepScale};
+use super::{invalid, sample_std, ObjectiveOutput, StepScale};
 use crate::Result;
 
 /// The KL estimator applied to the sampled token.
@@ -151,8 +151,8 @@ impl KdrlConfig {
 pub fn group_advantages(rewards: &[f64]) -> Vec<f64> {
     let n = rewards.len() as f64;
     let mean = rewards.iter().sum::<f64>() / n;
-    let var = if rewards.len() > 1 { rewards.iter().map(|r| (r - mean).powi(2)).sum::<f64>() / (n - 1.0) } else { 0.0 };
-    rewards.iter().map(|r| (r - mean) / (var.sqrt() + 1e-4)).collect()
+    let std = sample_std(rewards);
+    rewards.iter().map(|r| (r - mean) / (std + 1e-4)).collect()
 }
 
 /// The response tokens of a micro-batch, flattened over its responses, all `[T]`.

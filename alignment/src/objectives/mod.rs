@@ -151,6 +151,16 @@ pub(crate) fn chosen_nll(x: &PairLogps, scale: &StepScale) -> Result<Tensor> {
     Ok((x.policy_chosen.sum(D::Minus1)?.neg()? / scale.tokens.max(1.0))?)
 }
 
+/// The sample standard deviation (Bessel's correction, torch's default); 0 for one value.
+pub(crate) fn sample_std(values: &[f64]) -> f64 {
+    if values.len() < 2 {
+        return 0.0;
+    }
+    let n = values.len() as f64;
+    let mean = values.iter().sum::<f64>() / n;
+    (values.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / (n - 1.0)).sqrt()
+}
+
 /// A detached scalar tensor as `f64` (metrics).
 pub(crate) fn scalar(t: &Tensor) -> Result<f64> {
     Ok(t.detach().to_dtype(candle::DType::F64)?.sum_all()?.to_scalar::<f64>()?)

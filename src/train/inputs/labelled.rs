@@ -17,12 +17,11 @@ pub(super) fn labelled<'a>(items: &[&'a Item]) -> Vec<&'a LabelledItem> {
 
 /// Row i's prompt followed by row i−1's completion (the last row's for the first).
 fn mismatched(rows: &[&LabelledItem]) -> Vec<Item> {
-    let split = |s: &TokenizedSequence| s.completion_mask.iter().take_while(|&&m| m == 0).count();
     (0..rows.len())
         .map(|i| {
             let (prompt, partner) = (&rows[i].sequence, &rows[(i + rows.len() - 1) % rows.len()].sequence);
-            let answer = &partner.ids[split(partner)..];
-            let sequence = TokenizedSequence::prompt_and_answer(&prompt.ids[..split(prompt)], answer);
+            let answer = &partner.ids[partner.prompt_len()..];
+            let sequence = TokenizedSequence::prompt_and_answer(&prompt.ids[..prompt.prompt_len()], answer);
             Item::Labelled(LabelledItem { sequence, desirable: rows[i].desirable })
         })
         .collect()
