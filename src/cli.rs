@@ -32,6 +32,11 @@ pub struct GlobalArgs {
     /// backward) or `plain` (compositions of candle ops).
     #[arg(long, global = true, default_value = "fused", env = "CANDOR_KERNELS", help_heading = "Global options")]
     pub kernels: crate::model::Kernels,
+    /// A Jinja chat template (transformers' semantics) for the models the command runs, in
+    /// place of their own: e.g. `templates/gemma3.jinja` for the Gemma 3 base model, which
+    /// ships none. Judges keep theirs.
+    #[arg(long, global = true, value_name = "FILE", help_heading = "Global options")]
+    pub chat_template: Option<PathBuf>,
     /// Log more (repeat for more detail); `RUST_LOG` overrides.
     #[arg(short, long, global = true, action = clap::ArgAction::Count, help_heading = "Global options")]
     pub verbose: u8,
@@ -41,7 +46,7 @@ pub struct GlobalArgs {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Put a known model into candor's cache and print its path.
-    #[command(after_help = "Examples:\n  candor fetch\n  candor fetch smollm2-135m-instruct")]
+    #[command(after_help = "Examples:\n  candor fetch\n  candor fetch gemma3-270m")]
     Fetch(FetchArgs),
     /// Generate completions for one prompt or a JSONL file of prompts.
     #[command(
@@ -126,7 +131,7 @@ pub struct StudentInitArgs {
 /// `candor fetch`.
 #[derive(Debug, Args)]
 pub struct FetchArgs {
-    /// Which model (a preset name).
+    /// Which model: a preset name (smollm2-135m-instruct, the default, or gemma3-270m).
     #[arg(default_value = "smollm2-135m-instruct")]
     pub name: String,
 }

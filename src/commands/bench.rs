@@ -289,7 +289,7 @@ fn peak_rss_bytes() -> u64 {
 fn load_bench(args: &BenchLoadArgs, global: &GlobalArgs) -> Result<()> {
     // Resolve `default` (fetching it if needed) outside the timed region.
     let spec = match ModelSource::parse(&args.model.model)? {
-        ModelSource::Default => load::default_model::fetch(&load::default_model::PRESETS[0])?.display().to_string(),
+        ModelSource::Preset(preset) => load::default_model::fetch(preset)?.display().to_string(),
         _ => args.model.model.clone(),
     };
     let mut best = f64::INFINITY;

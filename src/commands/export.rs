@@ -20,6 +20,9 @@ pub fn run(args: &ExportArgs, global: &GlobalArgs) -> Result<()> {
     let device = load::parse_device(&global.device)?;
     let mut m =
         load::load_model(&spec, candle::DType::F32, &device).with_context(|| format!("failed to load `{spec}`"))?;
+    if let Some(path) = &global.chat_template {
+        load::set_chat_template(&mut m, path)?;
+    }
     let adapters = m.model.lora_adapters();
     let tmp = args.output.with_extension("partial");
     let _ = std::fs::remove_dir_all(&tmp);

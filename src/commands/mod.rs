@@ -48,9 +48,13 @@ pub fn load_options(global: &GlobalArgs) -> Result<LoadOptions> {
     LoadOptions::parse(&global.device, &global.dtype, global.kernels)
 }
 
-/// Load `--model` with the global device and dtype.
+/// Load `--model` with the global device and dtype, and `--chat-template` when given.
 pub fn load_model(spec: &str, global: &GlobalArgs) -> Result<LoadedModel> {
-    load_options(global)?.load(spec)
+    let mut loaded = load_options(global)?.load(spec)?;
+    if let Some(path) = &global.chat_template {
+        load::set_chat_template(&mut loaded, path)?;
+    }
+    Ok(loaded)
 }
 
 /// A dataset tokenized for row-by-row scoring, with the model that scores it.

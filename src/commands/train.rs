@@ -44,7 +44,8 @@ pub fn resolve(args: &TrainArgs, global: &GlobalArgs) -> Result<TrainConfig> {
 }
 
 /// `--device`, `--dtype` and `--kernels` as settings: all of them without a recipe, with one
-/// only those not at their command-line defaults (the recipe's own win over the defaults).
+/// only those not at their command-line defaults (the recipe's own win over the defaults);
+/// `--chat-template` whenever it is given.
 fn global_settings(global: &GlobalArgs, recipe: bool) -> Vec<(String, toml::Value)> {
     let default_kernels = crate::model::Kernels::default().to_string();
     [
@@ -55,6 +56,12 @@ fn global_settings(global: &GlobalArgs, recipe: bool) -> Vec<(String, toml::Valu
     .into_iter()
     .filter(|(_, value, default)| !recipe || value != default)
     .map(|(key, value, _)| (key.to_string(), toml::Value::String(value)))
+    .chain(
+        global
+            .chat_template
+            .iter()
+            .map(|p| ("model.chat_template".to_string(), toml::Value::String(p.display().to_string()))),
+    )
     .collect()
 }
 

@@ -23,9 +23,10 @@ use tokenizers::pre_tokenizers::digits::Digits;
 use tokenizers::pre_tokenizers::sequence::Sequence;
 use tokenizers::{AddedToken, PreTokenizerWrapper, Tokenizer};
 
+use super::gemma_tokenizer::GgufVocab;
 use super::tokenizer::TextTokenizer;
 use super::{check_weights, TensorHeader, WeightCheck};
-use crate::model::config::{Architecture, LongRope, ModelConfig};
+use crate::model::config::{Activation, Architecture, LongRope, ModelConfig};
 
 /// Everything a GGUF file holds, ready to build a model from.
 pub struct GgufModel {
@@ -114,49 +115,61 @@ impl Metadata<'_> {
     }
 }
 
-/// transformers' name of a llama.cpp tensor name, or `None` for tensors candor does not use.
-fn hf_tensor_name(gguf: &str) -> Option<String> {
-    let fixed = match gguf {
-        "token_embd.weight" => Some("model.embed_tokens.weight"),
-        "output_norm.weight" => Some("model.norm.weight"),
-        "output.weight" => Some("lm_head.weight"),
-        _ => None,
-    };
-    if let Some(n) = fixed {
-        return Some(n.to_string());
+/// The tensors outside the blocks: llama.cpp's names and transformers'.
+const OUTER_NAMES: [(&str, &str); 3] = [
+    ("token_embd.weight", "model.embed_tokens.weight"),
+    ("output_norm.weight", "model.norm.weight"),
+    ("output.weight", "lm_head.weight"),
+];
+
+/// llama.cpp's names of a block's modules and transformers' names of the same modules in
+/// `architecture`: Phi-3's `ffn_up` holds gate and up fused, and Gemma 3's `ffn_norm` is the
+/// norm before the MLP, with two more norms after the sublayers.
+fn block_module_names(architecture: Architecture) -> Vec<(&'static str, &'static str)> {
+    let mut names = vec![
+        ("attn_q", "self_attn.q_proj"),
+        ("attn_k", "self_attn.k_proj"),
+        ("attn_v", "self_attn.v_proj"),
+        ("attn_output", "self_attn.o_proj"),
+        ("attn_q_norm", "self_attn.q_norm"),
+        ("attn_k_norm", "self_attn.k_norm"),
+        ("attn_qkv", "self_attn.qkv_proj"),
+        ("ffn_gate", "mlp.gate_proj"),
+        ("ffn_down", "mlp.down_proj"),
+        ("attn_norm", "input_layernorm"),
+    ];
+    names.push(match architecture {
+        Architecture::Phi3 => ("ffn_up", "mlp.gate_up_proj"),
+        _ => ("ffn_up", "mlp.up_proj"),
+    });
+    match architecture {
+        Architecture::Gemma3 => names.extend([
+            ("ffn_norm", "pre_feedforward_layernorm"),
+            ("post_attention_norm", "post_attention_layernorm"),
+            ("post_ffw_norm", "post_feedforward_layernorm"),
+        ]),
+        _ => names.push(("ffn_norm", "post_attention_layernorm")),
     }
-    let rest = gguf.strip_prefix("blk.")?;
-    let (layer, rest) = rest.split_once('.')?;
+    names
+}
+
+/// transformers' name of a llama.cpp tensor name in `architecture`, or `None` for tensors
+/// candor does not use.
+fn hf_tensor_name(gguf: &str, architecture: Architecture) -> Option<String> {
+    if let Some((_, hf)) = OUTER_NAMES.iter().find(|(g, _)| *g == gguf) {
+        return Some(hf.to_string());
+    }
+    let (layer, rest) = gguf.strip_prefix("blk.")?.split_once('.')?;
     let (part, kind) = rest.rsplit_once('.')?;
-    let module = match part {
-        "attn_q" => "self_attn.q_proj",
-        "attn_k" => "self_attn.k_proj",
-        "attn_v" => "self_attn.v_proj",
-        "attn_output" => "self_attn.o_proj",
-        "attn_q_norm" => "self_attn.q_norm",
-        "attn_qkv" => "self_attn.qkv_proj",
-        "attn_k_norm" => "self_attn.k_norm",
-        "ffn_gate" => "mlp.gate_proj",
-        "ffn_up" => "mlp.up_proj",
-        "ffn_down" => "mlp.down_proj",
-        "attn_norm" => "input_layernorm",
-        "ffn_norm" => "post_attention_layernorm",
-        _ => return None,
-    };
+    let (_, module) = block_module_names(architecture).into_iter().find(|(g, _)| *g == part)?;
     Some(format!("model.layers.{layer}.{module}.{kind}"))
 }
 
 /// llama.cpp's name of a transformers tensor name (the inverse of [`hf_tensor_name`]), for
 /// errors about a tensor the file lacks.
-fn gguf_tensor_name(hf: &str) -> String {
-    let fixed = match hf {
-        "model.embed_tokens.weight" => Some("token_embd.weight"),
-        "model.norm.weight" => Some("output_norm.weight"),
-        "lm_head.weight" => Some("output.weight"),
-        _ => None,
-    };
-    if let Some(n) = fixed {
-        return n.to_string();
+fn gguf_tensor_name(hf: &str, architecture: Architecture) -> String {
+    if let Some((gguf, _)) = OUTER_NAMES.iter().find(|(_, h)| *h == hf) {
+        return gguf.to_string();
     }
     let Some((layer, rest)) = hf.strip_prefix("model.layers.").and_then(|r| r.split_once('.')) else {
         return hf.to_string();
@@ -164,30 +177,9 @@ fn gguf_tensor_name(hf: &str) -> String {
     let Some((module, kind)) = rest.rsplit_once('.') else {
         return hf.to_string();
     };
-    let part = match module {
-        "self_attn.q_proj" => "attn_q",
-        "self_attn.k_proj" => "attn_k",
-        "self_attn.v_proj" => "attn_v",
-        "self_attn.o_proj" => "attn_output",
-        "self_attn.q_norm" => "attn_q_norm",
-        "self_attn.qkv_proj" => "attn_qkv",
-        "mlp.gate_up_proj" => "ffn_up",
-        "self_attn.k_norm" => "attn_k_norm",
-        "mlp.gate_proj" => "ffn_gate",
-        "mlp.up_proj" => "ffn_up",
-        "mlp.down_proj" => "ffn_down",
-        "input_layernorm" => "attn_norm",
-        "post_attention_layernorm" => "ffn_norm",
-        _ => return hf.to_string(),
-    };
-    format!("blk.{layer}.{part}.{kind}")
-}
-
-/// Phi-3's `ffn_up` holds gate and up fused (`mlp.gate_up_proj`); other names stay.
-fn fused_name(hf: String, architecture: Architecture) -> String {
-    match hf.strip_suffix("mlp.up_proj.weight") {
-        Some(layer) if architecture == Architecture::Phi3 => format!("{layer}mlp.gate_up_proj.weight"),
-        _ => hf,
+    match block_module_names(architecture).into_iter().find(|(_, h)| *h == module) {
+        Some((part, _)) => format!("blk.{layer}.{part}.{kind}"),
+        None => hf.to_string(),
     }
 }
 
@@ -268,14 +260,18 @@ pub fn load_gguf_bytes(bytes: &[u8], path: &Path) -> Result<GgufModel> {
         "qwen2" => Architecture::Qwen2,
         "qwen3" => Architecture::Qwen3,
         "phi3" => Architecture::Phi3,
+        "gemma3" => Architecture::Gemma3,
         other => {
             bail!(
-                "{}: unsupported GGUF architecture `{other}` (supported: llama, mistral, qwen2, qwen3, phi3)",
+                "{}: unsupported GGUF architecture `{other}` (supported: llama, mistral, qwen2, qwen3, phi3, gemma3)",
                 path.display()
             )
         }
     };
-    let tokenizer = gguf_tokenizer(&meta)?;
+    let tokenizer = match architecture {
+        Architecture::Gemma3 => super::gemma_tokenizer::from_gguf(&GgufVocab::read(&meta)?, path)?,
+        _ => gguf_tokenizer(&meta)?,
+    };
     let key = |k: &str| format!("{arch_name}.{k}");
     let heads = meta.usize(&key("attention.head_count"))?;
     let kv_heads = meta.opt_usize(&key("attention.head_count_kv"))?.unwrap_or(heads);
@@ -302,7 +298,7 @@ pub fn load_gguf_bytes(bytes: &[u8], path: &Path) -> Result<GgufModel> {
         }
         None => bail!("{}: GGUF file has no `token_embd.weight`", path.display()),
     };
-    let config = ModelConfig {
+    let mut config = ModelConfig {
         architecture,
         vocab_size,
         hidden_size: hidden,
@@ -332,7 +328,17 @@ pub fn load_gguf_bytes(bytes: &[u8], path: &Path) -> Result<GgufModel> {
         bos_token_id: tokenizer.bos.as_ref().map(|b| b.1),
         eos_token_ids: tokenizer.eos.iter().map(|e| e.1).collect(),
         num_labels: None,
+        norm_weight_offset: 0.0,
+        sandwich_norms: false,
+        hidden_act: Activation::Silu,
+        scale_embeddings: false,
+        query_pre_attn_scalar: None,
+        local_rope_theta: None,
+        full_attention_layers: Vec::new(),
     };
+    if architecture == Architecture::Gemma3 {
+        gemma3_switches(&mut config, &tokenizer);
+    }
     config.validate().map_err(|e| match &e {
         crate::model::config::ConfigError::Invalid { field, reason } => {
             anyhow!("{}: {} (`{field}`) {reason}", path.display(), gguf_field(&arch_name, field))
@@ -351,7 +357,7 @@ pub fn load_gguf_bytes(bytes: &[u8], path: &Path) -> Result<GgufModel> {
                 file: path.to_path_buf(),
                 display_name: name.clone(),
             };
-            hf_tensor_name(name).map(|hf| (fused_name(hf, architecture), header))
+            hf_tensor_name(name, architecture).map(|hf| (hf, header))
         })
         .collect();
     let holder = path.display().to_string();
@@ -359,7 +365,7 @@ pub fn load_gguf_bytes(bytes: &[u8], path: &Path) -> Result<GgufModel> {
         config_name: "the GGUF metadata",
         holder: &holder,
         field: &|f| gguf_field(&arch_name, f),
-        tensor: &gguf_tensor_name,
+        tensor: &|hf| gguf_tensor_name(hf, architecture),
     };
     check_weights(&config, &headers, has_output, &names)?;
     let used: std::collections::HashSet<String> = (0..config.num_hidden_layers)
@@ -371,9 +377,7 @@ pub fn load_gguf_bytes(bytes: &[u8], path: &Path) -> Result<GgufModel> {
     let names: Vec<(&String, String)> = content
         .tensor_infos
         .keys()
-        .filter_map(|n| {
-            hf_tensor_name(n).map(|hf| fused_name(hf, architecture)).filter(|hf| used.contains(hf)).map(|hf| (n, hf))
-        })
+        .filter_map(|n| hf_tensor_name(n, architecture).filter(|hf| used.contains(hf)).map(|hf| (n, hf)))
         .collect();
     let weights = names
         .par_iter()
@@ -385,12 +389,33 @@ pub fn load_gguf_bytes(bytes: &[u8], path: &Path) -> Result<GgufModel> {
                 w = unpermute_rope_rows(&w, heads).map_err(tensor_err)?;
             } else if permuted && gguf_name.contains("attn_k.") {
                 w = unpermute_rope_rows(&w, kv_heads).map_err(tensor_err)?;
+            } else if config.norm_weight_offset != 0.0 && gguf_name.ends_with("norm.weight") {
+                // llama.cpp stores Gemma's norms as offset + w; transformers subtracts it.
+                w = (w - config.norm_weight_offset).map_err(tensor_err)?;
             }
             Ok((hf_name.clone(), w))
         })
         .collect::<Result<HashMap<_, _>>>()?;
     let chat_template = meta.opt_str("tokenizer.chat_template").map(str::to_string);
     Ok(GgufModel { config, weights, tokenizer, chat_template })
+}
+
+/// What Gemma 3's GGUF does not state, as transformers and llama.cpp assume it: every sixth
+/// layer global, the others sliding with a local RoPE base of 10 000, an attention scale of
+/// 1/√256, norms scaled by 1 + w, GeGLU, scaled embeddings; and generation also stops at
+/// `<end_of_turn>`, as every Gemma 3 `generation_config.json` says.
+fn gemma3_switches(config: &mut ModelConfig, tokenizer: &TextTokenizer) {
+    config.norm_weight_offset = 1.0;
+    config.sandwich_norms = true;
+    config.hidden_act = Activation::GeluPytorchTanh;
+    config.scale_embeddings = true;
+    config.query_pre_attn_scalar = Some(256.0);
+    config.local_rope_theta = Some(10_000.0);
+    config.sliding_window = Some(config.sliding_window.unwrap_or(4096));
+    config.full_attention_layers = (0..config.num_hidden_layers).filter(|i| (i + 1) % 6 == 0).collect();
+    if let Some(id) = tokenizer.inner().token_to_id("<end_of_turn>") {
+        config.eos_token_ids.push(id);
+    }
 }
 
 /// A short description of a metadata value for errors (arrays by length only).
@@ -653,6 +678,63 @@ fn read_header(bytes: &[u8], path: &Path) -> Result<Content> {
     Ok(Content { magic, metadata, tensor_infos, tensor_data_offset: data_offset })
 }
 
+impl GgufVocab {
+    /// The `tokenizer.ggml.*` vocabulary, types, merges and special-token ids.
+    fn read(meta: &Metadata) -> Result<Self> {
+        let path = meta.path.display();
+        let tokens = meta.strings("tokenizer.ggml.tokens")?;
+        let merges = match meta.map.contains_key("tokenizer.ggml.merges") {
+            false => None,
+            true => Some(
+                meta.strings("tokenizer.ggml.merges")?
+                    .into_iter()
+                    .map(|m| {
+                        m.split_once(' ')
+                            .map(|(a, b)| (a.to_string(), b.to_string()))
+                            .ok_or_else(|| anyhow!("`{path}`: malformed merge `{m}` in `tokenizer.ggml.merges`"))
+                    })
+                    .collect::<Result<_>>()?,
+            ),
+        };
+        let token_types: Vec<i64> = match meta.map.get("tokenizer.ggml.token_type") {
+            Some(v) => v
+                .to_vec()
+                .map_err(|e| anyhow!("`{path}`: `tokenizer.ggml.token_type`: {e}"))?
+                .iter()
+                .map(|t| match t {
+                    Value::I32(x) => *x as i64,
+                    Value::U32(x) => *x as i64,
+                    _ => 1,
+                })
+                .collect(),
+            None => Vec::new(),
+        };
+        if token_types.len() > tokens.len() {
+            bail!(
+                "{path}: metadata `tokenizer.ggml.token_type` has {} entries but `tokenizer.ggml.tokens` has {}",
+                token_types.len(),
+                tokens.len()
+            );
+        }
+        let flag = |key: &str, default: bool| match meta.map.get(key) {
+            Some(Value::Bool(b)) => *b,
+            _ => default,
+        };
+        let sentencepiece = meta.opt_str("tokenizer.ggml.model") == Some("llama");
+        Ok(Self {
+            tokens,
+            token_types,
+            merges,
+            bos: meta.opt_usize("tokenizer.ggml.bos_token_id")?,
+            eos: meta.opt_usize("tokenizer.ggml.eos_token_id")?,
+            unk: meta.opt_usize("tokenizer.ggml.unknown_token_id")?,
+            pad: meta.opt_usize("tokenizer.ggml.padding_token_id")?,
+            add_bos: flag("tokenizer.ggml.add_bos_token", sentencepiece),
+            add_eos: flag("tokenizer.ggml.add_eos_token", false),
+        })
+    }
+}
+
 /// Build the tokenizer from `tokenizer.ggml.*`, as transformers' `GGUFGPTConverter` does:
 /// byte-level BPE over the stored vocabulary and merges; control and user-defined tokens
 /// (types 3 and 4) become special added tokens so they are matched whole.
@@ -660,19 +742,13 @@ fn gguf_tokenizer(meta: &Metadata) -> Result<TextTokenizer> {
     let path = meta.path.display();
     let model = meta.opt_str("tokenizer.ggml.model").unwrap_or("");
     if model != "gpt2" {
-        bail!("`{path}`: unsupported GGUF tokenizer `{model}` (supported: gpt2-style byte-level BPE)");
+        bail!("`{path}`: unsupported GGUF tokenizer `{model}` (supported: gpt2-style byte-level BPE, and Gemma's)");
     }
-    let tokens = meta.strings("tokenizer.ggml.tokens")?;
-    let merges: Vec<(String, String)> = meta
-        .strings("tokenizer.ggml.merges")?
-        .into_iter()
-        .map(|m| {
-            m.split_once(' ')
-                .map(|(a, b)| (a.to_string(), b.to_string()))
-                .ok_or_else(|| anyhow!("`{path}`: malformed merge `{m}` in `tokenizer.ggml.merges`"))
-        })
-        .collect::<Result<_>>()?;
-    let vocab: Vocab = tokens.iter().enumerate().map(|(i, t)| (t.clone(), i as u32)).collect();
+    let v = GgufVocab::read(meta)?;
+    let Some(merges) = v.merges.clone() else {
+        bail!("{path}: GGUF metadata has no `tokenizer.ggml.merges`");
+    };
+    let vocab: Vocab = v.tokens.iter().enumerate().map(|(i, t)| (t.clone(), i as u32)).collect();
     let bpe = BPE::builder()
         .vocab_and_merges(vocab, merges)
         .build()
@@ -688,41 +764,16 @@ fn gguf_tokenizer(meta: &Metadata) -> Result<TextTokenizer> {
     tok.with_pre_tokenizer(Some(pre));
     tok.with_decoder(Some(ByteLevel::default()));
     tok.with_post_processor(Some(ByteLevel::new(true, false, true)));
-    let types: Vec<i64> = match meta.map.get("tokenizer.ggml.token_type") {
-        Some(v) => v
-            .to_vec()
-            .map_err(|e| anyhow!("`{path}`: `tokenizer.ggml.token_type`: {e}"))?
-            .iter()
-            .map(|t| match t {
-                Value::I32(x) => *x as i64,
-                Value::U32(x) => *x as i64,
-                _ => 1,
-            })
-            .collect(),
-        None => Vec::new(),
-    };
-    if types.len() > tokens.len() {
-        bail!(
-            "{path}: metadata `tokenizer.ggml.token_type` has {} entries but `tokenizer.ggml.tokens` has {}",
-            types.len(),
-            tokens.len()
-        );
-    }
-    let special: Vec<AddedToken> = types
+    let special: Vec<AddedToken> = v
+        .token_types
         .iter()
         .enumerate()
         .filter(|(_, &t)| t == 3 || t == 4)
-        .map(|(i, _)| AddedToken::from(tokens[i].clone(), true))
+        .map(|(i, _)| AddedToken::from(v.tokens[i].clone(), true))
         .collect();
     tok.add_special_tokens(special).map_err(|e| anyhow!("`{path}`: cannot add special tokens: {e}"))?;
-    let token_at =
-        |key: &str| -> Result<Option<String>> { Ok(meta.opt_usize(key)?.and_then(|id| tokens.get(id).cloned())) };
-    Ok(TextTokenizer::new(
-        tok,
-        token_at("tokenizer.ggml.bos_token_id")?,
-        token_at("tokenizer.ggml.eos_token_id")?,
-        token_at("tokenizer.ggml.padding_token_id")?,
-    ))
+    let text = |id: Option<usize>| v.tokens.get(id?).cloned();
+    Ok(TextTokenizer::new(tok, text(v.bos), text(v.eos), text(v.pad)))
 }
 
 #[cfg(test)]
@@ -731,11 +782,27 @@ mod tests {
 
     #[test]
     fn maps_llama_cpp_names_to_transformers_names() {
-        assert_eq!(hf_tensor_name("blk.3.attn_q.weight").unwrap(), "model.layers.3.self_attn.q_proj.weight");
-        assert_eq!(hf_tensor_name("blk.0.ffn_norm.weight").unwrap(), "model.layers.0.post_attention_layernorm.weight");
-        assert_eq!(hf_tensor_name("blk.0.attn_k.bias").unwrap(), "model.layers.0.self_attn.k_proj.bias");
-        assert_eq!(hf_tensor_name("output.weight").unwrap(), "lm_head.weight");
-        assert!(hf_tensor_name("rope_freqs.weight").is_none());
+        let llama = |n| hf_tensor_name(n, Architecture::Llama);
+        assert_eq!(llama("blk.3.attn_q.weight").unwrap(), "model.layers.3.self_attn.q_proj.weight");
+        assert_eq!(llama("blk.0.ffn_norm.weight").unwrap(), "model.layers.0.post_attention_layernorm.weight");
+        assert_eq!(llama("blk.0.attn_k.bias").unwrap(), "model.layers.0.self_attn.k_proj.bias");
+        assert_eq!(llama("output.weight").unwrap(), "lm_head.weight");
+        assert!(llama("rope_freqs.weight").is_none());
+        assert!(llama("blk.0.post_ffw_norm.weight").is_none());
+        let gemma = |n| hf_tensor_name(n, Architecture::Gemma3).unwrap();
+        assert_eq!(gemma("blk.2.ffn_norm.weight"), "model.layers.2.pre_feedforward_layernorm.weight");
+        assert_eq!(gemma("blk.2.post_attention_norm.weight"), "model.layers.2.post_attention_layernorm.weight");
+        assert_eq!(gemma("blk.2.post_ffw_norm.weight"), "model.layers.2.post_feedforward_layernorm.weight");
+        assert_eq!(
+            hf_tensor_name("blk.1.ffn_up.weight", Architecture::Phi3).unwrap(),
+            "model.layers.1.mlp.gate_up_proj.weight"
+        );
+        for arch in [Architecture::Llama, Architecture::Phi3, Architecture::Gemma3] {
+            for (gguf, _) in block_module_names(arch) {
+                let name = format!("blk.7.{gguf}.weight");
+                assert_eq!(gguf_tensor_name(&hf_tensor_name(&name, arch).unwrap(), arch), name);
+            }
+        }
     }
 
     #[test]

@@ -3,6 +3,7 @@
 
 pub mod chat_template;
 pub mod default_model;
+pub mod gemma_tokenizer;
 pub mod gguf;
 pub mod hf_dir;
 pub mod hub;
@@ -21,8 +22,9 @@ use crate::model::{CausalLm, ModelConfig};
 /// Where `--model` points.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ModelSource {
-    /// `default`: the first preset of [`default_model::PRESETS`], fetched on first use.
-    Default,
+    /// A preset by name (`default` is the first of [`default_model::PRESETS`]), fetched on
+    /// first use.
+    Preset(&'static default_model::Preset),
     /// A local transformers directory.
     Dir(PathBuf),
     /// A local `.gguf` file.
@@ -34,8 +36,8 @@ pub enum ModelSource {
 impl ModelSource {
     /// Interpret a `--model` value.
     pub fn parse(spec: &str) -> Result<Self> {
-        if spec == "default" {
-            return Ok(Self::Default);
+        if let Some(preset) = default_model::find_preset(spec) {
+            return Ok(Self::Preset(preset));
         }
         let path = Path::new(spec);
         if path.is_dir() {
@@ -142,11 +144,7 @@ pub fn check_dtype(spec: &str) -> Result<String, String> {
 /// Load `--model` onto `device` in `dtype`.
 pub fn load_model(spec: &str, dtype: DType, device: &Device) -> Result<LoadedModel> {
     match ModelSource::parse(spec)? {
-        ModelSource::Default => {
-            let preset = &default_model::PRESETS[0];
-            let path = default_model::fetch(preset)?;
-            load_gguf_model(&path, dtype, device)
-        }
+        ModelSource::Preset(preset) => load_gguf_model(&default_model::fetch(preset)?, dtype, device),
         ModelSource::Dir(dir) if dir.join("adapter_config.json").exists() && !dir.join("config.json").exists() => {
             load_with_adapter(&dir, dtype, device)
         }
@@ -171,6 +169,17 @@ pub fn load_with_adapter(dir: &Path, dtype: DType, device: &Device) -> Result<Lo
     base.model.attach_lora(&saved).with_context(|| format!("adapter `{}`", dir.display()))?;
     base.origin = dir.display().to_string();
     Ok(base)
+}
+
+/// Give `loaded` the chat template in the Jinja file at `path`, in place of its own
+/// (`--chat-template`, a recipe's `model.chat_template`).
+pub fn set_chat_template(loaded: &mut LoadedModel, path: &Path) -> Result<()> {
+    let src =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read chat template `{}`", path.display()))?;
+    let template =
+        compile_template(&src, &loaded.tokenizer).with_context(|| format!("chat template `{}`", path.display()))?;
+    loaded.chat_template = Some(template);
+    Ok(())
 }
 
 /// Load a GGUF file.

@@ -119,7 +119,11 @@ impl Block {
     /// Visit every tensor of the block that may be trainable (weights, biases, norms, adapters).
     fn visit_trainable(&self, f: &mut dyn FnMut(&Tensor) -> Result<()>) -> Result<()> {
         f(&self.input_layernorm)?;
-        f(&self.post_attention_layernorm)?;
+        f(&self.mlp_layernorm)?;
+        if let Some((after_attention, after_mlp)) = &self.output_norms {
+            f(after_attention)?;
+            f(after_mlp)?;
+        }
         let a = &self.self_attn;
         if let Some((q, k)) = &a.qk_norm {
             f(q)?;

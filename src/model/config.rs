@@ -1,8 +1,9 @@
 //! Model configuration: transformers' `config.json` keys in, one resolved [`ModelConfig`] out.
 //!
-//! Llama (SmolLM2 included), Mistral, Qwen2 and Qwen3 differ only in switches of this struct:
-//! q/k/v biases (Qwen2), per-head q/k norms (Qwen3), a sliding attention window (Mistral), llama3
-//! RoPE scaling, tied embeddings.
+//! Llama (SmolLM2 included), Mistral, Qwen2, Qwen3, Phi-3 and Gemma 3 differ only in switches of
+//! this struct: q/k/v biases (Qwen2), per-head q/k norms (Qwen3), a sliding attention window
+//! (Mistral), fused projections and LongRoPE (Phi-3), norms around both sublayers, GeGLU and
+//! interleaved local and global layers (Gemma 3), llama3 RoPE scaling, tied embeddings.
 
 use serde::{Deserialize, Serialize};
 
@@ -28,6 +29,43 @@ pub enum Architecture {
     /// `Phi3ForCausalLM`: q/k/v and gate/up stored fused (`qkv_proj`, `gate_up_proj`), RoPE on
     /// part of each head, LongRoPE scaling.
     Phi3,
+    /// `Gemma3ForCausalLM` (`gemma3_text`): RMSNorms scaled by 1 + w, norms before and after
+    /// both sublayers, per-head q/k norms, GeGLU, scaled embeddings, sliding-window layers with
+    /// their own RoPE base between global ones.
+    #[serde(rename = "gemma3_text")]
+    Gemma3,
+}
+
+/// The activation of the MLP's gate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Activation {
+    /// SwiGLU's SiLU (Llama and most others).
+    #[default]
+    Silu,
+    /// GeGLU with the tanh approximation of GELU (Gemma's `gelu_pytorch_tanh`).
+    GeluPytorchTanh,
+}
+
+impl Activation {
+    /// transformers' name (`hidden_act` / `hidden_activation`).
+    pub fn hf_name(self) -> &'static str {
+        match self {
+            Self::Silu => "silu",
+            Self::GeluPytorchTanh => "gelu_pytorch_tanh",
+        }
+    }
+}
+
+/// transformers' names of one decoder block's norms, without `model.layers.{i}.` and `.weight`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BlockNormNames {
+    /// Before attention.
+    pub attention_input: &'static str,
+    /// Before the MLP.
+    pub mlp_input: &'static str,
+    /// After attention and after the MLP, before each joins the residual (Gemma's sandwich).
+    pub outputs: Option<(&'static str, &'static str)>,
 }
 
 /// Llama 3's frequency-dependent RoPE scaling (`rope_type = "llama3"`).
@@ -96,6 +134,30 @@ pub struct ModelConfig {
     pub qk_norm: bool,
     /// The output projection shares the embedding matrix.
     pub tie_word_embeddings: bool,
+    /// Every RMSNorm scales by `norm_weight_offset + weight` (Gemma: 1; 0 elsewhere).
+    #[serde(default)]
+    pub norm_weight_offset: f64,
+    /// Norms on the attention and MLP outputs before they join the residual (Gemma 3).
+    #[serde(default)]
+    pub sandwich_norms: bool,
+    /// The MLP's gate activation.
+    #[serde(default)]
+    pub hidden_act: Activation,
+    /// Token embeddings are multiplied by √hidden_size, in their dtype (Gemma).
+    #[serde(default)]
+    pub scale_embeddings: bool,
+    /// Attention scores are scaled by 1/√this instead of 1/√head_dim (Gemma's
+    /// `query_pre_attn_scalar`).
+    #[serde(default)]
+    pub query_pre_attn_scalar: Option<f64>,
+    /// The RoPE base of the sliding-window layers, when it is not `rope_theta` (Gemma 3's local
+    /// base; no scaling applies to it).
+    #[serde(default)]
+    pub local_rope_theta: Option<f64>,
+    /// Layers at or past `first_sliding_layer` that still attend to the whole context (Gemma 3's
+    /// `full_attention` entries of `layer_types`).
+    #[serde(default)]
+    pub full_attention_layers: Vec<usize>,
     /// Padding token, used to pool the sequence-classification head.
     pub pad_token_id: Option<u32>,
     /// Beginning-of-sequence token.
@@ -140,6 +202,16 @@ struct RawConfig {
     id2label: Option<serde_json::Map<String, serde_json::Value>>,
     num_labels: Option<usize>,
     hidden_act: Option<String>,
+    hidden_activation: Option<String>,
+    query_pre_attn_scalar: Option<f64>,
+    rope_local_base_freq: Option<f64>,
+    layer_types: Option<Vec<String>>,
+    sliding_window_pattern: Option<usize>,
+    #[serde(rename = "_sliding_window_pattern")]
+    private_sliding_window_pattern: Option<usize>,
+    final_logit_softcapping: Option<f64>,
+    attn_logit_softcapping: Option<f64>,
+    use_bidirectional_attention: Option<bool>,
 }
 
 /// Errors while interpreting a `config.json` (or the configuration read from GGUF metadata).
@@ -316,6 +388,21 @@ impl ModelConfig {
         if self.sliding_window == Some(0) {
             return Err(ConfigError::invalid("sliding_window", "must be positive (got 0)"));
         }
+        if let Some(&i) = self.full_attention_layers.iter().find(|&&i| i >= self.num_hidden_layers) {
+            return Err(ConfigError::invalid(
+                "layer_types",
+                format!("names layer {i} as full attention, past the {} layers", self.num_hidden_layers),
+            ));
+        }
+        if let Some(theta) = self.local_rope_theta {
+            check_rope_theta(theta, "rope_local_base_freq")?;
+        }
+        if let Some(s) = self.query_pre_attn_scalar.filter(|s| !(s.is_finite() && *s > 0.0)) {
+            return Err(ConfigError::invalid(
+                "query_pre_attn_scalar",
+                format!("must be a positive finite number (got {s})"),
+            ));
+        }
         if self.num_labels == Some(0) {
             return Err(ConfigError::invalid("num_labels", "must be positive (got 0)"));
         }
@@ -358,6 +445,29 @@ impl ModelConfig {
         Ok(())
     }
 
+    /// Whether decoder layer `i` attends through the sliding window.
+    pub fn is_sliding(&self, i: usize) -> bool {
+        self.sliding_window.is_some() && i >= self.first_sliding_layer && !self.full_attention_layers.contains(&i)
+    }
+
+    /// transformers' names of each block's norms: Llama's two, or Gemma 3's four, whose norm
+    /// before the MLP is `pre_feedforward_layernorm` and whose `post_attention_layernorm`
+    /// follows attention.
+    pub fn block_norm_names(&self) -> BlockNormNames {
+        match self.sandwich_norms {
+            false => BlockNormNames {
+                attention_input: "input_layernorm",
+                mlp_input: "post_attention_layernorm",
+                outputs: None,
+            },
+            true => BlockNormNames {
+                attention_input: "input_layernorm",
+                mlp_input: "pre_feedforward_layernorm",
+                outputs: Some(("post_attention_layernorm", "post_feedforward_layernorm")),
+            },
+        }
+    }
+
     /// The decoder layer a weight's transformers name belongs to (`model.layers.{i}.…`).
     pub fn layer_of(name: &str) -> Option<usize> {
         name.strip_prefix("model.layers.")?.split('.').next()?.parse().ok()
@@ -371,7 +481,9 @@ impl ModelConfig {
         let kv = Dim { size: self.num_key_value_heads * self.head_dim, from: "num_key_value_heads × head_dim" };
         let inter = Dim { size: self.intermediate_size, from: "intermediate_size" };
         let p = format!("model.layers.{i}");
-        let mut out = vec![ExpectedTensor { name: format!("{p}.input_layernorm.weight"), dims: vec![hidden] }];
+        let norms = self.block_norm_names();
+        let mut out =
+            vec![ExpectedTensor { name: format!("{p}.{}.weight", norms.attention_input), dims: vec![hidden] }];
         let mut linear = |name: String, o: Dim, i: Dim, bias: bool| {
             if bias {
                 out.push(ExpectedTensor { name: format!("{name}.bias"), dims: vec![o] });
@@ -396,7 +508,10 @@ impl ModelConfig {
             linear(format!("{p}.mlp.up_proj"), inter, hidden, self.mlp_bias);
         }
         linear(format!("{p}.mlp.down_proj"), hidden, inter, self.mlp_bias);
-        out.push(ExpectedTensor { name: format!("{p}.post_attention_layernorm.weight"), dims: vec![hidden] });
+        out.push(ExpectedTensor { name: format!("{p}.{}.weight", norms.mlp_input), dims: vec![hidden] });
+        for name in norms.outputs.into_iter().flat_map(|(a, m)| [a, m]) {
+            out.push(ExpectedTensor { name: format!("{p}.{name}.weight"), dims: vec![hidden] });
+        }
         if self.qk_norm {
             let head = Dim { size: self.head_dim, from: "head_dim" };
             for norm in ["q_norm", "k_norm"] {
@@ -446,6 +561,7 @@ impl ModelConfig {
             Architecture::Qwen2 => ("qwen2", "Qwen2"),
             Architecture::Qwen3 => ("qwen3", "Qwen3"),
             Architecture::Phi3 => ("phi3", "Phi3"),
+            Architecture::Gemma3 => ("gemma3_text", "Gemma3"),
         };
         let head = if self.num_labels.is_some() { "ForSequenceClassification" } else { "ForCausalLM" };
         let mut rope = serde_json::json!({"rope_theta": self.rope_theta, "rope_type": "default",
@@ -478,11 +594,11 @@ impl ModelConfig {
             "num_attention_heads": self.num_attention_heads,
             "num_key_value_heads": self.num_key_value_heads,
             "head_dim": self.head_dim,
-            "hidden_act": "silu",
+            "hidden_act": self.hidden_act.hf_name(),
             "rms_norm_eps": self.rms_norm_eps,
             "rope_theta": self.rope_theta,
             "rope_parameters": rope.clone(),
-            "rope_scaling": if self.rope_scaling.is_some() || self.longrope.is_some() { rope } else { serde_json::Value::Null },
+            "rope_scaling": if self.rope_scaling.is_some() || self.longrope.is_some() { rope.clone() } else { serde_json::Value::Null },
             "max_position_embeddings": self.max_position_embeddings,
             "tie_word_embeddings": self.tie_word_embeddings,
             "pad_token_id": self.pad_token_id,
@@ -510,6 +626,7 @@ impl ModelConfig {
                 obj.insert("max_window_layers".into(), self.first_sliding_layer.into());
                 obj.insert("sliding_window".into(), serde_json::json!(self.sliding_window));
             }
+            Architecture::Gemma3 => self.insert_gemma3_keys(obj, rope),
         }
         if let Some(n) = self.num_labels {
             let id2label: serde_json::Map<_, _> =
@@ -519,6 +636,34 @@ impl ModelConfig {
             obj.insert("label2id".into(), label2id.into());
         }
         out
+    }
+}
+
+impl ModelConfig {
+    /// Gemma 3's own `config.json` keys: per-layer-type attention and RoPE, the GeGLU
+    /// activation, the attention scale, and no soft-capping.
+    fn insert_gemma3_keys(&self, obj: &mut serde_json::Map<String, serde_json::Value>, global_rope: serde_json::Value) {
+        let local_theta = self.local_rope_theta.unwrap_or(self.rope_theta);
+        let layer_types: Vec<&str> = (0..self.num_hidden_layers)
+            .map(|i| if self.is_sliding(i) { "sliding_attention" } else { "full_attention" })
+            .collect();
+        let rope = serde_json::json!({
+            "full_attention": global_rope,
+            "sliding_attention": {"rope_type": "default", "rope_theta": local_theta},
+        });
+        for (key, value) in [
+            ("hidden_activation", serde_json::json!(self.hidden_act.hf_name())),
+            ("query_pre_attn_scalar", serde_json::json!(self.query_pre_attn_scalar.unwrap_or(self.head_dim as f64))),
+            ("sliding_window", serde_json::json!(self.sliding_window)),
+            ("layer_types", serde_json::json!(layer_types)),
+            ("rope_parameters", rope),
+            ("rope_local_base_freq", serde_json::json!(local_theta)),
+            ("attention_bias", serde_json::json!(self.qkv_bias)),
+            ("final_logit_softcapping", serde_json::Value::Null),
+            ("attn_logit_softcapping", serde_json::Value::Null),
+        ] {
+            obj.insert(key.into(), value);
+        }
     }
 }
 
@@ -561,8 +706,10 @@ impl RawConfig {
         if num_attention_heads == 0 {
             return Err(ConfigError::invalid("num_attention_heads", "must be positive (got 0)"));
         }
+        let gemma = self.model_type.as_deref() == Some("gemma3_text");
         let head_dim = match self.head_dim {
             Some(d) => d,
+            None if gemma => 256,
             None if !hidden_size.is_multiple_of(num_attention_heads) => {
                 return Err(ConfigError::invalid(
                     "num_attention_heads",
@@ -579,16 +726,23 @@ impl RawConfig {
             Some("qwen2") => Architecture::Qwen2,
             Some("qwen3") => Architecture::Qwen3,
             Some("phi3") => Architecture::Phi3,
+            Some("gemma3_text") => Architecture::Gemma3,
+            Some("gemma3") => {
+                return Err(ConfigError::Unsupported {
+                    field: "model_type",
+                    value: "gemma3 (the multimodal model; candor loads the text-only `gemma3_text`)".into(),
+                })
+            }
             Some(other) => return Err(ConfigError::Unsupported { field: "model_type", value: other.into() }),
         };
-        if let Some(act) = self.hidden_act.as_deref() {
-            if act != "silu" {
-                return Err(ConfigError::Unsupported { field: "hidden_act", value: act.into() });
-            }
-        }
+        let hidden_act = self.activation(gemma)?;
+        self.refuse_unsupported_gemma_keys()?;
         // transformers 5 moved rope settings into `rope_parameters`; 4.x used `rope_theta` plus
-        // an optional `rope_scaling` dict. Accept both, the newer one first.
+        // an optional `rope_scaling` dict. Accept both, the newer one first. Gemma 3 keeps one
+        // dict per layer type there.
         let rope = self.rope_parameters.as_ref().filter(|v| v.is_object());
+        let local_rope = rope.and_then(|r| r.get("sliding_attention")).filter(|v| v.is_object());
+        let rope = rope.map(|r| r.get("full_attention").filter(|v| v.is_object()).unwrap_or(r));
         let (rope_theta, theta_field) = match rope.and_then(|r| r.get("rope_theta")) {
             None | Some(serde_json::Value::Null) => (self.rope_theta.unwrap_or(10_000.0), "rope_theta"),
             Some(v) => (
@@ -612,8 +766,13 @@ impl RawConfig {
             .and_then(|v| v.as_f64())
             .or(self.partial_rotary_factor)
             .unwrap_or(1.0);
+        let local_rope_theta = match gemma {
+            true => Some(local_rope_theta(local_rope, self.rope_local_base_freq)?),
+            false => None,
+        };
         let sliding_window = match architecture {
             Architecture::Mistral | Architecture::Phi3 => self.sliding_window,
+            Architecture::Gemma3 => Some(self.sliding_window.unwrap_or(4096)),
             Architecture::Qwen2 | Architecture::Qwen3 if self.use_sliding_window == Some(true) => self.sliding_window,
             _ => None,
         };
@@ -652,8 +811,20 @@ impl RawConfig {
             qkv_bias: architecture == Architecture::Qwen2 || attention_bias,
             o_bias: architecture == Architecture::Llama && attention_bias,
             mlp_bias: architecture == Architecture::Llama && self.mlp_bias.unwrap_or(false),
-            qk_norm: architecture == Architecture::Qwen3,
-            tie_word_embeddings: self.tie_word_embeddings.unwrap_or(architecture == Architecture::Llama),
+            qk_norm: matches!(architecture, Architecture::Qwen3 | Architecture::Gemma3),
+            tie_word_embeddings: self
+                .tie_word_embeddings
+                .unwrap_or(matches!(architecture, Architecture::Llama | Architecture::Gemma3)),
+            norm_weight_offset: if gemma { 1.0 } else { 0.0 },
+            sandwich_norms: gemma,
+            hidden_act,
+            scale_embeddings: gemma,
+            query_pre_attn_scalar: gemma.then(|| self.query_pre_attn_scalar.unwrap_or(256.0)),
+            local_rope_theta,
+            full_attention_layers: match gemma {
+                true => self.full_attention_layers(num_hidden_layers)?,
+                false => Vec::new(),
+            },
             pad_token_id: self.pad_token_id,
             bos_token_id: self.bos_token_id,
             eos_token_ids,
@@ -662,6 +833,93 @@ impl RawConfig {
         config.validate()?;
         Ok(config)
     }
+}
+
+impl RawConfig {
+    /// The MLP's activation: `hidden_activation` (Gemma's key) or `hidden_act`; Gemma defaults
+    /// to GELU (tanh), everything else to SiLU.
+    fn activation(&self, gemma: bool) -> Result<Activation, ConfigError> {
+        let (field, name) = match (&self.hidden_activation, &self.hidden_act) {
+            (Some(a), _) => ("hidden_activation", a.as_str()),
+            (None, Some(a)) => ("hidden_act", a.as_str()),
+            (None, None) if gemma => return Ok(Activation::GeluPytorchTanh),
+            (None, None) => return Ok(Activation::Silu),
+        };
+        match name {
+            "silu" => Ok(Activation::Silu),
+            "gelu_pytorch_tanh" => Ok(Activation::GeluPytorchTanh),
+            other => Err(ConfigError::Unsupported { field, value: other.into() }),
+        }
+    }
+
+    /// Gemma 2's soft-capping and Gemma 3's bidirectional variant are not implemented: refuse
+    /// them rather than compute something else.
+    fn refuse_unsupported_gemma_keys(&self) -> Result<(), ConfigError> {
+        for (field, value) in [
+            ("final_logit_softcapping", self.final_logit_softcapping),
+            ("attn_logit_softcapping", self.attn_logit_softcapping),
+        ] {
+            if let Some(v) = value {
+                return Err(ConfigError::Unsupported { field, value: format!("{v} (only null is supported)") });
+            }
+        }
+        if self.use_bidirectional_attention == Some(true) {
+            return Err(ConfigError::Unsupported { field: "use_bidirectional_attention", value: "true".into() });
+        }
+        Ok(())
+    }
+
+    /// Gemma 3's global layers: the `full_attention` entries of `layer_types`, else every
+    /// `sliding_window_pattern`-th layer (default 6), as transformers derives them.
+    fn full_attention_layers(&self, layers: usize) -> Result<Vec<usize>, ConfigError> {
+        let Some(types) = &self.layer_types else {
+            let pattern = self.sliding_window_pattern.or(self.private_sliding_window_pattern).unwrap_or(6);
+            if pattern == 0 {
+                return Err(ConfigError::invalid("sliding_window_pattern", "must be positive (got 0)"));
+            }
+            return Ok((0..layers).filter(|i| (i + 1) % pattern == 0).collect());
+        };
+        if types.len() != layers {
+            return Err(ConfigError::invalid(
+                "layer_types",
+                format!("must name one type per layer ({layers}; got {})", types.len()),
+            ));
+        }
+        let mut full = Vec::new();
+        for (i, t) in types.iter().enumerate() {
+            match t.as_str() {
+                "full_attention" => full.push(i),
+                "sliding_attention" => {}
+                other => {
+                    return Err(ConfigError::invalid(
+                        "layer_types",
+                        format!("entry {i} must be `full_attention` or `sliding_attention` (got `{other}`)"),
+                    ))
+                }
+            }
+        }
+        Ok(full)
+    }
+}
+
+/// Gemma 3's local RoPE base: `rope_parameters.sliding_attention.rope_theta` (transformers 5),
+/// else `rope_local_base_freq` (4.x), else 10 000; scaled local RoPE is refused.
+fn local_rope_theta(local: Option<&serde_json::Value>, legacy: Option<f64>) -> Result<f64, ConfigError> {
+    let field = "rope_parameters.sliding_attention";
+    if let Some(kind) = local.and_then(|l| l.get("rope_type")).and_then(|t| t.as_str()).filter(|t| *t != "default") {
+        return Err(ConfigError::Unsupported {
+            field: "rope_parameters",
+            value: format!("sliding_attention rope_type `{kind}`"),
+        });
+    }
+    let theta = match local.and_then(|l| l.get("rope_theta")) {
+        None | Some(serde_json::Value::Null) => legacy.unwrap_or(10_000.0),
+        Some(v) => v.as_f64().ok_or_else(|| {
+            ConfigError::invalid(&format!("{field}.rope_theta"), format!("must be a number (got {})", json_kind(v)))
+        })?,
+    };
+    check_rope_theta(theta, &format!("{field}.rope_theta"))?;
+    Ok(theta)
 }
 
 fn parse_rope_scaling(v: &serde_json::Value) -> Result<Option<Llama3RopeScaling>, ConfigError> {

@@ -6,13 +6,16 @@ use super::transformer::{Block, CausalLm};
 impl CausalLm {
     /// Keep only the decoder layers `keep` (strictly increasing indices), in order: a smaller
     /// model of the same family and tokenizer (a distillation student). Qwen2's sliding-window
-    /// boundary moves with the layers below it.
+    /// boundary moves with the layers below it, and Gemma 3's global layers keep their type.
     pub fn keep_layers(&mut self, keep: &[usize]) -> anyhow::Result<()> {
         let n = self.layers.len();
         if keep.is_empty() || keep.windows(2).any(|w| w[0] >= w[1]) || keep[keep.len() - 1] >= n {
             anyhow::bail!("layers to keep must be strictly increasing indices below {n}, at least one; got {keep:?}");
         }
         self.config.first_sliding_layer = keep.iter().filter(|&&i| i < self.config.first_sliding_layer).count();
+        let full = &self.config.full_attention_layers;
+        self.config.full_attention_layers =
+            keep.iter().enumerate().filter(|(_, i)| full.contains(i)).map(|(j, _)| j).collect();
         let mut all: Vec<Option<Block>> = std::mem::take(&mut self.layers).into_iter().map(Some).collect();
         self.layers = keep.iter().map(|&i| all[i].take().expect("indices are unique")).collect();
         self.config.num_hidden_layers = keep.len();

@@ -50,6 +50,14 @@ impl Rope {
         }
     }
 
+    /// The sliding-window layers' own RoPE when the configuration gives them another base
+    /// (Gemma 3's local base: unscaled, over the whole head).
+    pub fn local(config: &ModelConfig) -> Option<Self> {
+        let theta = config.local_rope_theta?;
+        let dim = config.rotary_dim();
+        Some(Self { inv_freq: ops::rope_inv_freq(dim, theta, None), long: None, scale: 1.0, rotary_dim: dim })
+    }
+
     /// cos and sin `[B, 1, T, rotary_dim]` for positions `[B, T]`. LongRoPE takes its long
     /// factors when the largest position + 1 passes the original context (transformers' rule,
     /// decided per forward pass).

@@ -1,4 +1,5 @@
-//! The decoder-only transformer (Llama, Mistral, Qwen2 as switches of one config), built only
+//! The decoder-only transformer (Llama, Mistral, Qwen2, Qwen3, Phi-3 and Gemma 3 as switches of
+//! one config), built only
 //! from the differentiable ops in [`super::ops`], in candle's order: weights and projections,
 //! decoder blocks, then the model and its forward pass down to the LM head's log-probs.
 //!
@@ -17,7 +18,7 @@ use std::sync::Arc;
 use candle::{DType, Device, Result, Tensor, Var, D};
 
 use super::checkpointing::GradSink;
-use super::config::ModelConfig;
+use super::config::{Activation, ModelConfig};
 use super::fused::{self, AttentionPattern, Kernels};
 use super::kv_cache::KvCache;
 use super::lora::LoraAdapter;
@@ -127,21 +128,33 @@ pub(super) struct Attention {
 }
 
 impl Attention {
-    /// Qwen3's per-head RMSNorm of queries and keys `[B, T, heads, D]` (over the head's width),
-    /// with the fused or the plain kernel; unchanged without one.
-    fn norm_heads(&self, q: Tensor, k: Tensor, eps: f64, fused_kernels: bool) -> Result<(Tensor, Tensor)> {
+    /// The per-head RMSNorm of queries and keys `[B, T, heads, D]` (over the head's width) of
+    /// Qwen3 and Gemma 3, with the fused or the plain kernel; unchanged without one.
+    fn norm_heads(&self, q: Tensor, k: Tensor, cfg: &ModelConfig, fused_kernels: bool) -> Result<(Tensor, Tensor)> {
         let Some((qn, kn)) = &self.qk_norm else {
             return Ok((q, k));
         };
-        let norm = |x: &Tensor, w: &Tensor| match fused_kernels {
-            true => fused::rms_norm(x, w, eps),
-            false => ops::rms_norm(x, w, eps),
-        };
-        Ok((norm(&q, qn)?, norm(&k, kn)?))
+        Ok((rms_norm(&q, qn, cfg, fused_kernels)?, rms_norm(&k, kn, cfg, fused_kernels)?))
     }
 }
 
-/// The gated MLP's projections: `down(silu(gate(x)) ∘ up(x))`.
+/// RMSNorm of `x` by `weight`, shifted by the configuration's offset (Gemma scales by 1 + w,
+/// computed in the weight's dtype as transformers does), with the fused or the plain kernel.
+fn rms_norm(x: &Tensor, weight: &Tensor, cfg: &ModelConfig, fused_kernels: bool) -> Result<Tensor> {
+    let shifted;
+    let weight = if cfg.norm_weight_offset == 0.0 {
+        weight
+    } else {
+        shifted = (weight + cfg.norm_weight_offset)?;
+        &shifted
+    };
+    match fused_kernels {
+        true => fused::rms_norm(x, weight, cfg.rms_norm_eps),
+        false => ops::rms_norm(x, weight, cfg.rms_norm_eps),
+    }
+}
+
+/// The gated MLP's projections: `down(act(gate(x)) ∘ up(x))`.
 #[derive(Debug, Clone)]
 pub(super) struct Mlp {
     pub(super) gate_proj: Linear,
@@ -149,21 +162,83 @@ pub(super) struct Mlp {
     pub(super) down_proj: Linear,
 }
 
-/// One decoder layer: pre-norm attention and pre-norm gated MLP, each added to the residual.
+impl Mlp {
+    /// `down(act(gate(x)) ∘ up(x))`; SwiGLU takes the fused or the plain kernel, GeGLU candle's
+    /// tanh-approximated GELU (the formula of PyTorch's `gelu(approximate="tanh")`).
+    fn forward(&self, x: &Tensor, act: Activation, fused_kernels: bool) -> Result<Tensor> {
+        let [gate, up] = Linear::forward_group(x, [&self.gate_proj, &self.up_proj])?;
+        let gated = match (act, fused_kernels) {
+            (Activation::Silu, true) => fused::silu_mul(&gate, &up)?,
+            (Activation::Silu, false) => ops::silu_mul(&gate, &up)?,
+            (Activation::GeluPytorchTanh, _) => (gate.gelu()? * up)?,
+        };
+        self.down_proj.forward(&gated)
+    }
+}
+
+/// One decoder layer: pre-norm attention and pre-norm gated MLP, each added to the residual;
+/// Gemma 3 also norms each sublayer's output before adding it.
 #[derive(Debug, Clone)]
 pub(super) struct Block {
     pub(super) input_layernorm: Tensor,
     pub(super) self_attn: Attention,
-    pub(super) post_attention_layernorm: Tensor,
+    /// The norm before the MLP (Llama's `post_attention_layernorm`, Gemma's
+    /// `pre_feedforward_layernorm`).
+    pub(super) mlp_layernorm: Tensor,
     pub(super) mlp: Mlp,
+    /// Gemma 3's norms of the attention and of the MLP output.
+    pub(super) output_norms: Option<(Tensor, Tensor)>,
+}
+
+impl Block {
+    /// The block on `x` given its attention (normed input in, heads' output out): the
+    /// residual sums around attention and the MLP, with the sandwich norms when it has them.
+    fn forward(
+        &self,
+        x: &Tensor,
+        cfg: &ModelConfig,
+        fused_kernels: bool,
+        attention: impl FnOnce(&Tensor) -> Result<Tensor>,
+    ) -> Result<Tensor> {
+        let norm = |x: &Tensor, w: &Tensor| rms_norm(x, w, cfg, fused_kernels);
+        let mut attn = attention(&norm(x, &self.input_layernorm)?)?;
+        if let Some((after_attention, _)) = &self.output_norms {
+            attn = norm(&attn, after_attention)?;
+        }
+        let x = (x + attn)?;
+        let mut mlp = self.mlp.forward(&norm(&x, &self.mlp_layernorm)?, cfg.hidden_act, fused_kernels)?;
+        if let Some((_, after_mlp)) = &self.output_norms {
+            mlp = norm(&mlp, after_mlp)?;
+        }
+        x + mlp
+    }
+}
+
+/// cos and sin of one forward pass: of the RoPE every layer uses, and of the sliding-window
+/// layers' own base when they have one (Gemma 3).
+#[derive(Debug, Clone)]
+pub(super) struct RopeTables {
+    global: (Tensor, Tensor),
+    local: Option<(Tensor, Tensor)>,
+}
+
+impl RopeTables {
+    /// The tables of a sliding or a global layer.
+    fn of(&self, sliding_layer: bool) -> (&Tensor, &Tensor) {
+        let (cos, sin) = match &self.local {
+            Some(local) if sliding_layer => local,
+            _ => &self.global,
+        };
+        (cos, sin)
+    }
 }
 
 /// What every block of one forward pass shares: RoPE tables and who attends to whom, in the
 /// form the chosen kernels take.
 #[derive(Debug, Clone)]
 pub(super) enum BlockContext {
-    Fused { cos: Tensor, sin: Tensor, full: AttentionPattern, sliding: Option<AttentionPattern> },
-    Plain { cos: Tensor, sin: Tensor, full: Tensor, sliding: Option<Tensor> },
+    Fused { rope: RopeTables, full: AttentionPattern, sliding: Option<AttentionPattern> },
+    Plain { rope: RopeTables, full: Tensor, sliding: Option<Tensor> },
 }
 
 /// What a forward pass needs besides the token ids.
@@ -188,6 +263,8 @@ pub struct CausalLm {
     /// `[num_labels, hidden]` of a `*ForSequenceClassification` model.
     pub(super) score: Option<Tensor>,
     rope: Rope,
+    /// The sliding-window layers' RoPE when its base differs (Gemma 3).
+    local_rope: Option<Rope>,
     kernels: Kernels,
     /// Mixed precision: the dtype the matmuls' operands are rounded to (f32 master weights).
     pub(super) matmul_precision: Option<DType>,
@@ -203,6 +280,7 @@ impl CausalLm {
     pub fn new(config: ModelConfig, source: &mut dyn WeightSource, dtype: DType, device: &Device) -> Result<Self> {
         let has_lm_head = !config.tie_word_embeddings && source.contains("lm_head.weight");
         let mut w = Loader { source, dtype, device };
+        let norms = config.block_norm_names();
         let mut layers = Vec::with_capacity(config.num_hidden_layers);
         for i in 0..config.num_hidden_layers {
             let p = format!("model.layers.{i}");
@@ -229,8 +307,15 @@ impl CausalLm {
                     w.linear(&format!("{p}.mlp.up_proj"), config.mlp_bias)?,
                 ],
             };
+            let mut norm = |name: &str| w.tensor(&format!("{p}.{name}.weight"));
+            let input_layernorm = norm(norms.attention_input)?;
+            let mlp_layernorm = norm(norms.mlp_input)?;
+            let output_norms = match norms.outputs {
+                Some((attn, mlp)) => Some((norm(attn)?, norm(mlp)?)),
+                None => None,
+            };
             layers.push(Block {
-                input_layernorm: w.tensor(&format!("{p}.input_layernorm.weight"))?,
+                input_layernorm,
                 self_attn: Attention {
                     q_proj,
                     k_proj,
@@ -244,8 +329,9 @@ impl CausalLm {
                         false => None,
                     },
                 },
-                post_attention_layernorm: w.tensor(&format!("{p}.post_attention_layernorm.weight"))?,
+                mlp_layernorm,
                 mlp: Mlp { gate_proj, up_proj, down_proj: w.linear(&format!("{p}.mlp.down_proj"), config.mlp_bias)? },
+                output_norms,
             });
         }
         let embed_tokens = w.tensor("model.embed_tokens.weight")?;
@@ -253,6 +339,7 @@ impl CausalLm {
         let lm_head = if config.num_labels.is_none() && has_lm_head { Some(w.tensor("lm_head.weight")?) } else { None };
         let score = if config.num_labels.is_some() { Some(w.tensor("score.weight")?) } else { None };
         let rope = Rope::new(&config);
+        let local_rope = Rope::local(&config);
         Ok(Self {
             config,
             embed_tokens,
@@ -261,6 +348,7 @@ impl CausalLm {
             lm_head,
             score,
             rope,
+            local_rope,
             kernels: Kernels::default(),
             matmul_precision: None,
             rounding_anchors: None,
@@ -276,25 +364,28 @@ impl CausalLm {
         }
         let (b, t) = ids.dims2()?;
         let past = cache.as_ref().map_or(0, |c| c.len());
-        let device = ids.device();
         let default_positions;
         let positions = match opts.positions {
             Some(p) => p,
             None => {
-                default_positions = Tensor::arange(past as u32, (past + t) as u32, device)?
+                default_positions = Tensor::arange(past as u32, (past + t) as u32, ids.device())?
                     .unsqueeze(0)?
                     .broadcast_as((b, t))?
                     .contiguous()?;
                 &default_positions
             }
         };
-        let (cos, sin) = self.rope.tables(positions, self.dtype())?;
+        let rope = self.rope_tables(positions)?;
         let mut x = self.embed_tokens.embedding_rows(ids)?;
-        if cache.is_some() {
-            x = self.plain_blocks(x, &cos, &sin, opts.attention_mask, cache)?;
-            return ops::rms_norm(&x, &self.norm, self.config.rms_norm_eps);
+        if self.config.scale_embeddings {
+            // transformers multiplies by √hidden rounded to the embedding dtype.
+            x = (x * (self.config.hidden_size as f64).sqrt())?;
         }
-        let ctx = self.block_context(ids, cos, sin, opts.attention_mask)?;
+        if cache.is_some() {
+            x = self.plain_blocks(x, &rope, opts.attention_mask, cache)?;
+            return rms_norm(&x, &self.norm, &self.config, false);
+        }
+        let ctx = self.block_context(ids, rope, opts.attention_mask)?;
         let checkpointer = self.checkpointer(&x);
         for i in 0..self.layers.len() {
             x = match &checkpointer {
@@ -302,102 +393,109 @@ impl CausalLm {
                 Some(c) => c.block(i, &x, &ctx)?,
             };
         }
-        match ctx {
-            BlockContext::Fused { .. } => fused::rms_norm(&x, &self.norm, self.config.rms_norm_eps),
-            BlockContext::Plain { .. } => ops::rms_norm(&x, &self.norm, self.config.rms_norm_eps),
-        }
+        rms_norm(&x, &self.norm, &self.config, matches!(ctx, BlockContext::Fused { .. }))
+    }
+
+    /// The RoPE tables of one forward pass over `positions` `[B, T]`.
+    fn rope_tables(&self, positions: &Tensor) -> Result<RopeTables> {
+        let dtype = self.dtype();
+        Ok(RopeTables {
+            global: self.rope.tables(positions, dtype)?,
+            local: self.local_rope.as_ref().map(|r| r.tables(positions, dtype)).transpose()?,
+        })
     }
 
     /// What every block of a forward over `ids` without a cache shares: the RoPE tables and who
     /// attends to whom, in the form the chosen kernels take.
-    fn block_context(
-        &self,
-        ids: &Tensor,
-        cos: Tensor,
-        sin: Tensor,
-        attention_mask: Option<&Tensor>,
-    ) -> Result<BlockContext> {
+    fn block_context(&self, ids: &Tensor, rope: RopeTables, attention_mask: Option<&Tensor>) -> Result<BlockContext> {
         let (b, t) = ids.dims2()?;
         let device = ids.device();
+        let window = self.config.sliding_window;
         Ok(if self.fused() {
             BlockContext::Fused {
-                cos,
-                sin,
+                rope,
                 full: AttentionPattern::new(attention_mask, b, t, None)?,
-                sliding: self
-                    .config
-                    .sliding_window
-                    .map(|w| AttentionPattern::new(attention_mask, b, t, Some(w)))
-                    .transpose()?,
+                sliding: window.map(|w| AttentionPattern::new(attention_mask, b, t, Some(w))).transpose()?,
             }
         } else {
             BlockContext::Plain {
-                cos,
-                sin,
+                rope,
                 full: ops::attention_mask(attention_mask, b, t, 0, None, device)?,
-                sliding: self
-                    .config
-                    .sliding_window
-                    .map(|w| ops::attention_mask(attention_mask, b, t, 0, Some(w), device))
-                    .transpose()?,
+                sliding: window.map(|w| ops::attention_mask(attention_mask, b, t, 0, Some(w), device)).transpose()?,
             }
         })
     }
 
     /// Decoder block `i` without a cache, with the kernels `ctx` was made for.
     pub(super) fn block(&self, i: usize, x: &Tensor, ctx: &BlockContext) -> Result<Tensor> {
-        let layer = &self.layers[i];
-        let sliding_layer = i >= self.config.first_sliding_layer;
+        let sliding_layer = self.config.is_sliding(i);
         match ctx {
-            BlockContext::Fused { cos, sin, full, sliding } => {
+            BlockContext::Fused { rope, full, sliding } => {
                 let pattern = match sliding {
                     Some(p) if sliding_layer => p,
                     _ => full,
                 };
-                self.fused_block(layer, x, cos, sin, pattern)
+                self.fused_block(i, x, rope.of(sliding_layer), pattern)
             }
-            BlockContext::Plain { cos, sin, full, sliding } => {
+            BlockContext::Plain { rope, full, sliding } => {
                 let mask = match sliding {
                     Some(m) if sliding_layer => m,
                     _ => full,
                 };
-                self.plain_block(i, x.clone(), cos, sin, mask, None)
+                self.plain_block(i, x, rope.of(sliding_layer), mask, None)
             }
         }
     }
 
-    /// One decoder block with the fused kernels (no cache): q/k/v stay `[B, T, heads, D]`.
+    /// Queries and keys `[B, T, heads, D]` after the per-head norms, RoPE and the attention
+    /// scale's correction (when `query_pre_attn_scalar` is not `head_dim`, the queries carry
+    /// the difference, since the attention kernels scale by 1/√head_dim).
+    fn position_queries_keys(
+        &self,
+        a: &Attention,
+        (q, k): (Tensor, Tensor),
+        (cos, sin): (&Tensor, &Tensor),
+        fused_kernels: bool,
+    ) -> Result<(Tensor, Tensor)> {
+        let cfg = &self.config;
+        let (q, k) = a.norm_heads(q, k, cfg, fused_kernels)?;
+        // The plain kernels rotate `[B, heads, T, D]`.
+        let layout = |x: Tensor| if fused_kernels { Ok(x) } else { x.transpose(1, 2) };
+        let q = self.rope.rotate(&layout(q)?, cos, sin, fused_kernels)?;
+        let k = self.rope.rotate(&layout(k)?, cos, sin, fused_kernels)?;
+        match cfg.query_pre_attn_scalar {
+            Some(s) if s != cfg.head_dim as f64 => Ok(((q * (cfg.head_dim as f64 / s).sqrt())?, k)),
+            _ => Ok((q, k)),
+        }
+    }
+
+    /// Decoder block `i` with the fused kernels (no cache): q/k/v stay `[B, T, heads, D]`.
     fn fused_block(
         &self,
-        layer: &Block,
+        i: usize,
         x: &Tensor,
-        cos: &Tensor,
-        sin: &Tensor,
+        tables: (&Tensor, &Tensor),
         pattern: &AttentionPattern,
     ) -> Result<Tensor> {
         let cfg = &self.config;
         let (b, t, _) = x.dims3()?;
         let (h, kv, hd) = (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim);
-        let normed = fused::rms_norm(x, &layer.input_layernorm, cfg.rms_norm_eps)?;
+        let layer = &self.layers[i];
         let a = &layer.self_attn;
-        let [q, k, v] = Linear::forward_group(&normed, [&a.q_proj, &a.k_proj, &a.v_proj])?;
-        let (q, k) = a.norm_heads(q.reshape((b, t, h, hd))?, k.reshape((b, t, kv, hd))?, cfg.rms_norm_eps, true)?;
-        let q = self.rope.rotate(&q, cos, sin, true)?;
-        let k = self.rope.rotate(&k, cos, sin, true)?;
-        let attn = fused::attention(&q, &k, &v.reshape((b, t, kv, hd))?, pattern.clone(), cfg.kv_groups())?;
-        let x = (x + a.o_proj.forward(&attn.reshape((b, t, h * hd))?)?)?;
-        let normed = fused::rms_norm(&x, &layer.post_attention_layernorm, cfg.rms_norm_eps)?;
-        let m = &layer.mlp;
-        let [gate, up] = Linear::forward_group(&normed, [&m.gate_proj, &m.up_proj])?;
-        &x + m.down_proj.forward(&fused::silu_mul(&gate, &up)?)?
+        layer.forward(x, cfg, true, |normed| {
+            let [q, k, v] = Linear::forward_group(normed, [&a.q_proj, &a.k_proj, &a.v_proj])?;
+            let qk = (q.reshape((b, t, h, hd))?, k.reshape((b, t, kv, hd))?);
+            let (q, k) = self.position_queries_keys(a, qk, tables, true)?;
+            let attn = fused::attention(&q, &k, &v.reshape((b, t, kv, hd))?, pattern.clone(), cfg.kv_groups())?;
+            a.o_proj.forward(&attn.reshape((b, t, h * hd))?)
+        })
     }
 
     /// Every decoder block with the plain ops, appending to the cache.
     fn plain_blocks(
         &self,
         mut x: Tensor,
-        cos: &Tensor,
-        sin: &Tensor,
+        rope: &RopeTables,
         key_padding: Option<&Tensor>,
         mut cache: Option<&mut KvCache>,
     ) -> Result<Tensor> {
@@ -410,11 +508,12 @@ impl CausalLm {
             None => None,
         };
         for i in 0..self.layers.len() {
+            let sliding_layer = self.config.is_sliding(i);
             let mask = match &sliding_mask {
-                Some(m) if i >= self.config.first_sliding_layer => m,
+                Some(m) if sliding_layer => m,
                 _ => &full_mask,
             };
-            x = self.plain_block(i, x, cos, sin, mask, cache.as_deref_mut())?;
+            x = self.plain_block(i, &x, rope.of(sliding_layer), mask, cache.as_deref_mut())?;
         }
         if let Some(c) = cache {
             c.advance(t);
@@ -427,38 +526,29 @@ impl CausalLm {
     fn plain_block(
         &self,
         i: usize,
-        x: Tensor,
-        cos: &Tensor,
-        sin: &Tensor,
+        x: &Tensor,
+        tables: (&Tensor, &Tensor),
         mask: &Tensor,
         cache: Option<&mut KvCache>,
     ) -> Result<Tensor> {
         let cfg = &self.config;
-        let layer = &self.layers[i];
         let (b, t, _) = x.dims3()?;
         let (h, kv, hd) = (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim);
-        let normed = ops::rms_norm(&x, &layer.input_layernorm, cfg.rms_norm_eps)?;
+        let layer = &self.layers[i];
         let a = &layer.self_attn;
-        // [B, T, heads * D] -> [B, heads, T, D]
-        let split = |y: Tensor, heads: usize| y.reshape((b, t, heads, hd))?.transpose(1, 2);
-        let [q, k, v] = Linear::forward_group(&normed, [&a.q_proj, &a.k_proj, &a.v_proj])?;
-        let heads = |y: Tensor, n: usize| y.reshape((b, t, n, hd));
-        let (q, k) = a.norm_heads(heads(q, h)?, heads(k, kv)?, cfg.rms_norm_eps, false)?;
-        let q = self.rope.rotate(&q.transpose(1, 2)?, cos, sin, false)?;
-        let k = self.rope.rotate(&k.transpose(1, 2)?, cos, sin, false)?;
-        let v = split(v, kv)?;
-        let (k, v) = match cache {
-            Some(c) => c.append(i, &k, &v)?,
-            None => (k, v),
-        };
-        let attn = ops::attention(&q, &k, &v, mask, cfg.kv_groups())?; // [B, H, T, D]
-        let attn = attn.transpose(1, 2)?.reshape((b, t, h * hd))?;
-        let x = (x + a.o_proj.forward(&attn)?)?;
-        let normed = ops::rms_norm(&x, &layer.post_attention_layernorm, cfg.rms_norm_eps)?;
-        let m = &layer.mlp;
-        let [gate, up] = Linear::forward_group(&normed, [&m.gate_proj, &m.up_proj])?;
-        let gated = ops::silu_mul(&gate, &up)?;
-        &x + m.down_proj.forward(&gated)?
+        layer.forward(x, cfg, false, |normed| {
+            let [q, k, v] = Linear::forward_group(normed, [&a.q_proj, &a.k_proj, &a.v_proj])?;
+            let qk = (q.reshape((b, t, h, hd))?, k.reshape((b, t, kv, hd))?);
+            // [B, heads, T, D] from here on
+            let (q, k) = self.position_queries_keys(a, qk, tables, false)?;
+            let v = v.reshape((b, t, kv, hd))?.transpose(1, 2)?;
+            let (k, v) = match cache {
+                Some(c) => c.append(i, &k, &v)?,
+                None => (k, v),
+            };
+            let attn = ops::attention(&q, &k, &v, mask, cfg.kv_groups())?; // [B, H, T, D]
+            a.o_proj.forward(&attn.transpose(1, 2)?.reshape((b, t, h * hd))?)
+        })
     }
 
     /// Next-token logits `[B, T, V]` at every position.
@@ -558,9 +648,14 @@ impl CausalLm {
             }
             Ok(())
         })?;
+        let norms = self.config.block_norm_names();
         for (i, layer) in self.layers.iter_mut().enumerate() {
-            f(&format!("model.layers.{i}.input_layernorm.weight"), &mut layer.input_layernorm)?;
-            f(&format!("model.layers.{i}.post_attention_layernorm.weight"), &mut layer.post_attention_layernorm)?;
+            f(&format!("model.layers.{i}.{}.weight", norms.attention_input), &mut layer.input_layernorm)?;
+            f(&format!("model.layers.{i}.{}.weight", norms.mlp_input), &mut layer.mlp_layernorm)?;
+            if let (Some((attn, mlp)), Some((after_attn, after_mlp))) = (norms.outputs, layer.output_norms.as_mut()) {
+                f(&format!("model.layers.{i}.{attn}.weight"), after_attn)?;
+                f(&format!("model.layers.{i}.{mlp}.weight"), after_mlp)?;
+            }
             if let Some((q, k)) = layer.self_attn.qk_norm.as_mut() {
                 f(&format!("model.layers.{i}.self_attn.q_norm.weight"), q)?;
                 f(&format!("model.layers.{i}.self_attn.k_norm.weight"), k)?;

@@ -214,6 +214,10 @@ pub struct ModelSection {
     /// `fused` or `plain` kernels (see `candor --help`).
     #[serde(default)]
     pub kernels: crate::model::Kernels,
+    /// A Jinja chat template file for the policy, reference and teacher in place of their own
+    /// (e.g. `templates/gemma3.jinja` for the Gemma 3 base model, which ships none).
+    #[serde(default)]
+    pub chat_template: Option<PathBuf>,
 }
 
 impl Default for ModelSection {

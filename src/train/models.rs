@@ -30,6 +30,8 @@ struct Placement {
     /// bf16 matmuls over f32 master weights (mixed precision), if asked.
     matmul_precision: Option<DType>,
     kernels: crate::model::Kernels,
+    /// `model.chat_template`, for every model the run generates or scores with.
+    chat_template: Option<std::path::PathBuf>,
 }
 
 impl Placement {
@@ -40,11 +42,22 @@ impl Placement {
             DType::BF16 => (DType::F32, Some(DType::BF16)),
             other => (other, None),
         };
-        Ok(Self { device, dtype, matmul_precision, kernels: cfg.model.kernels })
+        Ok(Self {
+            device,
+            dtype,
+            matmul_precision,
+            kernels: cfg.model.kernels,
+            chat_template: cfg.model.chat_template.clone(),
+        })
     }
 
     fn load(&self, spec: &str, what: &str) -> Result<LoadedModel> {
-        load::load_model(spec, self.dtype, &self.device).with_context(|| format!("failed to load {what} `{spec}`"))
+        let mut loaded = load::load_model(spec, self.dtype, &self.device)
+            .with_context(|| format!("failed to load {what} `{spec}`"))?;
+        if let Some(path) = &self.chat_template {
+            load::set_chat_template(&mut loaded, path).context("`model.chat_template`")?;
+        }
+        Ok(loaded)
     }
 
     /// A frozen model on the run's kernels and precision.
