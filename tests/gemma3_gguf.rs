@@ -234,3 +234,27 @@ fn long_text_crosses_the_sliding_window_like_transformers() {
         );
     }
 }
+
+/// `candor export` writes a transformers directory (checked in transformers by
+/// `scripts/check_export_gemma3.py`) that candor loads back to the same logits.
+#[test]
+fn exported_directory_loads_back_to_the_same_logits() {
+    let m = model();
+    let dir = scratch();
+    candor::export::write_hf_dir(
+        dir.path(),
+        &m.model,
+        &m.tokenizer,
+        None,
+        &m.eos_token_ids,
+        DType::F32,
+        candor::export::DEFAULT_MAX_SHARD_BYTES,
+    )
+    .unwrap();
+    let back = candor::load::load_hf_dir(dir.path(), DType::F32, &Device::Cpu).unwrap();
+    assert_eq!(back.model.config(), m.model.config());
+    let prompt = u32s(&reference()["prompts"][0]["prompt_ids"]);
+    assert_eq!(back.tokenizer.encode(reference()["prompts"][0]["prompt"].as_str().unwrap(), true).unwrap(), prompt);
+    assert_eq!(logits_at(&back, &prompt, &[prompt.len() - 1]), logits_at(m, &prompt, &[prompt.len() - 1]));
+    assert_eq!(back.eos_token_ids, [1, 106]);
+}

@@ -653,7 +653,7 @@ impl ModelConfig {
         });
         for (key, value) in [
             ("hidden_activation", serde_json::json!(self.hidden_act.hf_name())),
-            ("query_pre_attn_scalar", serde_json::json!(self.query_pre_attn_scalar.unwrap_or(self.head_dim as f64))),
+            ("query_pre_attn_scalar", whole_number(self.query_pre_attn_scalar.unwrap_or(self.head_dim as f64))),
             ("sliding_window", serde_json::json!(self.sliding_window)),
             ("layer_types", serde_json::json!(layer_types)),
             ("rope_parameters", rope),
@@ -664,6 +664,14 @@ impl ModelConfig {
         ] {
             obj.insert(key.into(), value);
         }
+    }
+}
+
+/// `v` as a JSON integer when it is one (transformers' typed configs refuse `256.0` for an int).
+fn whole_number(v: f64) -> serde_json::Value {
+    match v.fract() == 0.0 && v.abs() < 9e15 {
+        true => serde_json::json!(v as i64),
+        false => serde_json::json!(v),
     }
 }
 
@@ -1175,6 +1183,77 @@ mod tests {
             serde_json::json!({"vocab_size":10,"hidden_size":8,"intermediate_size":16,"num_hidden_layers":1,"num_attention_heads":2})
         );
         assert_eq!(ModelConfig::from_hf_json(&text).unwrap().head_dim, 4);
+    }
+
+    /// Gemma 3 270M's `config.json` keys as transformers 5 writes them.
+    fn gemma3(edit: impl FnOnce(&mut serde_json::Map<String, serde_json::Value>)) -> Result<ModelConfig, ConfigError> {
+        let mut v = serde_json::json!({"model_type":"gemma3_text","vocab_size":262144,"hidden_size":640,
+            "intermediate_size":2048,"num_hidden_layers":18,"num_attention_heads":4,"num_key_value_heads":1,
+            "head_dim":256,"hidden_activation":"gelu_pytorch_tanh","rms_norm_eps":1e-6,"sliding_window":512,
+            "query_pre_attn_scalar":256,"final_logit_softcapping":null,"attn_logit_softcapping":null,
+            "rope_parameters":{"sliding_attention":{"rope_type":"default","rope_theta":10000.0},
+                               "full_attention":{"rope_type":"default","rope_theta":1000000.0}},
+            "layer_types":["sliding_attention","sliding_attention","sliding_attention","sliding_attention",
+                "sliding_attention","full_attention","sliding_attention","sliding_attention","sliding_attention",
+                "sliding_attention","sliding_attention","full_attention","sliding_attention","sliding_attention",
+                "sliding_attention","sliding_attention","sliding_attention","full_attention"]});
+        edit(v.as_object_mut().unwrap());
+        ModelConfig::from_hf_json(&v.to_string())
+    }
+
+    #[test]
+    fn gemma3_reads_layer_types_and_both_rope_bases() {
+        let c = gemma3(|_| {}).unwrap();
+        assert_eq!((c.architecture, c.hidden_act), (Architecture::Gemma3, Activation::GeluPytorchTanh));
+        assert_eq!((c.rope_theta, c.local_rope_theta, c.query_pre_attn_scalar), (1e6, Some(1e4), Some(256.0)));
+        assert_eq!(c.full_attention_layers, [5, 11, 17]);
+        assert!(c.is_sliding(4) && !c.is_sliding(5) && c.is_sliding(6));
+        assert!(c.tie_word_embeddings && c.qk_norm && c.sandwich_norms && c.scale_embeddings);
+        assert_eq!(c.norm_weight_offset, 1.0);
+        let names: Vec<String> = c.expected_layer_tensors(0).into_iter().map(|t| t.name).collect();
+        for norm in
+            ["input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm", "post_feedforward_layernorm"]
+        {
+            assert!(names.contains(&format!("model.layers.0.{norm}.weight")), "{norm}");
+        }
+        // transformers 4.x: one rope_theta, the local base apart, the pattern instead of the list.
+        let old = gemma3(|m| {
+            m.remove("rope_parameters");
+            m.remove("layer_types");
+            m.insert("rope_theta".into(), 1e6.into());
+            m.insert("rope_local_base_freq".into(), 1e4.into());
+            m.insert("sliding_window_pattern".into(), 6.into());
+        })
+        .unwrap();
+        assert_eq!(
+            (old.rope_theta, old.local_rope_theta, old.full_attention_layers.clone()),
+            (1e6, Some(1e4), c.full_attention_layers.clone())
+        );
+        // Export writes what it read.
+        let back = ModelConfig::from_hf_json(&c.to_hf_json().to_string()).unwrap();
+        assert_eq!(back, c);
+    }
+
+    #[test]
+    fn gemma3_refuses_what_it_does_not_compute() {
+        rejects(gemma3(set("final_logit_softcapping", 30.0.into())), "final_logit_softcapping", "only null");
+        rejects(gemma3(set("attn_logit_softcapping", 50.0.into())), "attn_logit_softcapping", "only null");
+        rejects(gemma3(set("hidden_activation", "relu".into())), "hidden_activation", "relu");
+        rejects(
+            gemma3(set("layer_types", serde_json::json!(["full_attention"]))),
+            "layer_types",
+            "one type per layer (18; got 1)",
+        );
+        rejects(
+            gemma3(set(
+                "rope_parameters",
+                serde_json::json!({"sliding_attention": {"rope_type": "default", "rope_theta": -1.0}}),
+            )),
+            "rope_parameters.sliding_attention.rope_theta",
+            "got -1",
+        );
+        let err = gemma3(set("model_type", "gemma3".into())).unwrap_err();
+        assert!(err.to_string().contains("gemma3_text"), "{err}");
     }
 
     #[test]
