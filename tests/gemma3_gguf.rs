@@ -258,3 +258,98 @@ fn exported_directory_loads_back_to_the_same_logits() {
     assert_eq!(logits_at(&back, &prompt, &[prompt.len() - 1]), logits_at(m, &prompt, &[prompt.len() - 1]));
     assert_eq!(back.eos_token_ids, [1, 106]);
 }
+
+/// `candor ARGS` from the repository root, asserting success; its stdout.
+fn run_ok(args: &[&str]) -> String {
+    let o = candor(args);
+    assert!(o.status.success(), "candor {args:?}: {}", String::from_utf8_lossy(&o.stderr));
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// Every command on `--model gemma3-270m`: fetch, generate with the shipped turn format,
+/// logprobs, LoRA SFT with the template from the recipe key, win-rate of the result against
+/// the base model, and export of the adapter and of the merged model.
+#[test]
+fn every_command_runs_on_the_gemma3_preset() {
+    let dir = scratch();
+    let path = |name: &str| dir.path().join(name).to_str().unwrap().to_string();
+    assert_eq!(run_ok(&["fetch", "gemma3-270m"]).trim(), gguf_path().to_str().unwrap());
+    let template = "templates/gemma3.jinja";
+    let out = run_ok(&[
+        "generate",
+        "--model",
+        "gemma3-270m",
+        "--chat-template",
+        template,
+        "--chat",
+        "--prompt",
+        "What is 2 + 3? Answer with one number.",
+        "--max-new-tokens",
+        "6",
+    ]);
+    let greedy = m_greedy_text(&reference()["prompts"][1], 6);
+    assert_eq!(out.trim_end(), greedy.trim_end(), "the chat prompt is the reference's");
+    head_lines("data/sft/train.jsonl", 8, &dir.path().join("sft.jsonl"));
+    head_lines("data/preference/test.jsonl", 3, &dir.path().join("prompts.jsonl"));
+    let logps =
+        run_ok(&["logprobs", "--model", "gemma3-270m", "--chat-template", template, "--data", &path("sft.jsonl")]);
+    let rows: Vec<Value> = logps.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(rows.len(), 8);
+    assert!(rows
+        .iter()
+        .all(|r| r["completion_logps"].as_f64().unwrap() < 0.0 && r["completion_tokens"].as_u64().unwrap() > 3));
+    std::fs::write(
+        dir.path().join("sft.toml"),
+        format!(
+            "[model]\nmodel = \"gemma3-270m\"\nchat_template = \"{template}\"\n[data]\ntrain = \"{}\"\nmax_length = 96\n\
+             [objective]\nname = \"sft\"\n[lora]\nr = 4\n[optim]\nlr = 1e-4\n[run]\noutput = \"{}\"\nbatch_size = 2\nmax_steps = 2\n",
+            path("sft.jsonl"),
+            path("run")
+        ),
+    )
+    .unwrap();
+    candor_train(&["--config", &path("sft.toml")]);
+    let final_dir = path("run/final");
+    assert!(dir.path().join("run/final/adapter_config.json").exists());
+    run_ok(&[
+        "eval",
+        "winrate",
+        "--model",
+        &final_dir,
+        "--baseline",
+        "gemma3-270m",
+        "--chat-template",
+        template,
+        "--prompts",
+        &path("prompts.jsonl"),
+        "--judge",
+        "verifier:auto",
+        "--max-new-tokens",
+        "4",
+        "-o",
+        &path("eval"),
+    ]);
+    let summary: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("eval/summary.json")).unwrap()).unwrap();
+    assert_eq!(
+        (summary["prompts"].as_u64(), summary["overall"]["comparisons"].as_u64()),
+        (Some(3), Some(3)),
+        "{summary}"
+    );
+    run_ok(&["export", "--checkpoint", &final_dir, "--merge-lora", "-o", &path("merged")]);
+    let merged = candor::load::load_hf_dir(&dir.path().join("merged"), DType::F32, &Device::Cpu).unwrap();
+    assert_eq!(merged.model.config().architecture, candor::model::Architecture::Gemma3);
+    assert!(
+        merged.chat_template.as_ref().unwrap().source().contains("<start_of_turn>"),
+        "the template travels with the model"
+    );
+}
+
+/// The text of `n` greedy tokens of the library model after a reference prompt's ids.
+fn m_greedy_text(p: &Value, n: usize) -> String {
+    let m = model();
+    let cfg = SamplingConfig { max_new_tokens: n, ..Default::default() };
+    let gens =
+        generate(&m.model, &[u32s(&p["prompt_ids"])], &m.eos_token_ids, m.tokenizer.pad_id(), &cfg, |_, _| {}).unwrap();
+    candor::generate::completion_text(&m.tokenizer, &gens[0]).unwrap()
+}

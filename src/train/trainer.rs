@@ -411,7 +411,10 @@ pub fn accumulate(
 /// What a checkpoint holds of the model: the PEFT adapter of a LoRA run, else the full model.
 fn write_trainable(dir: &Path, cfg: &TrainConfig, m: &LoadedModel) -> Result<()> {
     match &cfg.lora {
-        Some(lora) => crate::model::lora::save_adapter(dir, lora, &cfg.model.model, &m.model.lora_adapters()),
+        Some(lora) => {
+            crate::model::lora::save_adapter(dir, lora, &cfg.model.model, &m.model.lora_adapters())?;
+            crate::load::save_adapter_chat_template(dir, m.chat_template.as_ref())
+        }
         None => write_policy(dir, m),
     }
 }
