@@ -309,8 +309,10 @@ fn every_command_runs_on_the_gemma3_preset() {
     )
     .unwrap();
     candor_train(&["--config", &path("sft.toml")]);
-    let final_dir = path("run/final");
-    assert!(dir.path().join("run/final/adapter_config.json").exists());
+    // final/ is the merged model, final/adapter/ the PEFT adapter with the run's template.
+    let final_dir = path("run/final/adapter");
+    assert!(dir.path().join("run/final/adapter/adapter_config.json").exists());
+    assert!(dir.path().join("run/final/adapter/chat_template.jinja").exists());
     run_ok(&[
         "eval",
         "winrate",
@@ -331,11 +333,7 @@ fn every_command_runs_on_the_gemma3_preset() {
     ]);
     let summary: Value =
         serde_json::from_str(&std::fs::read_to_string(dir.path().join("eval/summary.json")).unwrap()).unwrap();
-    assert_eq!(
-        (summary["prompts"].as_u64(), summary["overall"]["comparisons"].as_u64()),
-        (Some(3), Some(3)),
-        "{summary}"
-    );
+    assert_eq!((summary["prompts"].as_u64(), summary["comparisons"].as_u64()), (Some(3), Some(3)), "{summary}");
     run_ok(&["export", "--checkpoint", &final_dir, "--merge-lora", "-o", &path("merged")]);
     let merged = candor::load::load_hf_dir(&dir.path().join("merged"), DType::F32, &Device::Cpu).unwrap();
     assert_eq!(merged.model.config().architecture, candor::model::Architecture::Gemma3);
