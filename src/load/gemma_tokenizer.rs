@@ -22,9 +22,11 @@ use tokenizers::{AddedToken, DecoderWrapper, SplitDelimiterBehavior, Tokenizer};
 
 use super::tokenizer::TextTokenizer;
 
-/// SentencePiece's token types (`tokenizer.ggml.token_type`).
-const CONTROL: i64 = 3;
-const USER_DEFINED: i64 = 4;
+/// SentencePiece's token types (`tokenizer.ggml.token_type`): a control token (`<bos>`,
+/// `<start_of_turn>`) and a user-defined one (`\n`, `<table>`).
+pub(super) const CONTROL: i64 = 3;
+/// See [`CONTROL`].
+pub(super) const USER_DEFINED: i64 = 4;
 
 /// The tokenizer part of a GGUF's metadata (`tokenizer.ggml.*`).
 #[derive(Debug, Clone, Default)]
@@ -53,6 +55,12 @@ impl GgufVocab {
     /// The text of token `id`, if the vocabulary has it.
     fn token(&self, id: Option<usize>) -> Option<&str> {
         self.tokens.get(id?).map(String::as_str)
+    }
+
+    /// `tok` with this vocabulary's BOS, EOS and padding tokens.
+    pub(super) fn text_tokenizer(&self, tok: Tokenizer) -> TextTokenizer {
+        let text = |id: Option<usize>| self.token(id).map(str::to_string);
+        TextTokenizer::new(tok, text(self.bos), text(self.eos), text(self.pad))
     }
 }
 
@@ -90,8 +98,11 @@ fn derive_merges(tokens: &[String], vocab: &Vocab) -> Vec<(String, String)> {
 /// The `<bos>`/`<eos>` template transformers' `update_post_processor` builds from
 /// `add_bos_token` and `add_eos_token`; `None` when neither is added.
 fn special_token_template(v: &GgufVocab, path: &Path) -> Result<Option<TemplateProcessing>> {
-    let bos = v.token(v.bos).filter(|_| v.add_bos).map(|t| (t.to_string(), v.bos.unwrap_or(0) as u32));
-    let eos = v.token(v.eos).filter(|_| v.add_eos).map(|t| (t.to_string(), v.eos.unwrap_or(0) as u32));
+    let added = |id: Option<usize>, add: bool| {
+        let id = id.filter(|_| add)?;
+        Some((v.tokens.get(id)?.clone(), id as u32))
+    };
+    let (bos, eos) = (added(v.bos, v.add_bos), added(v.eos, v.add_eos));
     if bos.is_none() && eos.is_none() {
         return Ok(None);
     }
@@ -118,15 +129,15 @@ fn special_token_template(v: &GgufVocab, path: &Path) -> Result<Option<TemplateP
 }
 
 /// Gemma's tokenizer from the GGUF vocabulary of the file at `path` (named in errors).
-pub fn from_gguf(v: &GgufVocab, path: &Path) -> Result<TextTokenizer> {
+pub fn from_gguf(mut v: GgufVocab, path: &Path) -> Result<TextTokenizer> {
     let build_err = |what: &str, e: &dyn std::fmt::Display| anyhow!("{}: cannot build {what}: {e}", path.display());
     let tokens: Vec<String> = v.tokens.iter().map(|t| respell(t)).collect();
     let vocab: Vocab = tokens.iter().enumerate().map(|(i, t)| (t.clone(), i as u32)).collect();
     if vocab.len() != tokens.len() {
         anyhow::bail!("{}: metadata `tokenizer.ggml.tokens` repeats a token", path.display());
     }
-    let merges = match &v.merges {
-        Some(m) => m.clone(),
+    let merges = match v.merges.take() {
+        Some(m) => m,
         None => derive_merges(&tokens, &vocab),
     };
     let mut bpe = BPE::builder().vocab_and_merges(vocab, merges).fuse_unk(true).byte_fallback(true);
@@ -155,9 +166,8 @@ pub fn from_gguf(v: &GgufVocab, path: &Path) -> Result<TextTokenizer> {
         .map(|t| AddedToken::from(t.clone(), false).normalized(false))
         .collect();
     tok.add_tokens(user).map_err(|e| build_err("the user-defined tokens", &e))?;
-    tok.with_post_processor(special_token_template(v, path)?);
-    let text = |id: Option<usize>| v.token(id).map(str::to_string);
-    Ok(TextTokenizer::new(tok, text(v.bos), text(v.eos), text(v.pad)))
+    tok.with_post_processor(special_token_template(&v, path)?);
+    Ok(v.text_tokenizer(tok))
 }
 
 #[cfg(test)]

@@ -23,7 +23,7 @@ use tokenizers::pre_tokenizers::digits::Digits;
 use tokenizers::pre_tokenizers::sequence::Sequence;
 use tokenizers::{AddedToken, PreTokenizerWrapper, Tokenizer};
 
-use super::gemma_tokenizer::GgufVocab;
+use super::gemma_tokenizer::{GgufVocab, CONTROL, USER_DEFINED};
 use super::tokenizer::TextTokenizer;
 use super::{check_weights, TensorHeader, WeightCheck};
 use crate::model::config::{Activation, Architecture, LongRope, ModelConfig};
@@ -269,7 +269,7 @@ pub fn load_gguf_bytes(bytes: &[u8], path: &Path) -> Result<GgufModel> {
         }
     };
     let tokenizer = match architecture {
-        Architecture::Gemma3 => super::gemma_tokenizer::from_gguf(&GgufVocab::read(&meta)?, path)?,
+        Architecture::Gemma3 => super::gemma_tokenizer::from_gguf(GgufVocab::read(&meta)?, path)?,
         _ => gguf_tokenizer(&meta)?,
     };
     let key = |k: &str| format!("{arch_name}.{k}");
@@ -400,19 +400,19 @@ pub fn load_gguf_bytes(bytes: &[u8], path: &Path) -> Result<GgufModel> {
     Ok(GgufModel { config, weights, tokenizer, chat_template })
 }
 
-/// What Gemma 3's GGUF does not state, as transformers and llama.cpp assume it: every sixth
-/// layer global, the others sliding with a local RoPE base of 10 000, an attention scale of
-/// 1/√256, norms scaled by 1 + w, GeGLU, scaled embeddings; and generation also stops at
-/// `<end_of_turn>`, as every Gemma 3 `generation_config.json` says.
+/// Gemma 3's structure, and what its GGUF does not state, taken as transformers and llama.cpp
+/// take it (Gemma3TextConfig's defaults): GeGLU, the pattern of global layers, the local RoPE
+/// base, the attention scale; and generation also stops at `<end_of_turn>`, as every Gemma 3
+/// `generation_config.json` says.
 fn gemma3_switches(config: &mut ModelConfig, tokenizer: &TextTokenizer) {
-    config.norm_weight_offset = 1.0;
-    config.sandwich_norms = true;
+    use crate::model::config::gemma3_defaults as default;
+    config.set_gemma3_structure();
     config.hidden_act = Activation::GeluPytorchTanh;
-    config.scale_embeddings = true;
-    config.query_pre_attn_scalar = Some(256.0);
-    config.local_rope_theta = Some(10_000.0);
-    config.sliding_window = Some(config.sliding_window.unwrap_or(4096));
-    config.full_attention_layers = (0..config.num_hidden_layers).filter(|i| (i + 1) % 6 == 0).collect();
+    config.query_pre_attn_scalar = Some(default::QUERY_PRE_ATTN_SCALAR);
+    config.local_rope_theta = Some(default::LOCAL_ROPE_THETA);
+    config.sliding_window = Some(config.sliding_window.unwrap_or(default::SLIDING_WINDOW));
+    config.full_attention_layers =
+        default::full_attention_layers(config.num_hidden_layers, default::SLIDING_WINDOW_PATTERN);
     if let Some(id) = tokenizer.inner().token_to_id("<end_of_turn>") {
         config.eos_token_ids.push(id);
     }
@@ -744,8 +744,8 @@ fn gguf_tokenizer(meta: &Metadata) -> Result<TextTokenizer> {
     if model != "gpt2" {
         bail!("`{path}`: unsupported GGUF tokenizer `{model}` (supported: gpt2-style byte-level BPE, and Gemma's)");
     }
-    let v = GgufVocab::read(meta)?;
-    let Some(merges) = v.merges.clone() else {
+    let mut v = GgufVocab::read(meta)?;
+    let Some(merges) = v.merges.take() else {
         bail!("{path}: GGUF metadata has no `tokenizer.ggml.merges`");
     };
     let vocab: Vocab = v.tokens.iter().enumerate().map(|(i, t)| (t.clone(), i as u32)).collect();
@@ -768,12 +768,11 @@ fn gguf_tokenizer(meta: &Metadata) -> Result<TextTokenizer> {
         .token_types
         .iter()
         .enumerate()
-        .filter(|(_, &t)| t == 3 || t == 4)
+        .filter(|(_, &t)| t == CONTROL || t == USER_DEFINED)
         .map(|(i, _)| AddedToken::from(v.tokens[i].clone(), true))
         .collect();
     tok.add_special_tokens(special).map_err(|e| anyhow!("`{path}`: cannot add special tokens: {e}"))?;
-    let text = |id: Option<usize>| v.tokens.get(id?).cloned();
-    Ok(TextTokenizer::new(tok, text(v.bos), text(v.eos), text(v.pad)))
+    Ok(v.text_tokenizer(tok))
 }
 
 #[cfg(test)]

@@ -57,6 +57,25 @@ impl Activation {
     }
 }
 
+/// Gemma3TextConfig's defaults, for what a `config.json` or a GGUF file (which states none of
+/// them) leaves out.
+pub mod gemma3_defaults {
+    /// `query_pre_attn_scalar`: attention scores scaled by 1/√256.
+    pub const QUERY_PRE_ATTN_SCALAR: f64 = 256.0;
+    /// `rope_local_base_freq`: the sliding layers' RoPE base.
+    pub const LOCAL_ROPE_THETA: f64 = 10_000.0;
+    /// `sliding_window`.
+    pub const SLIDING_WINDOW: usize = 4096;
+    /// `sliding_window_pattern`: every sixth layer attends globally.
+    pub const SLIDING_WINDOW_PATTERN: usize = 6;
+
+    /// The global layers of `layers` under `pattern` (transformers' `layer_types`: layer i is
+    /// global when i + 1 is a multiple of the pattern).
+    pub fn full_attention_layers(layers: usize, pattern: usize) -> Vec<usize> {
+        (0..layers).filter(|i| (i + 1) % pattern == 0).collect()
+    }
+}
+
 /// transformers' names of one decoder block's norms, without `model.layers.{i}.` and `.weight`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BlockNormNames {
@@ -445,6 +464,15 @@ impl ModelConfig {
         Ok(())
     }
 
+    /// What every Gemma 3 is, whatever its sizes: RMSNorms scaled by 1 + w, on each q and k
+    /// head too, norms around both sublayers, embeddings scaled by √hidden.
+    pub fn set_gemma3_structure(&mut self) {
+        self.norm_weight_offset = 1.0;
+        self.sandwich_norms = true;
+        self.qk_norm = true;
+        self.scale_embeddings = true;
+    }
+
     /// Whether decoder layer `i` attends through the sliding window.
     pub fn is_sliding(&self, i: usize) -> bool {
         self.sliding_window.is_some() && i >= self.first_sliding_layer && !self.full_attention_layers.contains(&i)
@@ -780,7 +808,7 @@ impl RawConfig {
         };
         let sliding_window = match architecture {
             Architecture::Mistral | Architecture::Phi3 => self.sliding_window,
-            Architecture::Gemma3 => Some(self.sliding_window.unwrap_or(4096)),
+            Architecture::Gemma3 => Some(self.sliding_window.unwrap_or(gemma3_defaults::SLIDING_WINDOW)),
             Architecture::Qwen2 | Architecture::Qwen3 if self.use_sliding_window == Some(true) => self.sliding_window,
             _ => None,
         };
@@ -798,7 +826,7 @@ impl RawConfig {
         let is_classifier = self.architectures.iter().any(|a| a.ends_with("ForSequenceClassification"));
         let num_labels =
             is_classifier.then(|| self.num_labels.or(self.id2label.as_ref().map(|m| m.len())).unwrap_or(2));
-        let config = ModelConfig {
+        let mut config = ModelConfig {
             architecture,
             vocab_size,
             hidden_size,
@@ -819,15 +847,16 @@ impl RawConfig {
             qkv_bias: architecture == Architecture::Qwen2 || attention_bias,
             o_bias: architecture == Architecture::Llama && attention_bias,
             mlp_bias: architecture == Architecture::Llama && self.mlp_bias.unwrap_or(false),
-            qk_norm: matches!(architecture, Architecture::Qwen3 | Architecture::Gemma3),
+            qk_norm: architecture == Architecture::Qwen3,
             tie_word_embeddings: self
                 .tie_word_embeddings
                 .unwrap_or(matches!(architecture, Architecture::Llama | Architecture::Gemma3)),
-            norm_weight_offset: if gemma { 1.0 } else { 0.0 },
-            sandwich_norms: gemma,
+            norm_weight_offset: 0.0,
+            sandwich_norms: false,
             hidden_act,
-            scale_embeddings: gemma,
-            query_pre_attn_scalar: gemma.then(|| self.query_pre_attn_scalar.unwrap_or(256.0)),
+            scale_embeddings: false,
+            query_pre_attn_scalar: gemma
+                .then(|| self.query_pre_attn_scalar.unwrap_or(gemma3_defaults::QUERY_PRE_ATTN_SCALAR)),
             local_rope_theta,
             full_attention_layers: match gemma {
                 true => self.full_attention_layers(num_hidden_layers)?,
@@ -838,6 +867,9 @@ impl RawConfig {
             eos_token_ids,
             num_labels,
         };
+        if gemma {
+            config.set_gemma3_structure();
+        }
         config.validate()?;
         Ok(config)
     }
@@ -881,11 +913,14 @@ impl RawConfig {
     /// `sliding_window_pattern`-th layer (default 6), as transformers derives them.
     fn full_attention_layers(&self, layers: usize) -> Result<Vec<usize>, ConfigError> {
         let Some(types) = &self.layer_types else {
-            let pattern = self.sliding_window_pattern.or(self.private_sliding_window_pattern).unwrap_or(6);
+            let pattern = self
+                .sliding_window_pattern
+                .or(self.private_sliding_window_pattern)
+                .unwrap_or(gemma3_defaults::SLIDING_WINDOW_PATTERN);
             if pattern == 0 {
                 return Err(ConfigError::invalid("sliding_window_pattern", "must be positive (got 0)"));
             }
-            return Ok((0..layers).filter(|i| (i + 1) % pattern == 0).collect());
+            return Ok(gemma3_defaults::full_attention_layers(layers, pattern));
         };
         if types.len() != layers {
             return Err(ConfigError::invalid(
@@ -921,7 +956,7 @@ fn local_rope_theta(local: Option<&serde_json::Value>, legacy: Option<f64>) -> R
         });
     }
     let theta = match local.and_then(|l| l.get("rope_theta")) {
-        None | Some(serde_json::Value::Null) => legacy.unwrap_or(10_000.0),
+        None | Some(serde_json::Value::Null) => legacy.unwrap_or(gemma3_defaults::LOCAL_ROPE_THETA),
         Some(v) => v.as_f64().ok_or_else(|| {
             ConfigError::invalid(&format!("{field}.rope_theta"), format!("must be a number (got {})", json_kind(v)))
         })?,
