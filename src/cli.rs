@@ -37,6 +37,13 @@ pub struct GlobalArgs {
     /// ships none. Judges keep theirs.
     #[arg(long, global = true, value_name = "FILE", help_heading = "Global options")]
     pub chat_template: Option<PathBuf>,
+    /// Keep frozen models (generation, scoring, judges, a run's reference and teacher) and a
+    /// LoRA run's base quantized to this type at load, like `load_in_4bit`: q4_0, q4_1, q5_0,
+    /// q8_0, q4_k, q5_k, q6_k, bf16 or f16 (f32: every weight dense, dequantized). Products
+    /// dequantize a tile at a time; nothing trained is quantized. Without it, frozen models keep
+    /// the blocks their file stores (a GGUF's quantization, bf16 safetensors).
+    #[arg(long, global = true, value_name = "KIND", value_parser = crate::model::packed::parse_base_quant, help_heading = "Global options")]
+    pub base_quant: Option<candle::quantized::GgmlDType>,
     /// Log more (repeat for more detail); `RUST_LOG` overrides.
     #[arg(short, long, global = true, action = clap::ArgAction::Count, help_heading = "Global options")]
     pub verbose: u8,
@@ -319,6 +326,11 @@ pub struct BenchGenerateArgs {
     /// Sample at this temperature (the on-policy sampler's regime) instead of greedy decoding.
     #[arg(long, default_value_t = 0.0)]
     pub temperature: f64,
+    /// A published model's shape with random weights instead of `--model` (see
+    /// `configs/shapes/`: qwen2.5-0.5b, qwen2.5-1.5b, llama-3.2-1b, llama-3.2-3b, llama-3.1-8b);
+    /// prompts are `--prompt-tokens` random ids (default 32).
+    #[arg(long, value_name = "NAME")]
+    pub shape: Option<String>,
     /// Print one JSON object instead of text.
     #[arg(long)]
     pub json: bool,
@@ -704,9 +716,17 @@ pub struct BenchTrainArgs {
     /// Timed steps after one warm-up step (the median is reported).
     #[arg(long, default_value_t = 3)]
     pub steps: usize,
-    /// Train LoRA adapters of this rank (on q_proj and v_proj) instead of every weight.
+    /// Train LoRA adapters of this rank instead of every weight; the base is frozen and kept as
+    /// `--base-quant` says (as stored when not given).
     #[arg(long)]
     pub lora_r: Option<usize>,
+    /// Modules that get adapters, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "q_proj,v_proj")]
+    pub lora_targets: Vec<String>,
+    /// A published model's shape with random weights instead of `--model` (see
+    /// `configs/shapes/`: qwen2.5-0.5b, qwen2.5-1.5b, llama-3.2-1b, llama-3.2-3b, llama-3.1-8b).
+    #[arg(long, value_name = "NAME")]
+    pub shape: Option<String>,
     /// Recompute each decoder block in the backward instead of keeping its activations.
     #[arg(long)]
     pub gradient_checkpointing: bool,

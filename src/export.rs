@@ -33,7 +33,7 @@ pub fn write_hf_dir(
     hf_config["torch_dtype"] = json!(dtype_name(dtype));
     write_json(&dir.join("config.json"), &hf_config)?;
     let weights: Vec<(String, Tensor)> = model
-        .named_weights()
+        .named_weights()?
         .into_iter()
         .map(|(n, t)| Ok((n, t.detach().to_dtype(dtype)?.to_device(&candle::Device::Cpu)?)))
         .collect::<Result<_>>()?;

@@ -48,7 +48,7 @@ fn dequantized_weights_match_transformers() {
     let g = gguf::load_gguf(&gguf_path()).unwrap();
     for w in reference()["weights"].as_array().unwrap() {
         let name = w["hf_name"].as_str().unwrap();
-        let t = &g.weights[name];
+        let t = &g.weights.dequantized(name).unwrap();
         assert_eq!(
             t.dims().iter().map(|&d| d as u64).collect::<Vec<_>>(),
             u32s(&w["hf_shape"]).iter().map(|&d| d as u64).collect::<Vec<_>>(),

@@ -374,7 +374,8 @@ fn anchored_bf16_rounding_ignores_updates_below_half_a_bf16_step() {
             .visit_linears_mut(&mut |_, _, lin| {
                 // A 1e-6 relative nudge of the projections: far below bf16's 2^-8 spacing, yet
                 // it crosses some rounding boundaries.
-                lin.weight = (&lin.weight * (1.0 + 1e-6))?;
+                let w = lin.weight.dense().expect("a checkpoint's projections are dense");
+                lin.weight = candor::model::ProjectionWeight::Dense((w * (1.0 + 1e-6))?);
                 Ok(())
             })
             .unwrap();

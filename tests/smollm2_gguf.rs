@@ -37,14 +37,26 @@ fn dequantized_weights_match_transformers_in_raw_and_hf_order() {
     let g = gguf::load_gguf(&gguf_path()).unwrap();
     let w = &g.weights;
     let row = |name: &str, r: usize| -> Vec<f64> {
-        w[name].get(r).unwrap().narrow(0, 0, 8).unwrap().to_vec1::<f32>().unwrap().iter().map(|&v| v as f64).collect()
+        w.dequantized(name)
+            .unwrap()
+            .get(r)
+            .unwrap()
+            .narrow(0, 0, 8)
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()
+            .iter()
+            .map(|&v| v as f64)
+            .collect()
     };
     let q = "model.layers.0.self_attn.q_proj.weight";
     assert_close("q_proj row 0", &row(q, 0), &f64s(&exp["hf_q_proj_l0_row0_first8"]), 1e-6);
     assert_close("q_proj row 1", &row(q, 1), &f64s(&exp["hf_q_proj_l0_row1_first8"]), 1e-6);
     // Raw llama.cpp order: HF row 2 of a head of width 64 is raw row 1 (rows interleave).
     assert_close("raw row 1 = HF row 32", &row(q, 32), &f64s(&exp["gguf_attn_q_l0_row1_first8_raw_order"]), 1e-6);
-    let sum = |name: &str| w[name].to_dtype(DType::F64).unwrap().sum_all().unwrap().to_scalar::<f64>().unwrap();
+    let sum = |name: &str| {
+        w.dequantized(name).unwrap().to_dtype(DType::F64).unwrap().sum_all().unwrap().to_scalar::<f64>().unwrap()
+    };
     assert!((sum(q) - exp["hf_q_proj_l0_sum"].as_f64().unwrap()).abs() < 1e-3);
     assert!((sum("model.layers.0.self_attn.k_proj.weight") - exp["hf_k_proj_l0_sum"].as_f64().unwrap()).abs() < 1e-3);
     assert!((sum("model.embed_tokens.weight") - exp["hf_embed_sum"].as_f64().unwrap()).abs() < 1e-2);

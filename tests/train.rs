@@ -594,7 +594,7 @@ fn a_diverging_run_stops_before_the_bad_update_and_keeps_the_last_good_checkpoin
     assert!(err.contains("stopping before the update") && err.contains("Last good checkpoint: step 1"), "{err}");
     // The checkpoint it names has finite weights that still load.
     let m = candor::load::load_hf_dir(&run.join("checkpoints/step-1"), DType::F32, &Device::Cpu).unwrap();
-    for (name, t) in m.model.named_weights() {
+    for (name, t) in m.model.named_weights().unwrap() {
         let max = t.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
         assert!(max.is_finite(), "`{name}` is not finite");
     }

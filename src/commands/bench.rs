@@ -72,6 +72,9 @@ fn train_bench(args: &BenchTrainArgs, global: &GlobalArgs) -> Result<()> {
         "batch_size": args.batch_size,
         "seq_len": args.seq_len,
         "lora_r": args.lora_r,
+        "lora_targets": args.lora_r.map(|_| args.lora_targets.clone()),
+        "base_quant": global.base_quant.map(crate::model::packed::kind_name),
+        "packed_weight_bytes": run.policy.packed_bytes(),
         "kernels": global.kernels.to_string(),
         "gradient_checkpointing": args.gradient_checkpointing,
         "steps_timed": times.len(),
@@ -119,27 +122,45 @@ impl BenchRun {
         if mixed {
             load.dtype = candle::DType::F32;
         }
-        let mut loaded = load.load(&args.model.model)?;
-        loaded.model.set_matmul_precision(mixed.then_some(candle::DType::BF16));
-        let reference = objective.needs_reference().then(|| loaded.model.clone());
-        let teacher = objective.needs_teacher().then(|| loaded.model.frozen_view());
-        let mut policy = loaded.model.clone();
+        // Adapters train over a frozen base, packed as `--base-quant` says; every weight
+        // trains dense.
+        let packing = match args.lora_r {
+            Some(_) => crate::model::Packing::frozen(global.base_quant),
+            None => crate::model::Packing::Dense,
+        };
+        let (mut base, origin) = match &args.shape {
+            Some(name) => (load::shapes::random_model(name, packing, 0)?, format!("{name} (random weights)")),
+            None => {
+                let loaded = load.with_packing(packing).load(&args.model.model)?;
+                (loaded.model, loaded.origin)
+            }
+        };
+        base.set_matmul_precision(mixed.then_some(candle::DType::BF16));
+        let reference = objective.needs_reference().then(|| base.clone());
+        let teacher = objective.needs_teacher().then(|| base.frozen_view());
+        let mut policy = base;
         if objective.data_need() == DataNeed::ScoredPairs {
             policy.add_score_head(1, 0, 0)?;
         }
         policy.set_gradient_checkpointing(args.gradient_checkpointing);
-        let params: usize = policy.named_weights().iter().map(|(_, t)| t.elem_count()).sum();
+        let params = policy.parameter_count();
         let vars = match args.lora_r {
             Some(r) => {
-                policy
-                    .add_lora(&crate::model::lora::LoraConfig { r, alpha: 2.0 * r as f64, ..Default::default() }, 0)?;
+                let lora = crate::model::lora::LoraConfig {
+                    r,
+                    alpha: 2.0 * r as f64,
+                    targets: args.lora_targets.clone(),
+                    ..Default::default()
+                };
+                lora.validate()?;
+                policy.add_lora(&lora, 0)?;
                 policy.make_lora_trainable()?
             }
             None => policy.make_trainable()?,
         };
         let mut opt = AdamW::new(vars, AdamWConfig::default())?;
         opt.set_kernels(global.kernels);
-        Ok(Self { policy, reference, teacher, opt, params, origin: loaded.origin })
+        Ok(Self { policy, reference, teacher, opt, params, origin })
     }
 
     /// One optimizer step on `micro`.
@@ -249,14 +270,19 @@ fn bench_prompts(
 }
 
 /// Generate for `prompts` at once and time it: throughput with the prefill, and decode alone.
-fn time_generation(loaded: &LoadedModel, prompts: &[Vec<u32>], cfg: &SamplingConfig) -> Result<serde_json::Value> {
+fn time_generation(
+    model: &CausalLm,
+    pad: u32,
+    prompts: &[Vec<u32>],
+    cfg: &SamplingConfig,
+) -> Result<serde_json::Value> {
     let batch = prompts.len();
     let start = Instant::now();
     // The first token of every row comes from the prefill; the rest are decode steps.
     let mut first_token_at: Option<Instant> = None;
     let mut calls = 0usize;
     // No stop tokens: every row generates exactly `max_new_tokens`.
-    let gens = generate(&loaded.model, prompts, &[], loaded.tokenizer.pad_id(), cfg, |_, _| {
+    let gens = generate(model, prompts, &[], pad, cfg, |_, _| {
         calls += 1;
         if calls == batch {
             first_token_at = Some(Instant::now());
@@ -298,7 +324,7 @@ fn load_bench(args: &BenchLoadArgs, global: &GlobalArgs) -> Result<()> {
         let start = Instant::now();
         let loaded = super::load_model(&spec, global)?;
         best = best.min(start.elapsed().as_secs_f64());
-        params = loaded.model.named_weights().iter().map(|(_, t)| t.elem_count()).sum();
+        params = loaded.model.parameter_count();
     }
     let report = json!({
         "bench": "load",
@@ -321,8 +347,24 @@ fn load_bench(args: &BenchLoadArgs, global: &GlobalArgs) -> Result<()> {
 const FIXED_TEXT: &str = "The river runs past the old mill, under the stone bridge and through the quiet town, where the baker opens his shop before dawn and the children walk to school along the water. ";
 
 fn generate_bench(args: &BenchGenerateArgs, global: &GlobalArgs) -> Result<()> {
-    let loaded = super::load_model(&args.model.model, global)?;
-    let ids = bench_prompts(&loaded, args.prompt_tokens)?;
+    let rows = args.batch_size.max(1);
+    let (model, origin, pad, prompts) = match &args.shape {
+        Some(name) => {
+            let model = load::shapes::random_model(name, crate::model::Packing::frozen(global.base_quant), 0)?;
+            let vocab = model.config().vocab_size as u32;
+            let n = args.prompt_tokens.unwrap_or(32);
+            let prompts =
+                (0..rows).map(|r| (0..n).map(|i| (r as u32 * 7919 + i as u32 * 104_729) % vocab).collect()).collect();
+            (model, format!("{name} (random weights)"), 0, prompts)
+        }
+        None => {
+            let loaded = super::load_model(&args.model.model, global)?;
+            let ids = bench_prompts(&loaded, args.prompt_tokens)?;
+            let prompts: Vec<Vec<u32>> = (0..rows).map(ids).collect::<Result<_>>()?;
+            let pad = loaded.tokenizer.pad_id();
+            (loaded.model, loaded.origin, pad, prompts)
+        }
+    };
     let cfg = SamplingConfig {
         max_new_tokens: args.max_new_tokens,
         temperature: args.temperature,
@@ -334,21 +376,21 @@ fn generate_bench(args: &BenchGenerateArgs, global: &GlobalArgs) -> Result<()> {
     } else {
         "greedy".to_string()
     };
-    let pad = loaded.tokenizer.pad_id();
     // Warm-up (page in weights, size allocator pools).
-    generate(&loaded.model, &[ids(0)?], &[], pad, &SamplingConfig { max_new_tokens: 4, ..cfg }, |_, _| {})?;
+    generate(&model, &prompts[..1], &[], pad, &SamplingConfig { max_new_tokens: 4, ..cfg }, |_, _| {})?;
     let mut results = Vec::new();
     let mut sizes = vec![1];
     if args.batch_size > 1 {
         sizes.push(args.batch_size);
     }
     for &batch in &sizes {
-        let batch_prompts: Vec<Vec<u32>> = (0..batch).map(&ids).collect::<Result<_>>()?;
-        results.push(time_generation(&loaded, &batch_prompts, &cfg)?);
+        results.push(time_generation(&model, pad, &prompts[..batch], &cfg)?);
     }
     let report = json!({
         "bench": "generate",
-        "model": loaded.origin,
+        "model": origin,
+        "base_quant": global.base_quant.map(crate::model::packed::kind_name),
+        "packed_weight_bytes": model.packed_bytes(),
         "device": global.device,
         "dtype": global.dtype,
         "max_new_tokens": args.max_new_tokens,
@@ -361,7 +403,7 @@ fn generate_bench(args: &BenchGenerateArgs, global: &GlobalArgs) -> Result<()> {
     } else {
         println!(
             "generate {} ({}, {}), {decoding}, {} new tokens per prompt:",
-            loaded.origin, global.device, global.dtype, args.max_new_tokens
+            origin, global.device, global.dtype, args.max_new_tokens
         );
         for r in &results {
             println!(

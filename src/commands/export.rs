@@ -33,8 +33,19 @@ pub fn run(args: &ExportArgs, global: &GlobalArgs) -> Result<()> {
         // An adapter stays an adapter (PEFT's files), unless asked to merge.
         let saved = crate::model::lora::load_adapter(Path::new(&spec))?;
         crate::model::lora::save_adapter(&tmp, &saved.config, &saved.base_model, &adapters)?;
+        let base = Path::new(&spec).join(load::ADAPTER_BASE_QUANT);
+        if base.exists() {
+            std::fs::copy(&base, tmp.join(load::ADAPTER_BASE_QUANT))?;
+        }
         load::save_adapter_chat_template(&tmp, m.chat_template.as_ref())?;
     } else {
+        if Path::new(&spec).join(load::ADAPTER_BASE_QUANT).exists() {
+            eprintln!(
+                "candor: the adapter was trained over a quantized base (`{}`): merged into that base dequantized, written in {}; merging back into quantized weights would round the update away (PEFT warns the same)",
+                load::ADAPTER_BASE_QUANT,
+                global.dtype
+            );
+        }
         m.model.merge_lora()?;
         crate::export::write_hf_dir(
             &tmp,

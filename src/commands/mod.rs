@@ -43,9 +43,11 @@ pub fn device_and_dtype(global: &GlobalArgs) -> Result<(Device, DType)> {
     Ok((load::parse_device(&global.device)?, load::parse_dtype(&global.dtype)?))
 }
 
-/// The global flags' device, dtype and kernels, for everything a command loads.
+/// The global flags' device, dtype, kernels and frozen weights' packing, for everything a
+/// command loads (the models a command runs are frozen).
 pub fn load_options(global: &GlobalArgs) -> Result<LoadOptions> {
-    LoadOptions::parse(&global.device, &global.dtype, global.kernels)
+    let options = LoadOptions::parse(&global.device, &global.dtype, global.kernels)?;
+    Ok(options.with_packing(crate::model::Packing::frozen(global.base_quant)))
 }
 
 /// Load `--model` with the global device and dtype, and `--chat-template` when given.

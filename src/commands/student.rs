@@ -38,7 +38,7 @@ fn init(args: &StudentInitArgs, global: &GlobalArgs) -> Result<()> {
         std::fs::remove_dir_all(&args.output).with_context(|| format!("cannot replace `{}`", args.output.display()))?;
     }
     std::fs::rename(&tmp, &args.output)?;
-    let params: usize = m.model.named_weights().iter().map(|(_, t)| t.elem_count()).sum();
+    let params = m.model.parameter_count();
     eprintln!("candor: kept layers {keep:?} of {total} ({:.1}M parameters)", params as f64 / 1e6);
     println!("{}", args.output.display());
     Ok(())

@@ -45,7 +45,7 @@ pub fn resolve(args: &TrainArgs, global: &GlobalArgs) -> Result<TrainConfig> {
 
 /// `--device`, `--dtype` and `--kernels` as settings: all of them without a recipe, with one
 /// only those not at their command-line defaults (the recipe's own win over the defaults);
-/// `--chat-template` whenever it is given.
+/// `--chat-template` and `--base-quant` whenever they are given.
 fn global_settings(global: &GlobalArgs, recipe: bool) -> Vec<(String, toml::Value)> {
     let default_kernels = crate::model::Kernels::default().to_string();
     [
@@ -61,6 +61,11 @@ fn global_settings(global: &GlobalArgs, recipe: bool) -> Vec<(String, toml::Valu
             .chat_template
             .iter()
             .map(|p| ("model.chat_template".to_string(), toml::Value::String(p.display().to_string()))),
+    )
+    .chain(
+        global.base_quant.map(|k| {
+            ("model.base_quant".to_string(), toml::Value::String(crate::model::packed::kind_name(k).to_string()))
+        }),
     )
     .collect()
 }

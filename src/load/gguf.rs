@@ -1,5 +1,6 @@
-//! GGUF files (llama.cpp's format): weights dequantized to f32 in transformers' layout, the
-//! model config, the tokenizer and the chat template, all from the file's metadata.
+//! GGUF files (llama.cpp's format): weights in transformers' layout, kept in their stored blocks
+//! until the model asks for them dequantized to f32 or packed (see [`GgufWeights`]), the model
+//! config, the tokenizer and the chat template, all from the file's metadata.
 //!
 //! What transformers' GGUF loader does, and so what this reproduces:
 //! - tensor names map from llama.cpp's (`blk.0.attn_q.weight`) to transformers'
@@ -14,7 +15,7 @@ use std::path::Path;
 
 use anyhow::{anyhow, bail, Context, Result};
 use candle::quantized::gguf_file::{Content, TensorInfo, Value, VersionedMagic};
-use candle::quantized::GgmlDType;
+use candle::quantized::{GgmlDType, QTensor};
 use candle::{Device, Tensor};
 use rayon::prelude::*;
 use tokenizers::models::bpe::{Vocab, BPE};
@@ -27,13 +28,14 @@ use super::gemma_tokenizer::{GgufVocab, CONTROL, USER_DEFINED};
 use super::tokenizer::TextTokenizer;
 use super::{check_weights, TensorHeader, WeightCheck};
 use crate::model::config::{Activation, Architecture, LongRope, ModelConfig};
+use crate::model::packed::PackedWeight;
 
 /// Everything a GGUF file holds, ready to build a model from.
 pub struct GgufModel {
     /// The model configuration from the `{arch}.*` metadata.
     pub config: ModelConfig,
-    /// Dequantized f32 weights under transformers' names.
-    pub weights: HashMap<String, Tensor>,
+    /// The weights as stored, under transformers' names.
+    pub weights: GgufWeights,
     /// The tokenizer from the `tokenizer.ggml.*` metadata.
     pub tokenizer: TextTokenizer,
     /// `tokenizer.chat_template`, if present.
@@ -241,10 +243,76 @@ pub fn unpermute_rope_rows(w: &Tensor, heads: usize) -> candle::Result<Tensor> {
     w.reshape((heads, rows / heads / 2, 2, rest))?.transpose(1, 2)?.contiguous()?.reshape(shape)
 }
 
-/// Read and dequantize a GGUF file.
+/// The tensors of a GGUF file as stored (quantized blocks stay quantized) under transformers'
+/// names, with llama.cpp's q/k row permutation already undone: a model takes each either
+/// dequantized to f32 ([`WeightSource::get`]) or packed ([`WeightSource::packed`]).
+pub struct GgufWeights {
+    tensors: HashMap<String, QTensor>,
+    /// What llama.cpp added to every norm weight (Gemma's 1), taken off when dequantized.
+    norm_offset: f64,
+}
+
+impl GgufWeights {
+    /// Tensor `name` (a transformers name) dequantized to f32.
+    pub fn dequantized(&self, name: &str) -> candle::Result<Tensor> {
+        let q = self.tensors.get(name).ok_or_else(|| candle::Error::Msg(format!("missing weight `{name}`")))?;
+        let w = q.dequantize(&Device::Cpu)?;
+        match self.norm_offset != 0.0 && name.ends_with("norm.weight") {
+            true => w - self.norm_offset,
+            false => Ok(w),
+        }
+    }
+
+    /// The GGUF type tensor `name` is stored in.
+    pub fn stored_kind(&self, name: &str) -> Option<GgmlDType> {
+        self.tensors.get(name).map(|q| q.dtype())
+    }
+
+    /// Whether tensor `name` is there.
+    pub fn contains_key(&self, name: &str) -> bool {
+        self.tensors.contains_key(name)
+    }
+}
+
+impl crate::model::WeightSource for GgufWeights {
+    fn get(&mut self, name: &str) -> candle::Result<Tensor> {
+        let w = self.dequantized(name)?;
+        self.tensors.remove(name);
+        Ok(w)
+    }
+
+    fn contains(&self, name: &str) -> bool {
+        self.tensors.contains_key(name)
+    }
+
+    fn packed(&mut self, name: &str, kind: Option<GgmlDType>) -> candle::Result<Option<PackedWeight>> {
+        let stored = self.stored_kind(name);
+        let wanted = match (stored, kind) {
+            (None | Some(GgmlDType::F32), _) => false,
+            (Some(s), Some(k)) => s == k,
+            (Some(_), None) => true,
+        };
+        match wanted {
+            true => PackedWeight::new(self.tensors.remove(name).expect("checked above")).map(Some),
+            false => Ok(None),
+        }
+    }
+}
+
+/// Read a GGUF file (memory-mapped: each tensor is copied out once, in its stored blocks).
 pub fn load_gguf(path: &Path) -> Result<GgufModel> {
-    let bytes = std::fs::read(path).with_context(|| format!("failed to read `{}`", path.display()))?;
-    load_gguf_bytes(&bytes, path)
+    let file = std::fs::File::open(path).with_context(|| format!("failed to read `{}`", path.display()))?;
+    // SAFETY: the file is only read; like every mmap-based loader, this relies on nobody
+    // truncating it while the model loads.
+    let mapped = unsafe { memmap2::Mmap::map(&file) }.with_context(|| format!("failed to map `{}`", path.display()))?;
+    load_gguf_bytes(&mapped, path)
+}
+
+/// The row order that undoes llama.cpp's q/k permutation for `heads` heads of `rows / heads`
+/// rows each: transformers' row `(h, half, i)` is the file's row `(h, i, half)`.
+fn unpermuted_row_order(rows: usize, heads: usize) -> Vec<usize> {
+    let d = rows / heads;
+    (0..heads).flat_map(|h| (0..2).flat_map(move |half| (0..d / 2).map(move |i| h * d + 2 * i + half))).collect()
 }
 
 /// [`load_gguf`] on the bytes of a file already read; `path` names it in errors. The header
@@ -379,23 +447,29 @@ pub fn load_gguf_bytes(bytes: &[u8], path: &Path) -> Result<GgufModel> {
         .keys()
         .filter_map(|n| hf_tensor_name(n, architecture).filter(|hf| used.contains(hf)).map(|hf| (n, hf)))
         .collect();
-    let weights = names
+    let tensors = names
         .par_iter()
-        .map(|(gguf_name, hf_name)| -> Result<(String, Tensor)> {
+        .map(|(gguf_name, hf_name)| -> Result<(String, QTensor)> {
             let tensor_err = |e: candle::Error| anyhow!("{}: tensor `{gguf_name}`: {e}", path.display());
             let q = content.tensor(&mut Cursor::new(bytes), gguf_name, &Device::Cpu).map_err(tensor_err)?;
-            let mut w = q.dequantize(&Device::Cpu).map_err(tensor_err)?;
-            if permuted && gguf_name.contains("attn_q.") {
-                w = unpermute_rope_rows(&w, heads).map_err(tensor_err)?;
-            } else if permuted && gguf_name.contains("attn_k.") {
-                w = unpermute_rope_rows(&w, kv_heads).map_err(tensor_err)?;
-            } else if config.norm_weight_offset != 0.0 && gguf_name.ends_with("norm.weight") {
-                // llama.cpp stores Gemma's norms as offset + w; transformers subtracts it.
-                w = (w - config.norm_weight_offset).map_err(tensor_err)?;
+            let heads = match (permuted, gguf_name.contains("attn_q."), gguf_name.contains("attn_k.")) {
+                (true, true, _) => heads,
+                (true, _, true) => kv_heads,
+                _ => return Ok((hf_name.clone(), q)),
+            };
+            let q = match q.shape().rank() {
+                2 => crate::model::packed::gather_rows(&q, &unpermuted_row_order(q.shape().dims()[0], heads)),
+                _ => q
+                    .dequantize(&Device::Cpu)
+                    .and_then(|w| unpermute_rope_rows(&w, heads))
+                    .and_then(|w| QTensor::quantize(&w, GgmlDType::F32)),
             }
-            Ok((hf_name.clone(), w))
+            .map_err(tensor_err)?;
+            Ok((hf_name.clone(), q))
         })
         .collect::<Result<HashMap<_, _>>>()?;
+    // llama.cpp stores Gemma's norms as offset + w; transformers subtracts it.
+    let weights = GgufWeights { tensors, norm_offset: config.norm_weight_offset };
     let chat_template = meta.opt_str("tokenizer.chat_template").map(str::to_string);
     Ok(GgufModel { config, weights, tokenizer, chat_template })
 }

@@ -6,10 +6,12 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, bail, Context, Result};
+use candle::quantized::GgmlDType;
 use candle::safetensors::MmapedSafetensors;
 use candle::{Device, Tensor};
 
 use super::TensorHeader;
+use crate::model::packed::PackedWeight;
 use crate::model::WeightSource;
 
 /// Memory-mapped safetensors files, read by tensor name.
@@ -90,6 +92,22 @@ impl WeightSource for SafetensorsWeights {
 
     fn contains(&self, name: &str) -> bool {
         self.index.contains_key(name)
+    }
+
+    /// bf16 and f16 weights as stored, when that is what `kind` asks (or any kind).
+    fn packed(&mut self, name: &str, kind: Option<GgmlDType>) -> candle::Result<Option<PackedWeight>> {
+        let Some(&i) = self.index.get(name) else {
+            return Ok(None);
+        };
+        let stored = match self.files[i].1.get(name).map(|view| view.dtype()) {
+            Ok(safetensors::Dtype::BF16) => GgmlDType::BF16,
+            Ok(safetensors::Dtype::F16) => GgmlDType::F16,
+            _ => return Ok(None),
+        };
+        if kind.is_some_and(|k| k != stored) {
+            return Ok(None);
+        }
+        PackedWeight::quantize(&self.get(name)?, stored).map(Some)
     }
 }
 

@@ -7,6 +7,7 @@ pub mod gemma_tokenizer;
 pub mod gguf;
 pub mod hf_dir;
 pub mod hub;
+pub mod shapes;
 pub mod tokenizer;
 
 use std::path::{Path, PathBuf};
@@ -17,7 +18,7 @@ use candle::{DType, Device};
 pub use chat_template::{ChatTemplate, Message};
 pub use tokenizer::TextTokenizer;
 
-use crate::model::{CausalLm, ModelConfig};
+use crate::model::{CausalLm, ModelConfig, Packing};
 
 /// Where `--model` points.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -96,18 +97,26 @@ pub struct LoadOptions {
     pub dtype: DType,
     /// Fused or plain kernels.
     pub kernels: crate::model::Kernels,
+    /// How the projections are kept: dense (trainable), or packed as stored or quantized at
+    /// load (frozen models; the base of a LoRA run).
+    pub packing: Packing,
 }
 
 impl LoadOptions {
     /// Options from the names `--device` and `--dtype` accept.
     pub fn parse(device: &str, dtype: &str, kernels: crate::model::Kernels) -> Result<Self> {
-        Ok(Self { device: parse_device(device)?, dtype: parse_dtype(dtype)?, kernels })
+        Ok(Self { device: parse_device(device)?, dtype: parse_dtype(dtype)?, kernels, packing: Packing::Dense })
+    }
+
+    /// The same options with projections kept as `packing` says.
+    pub fn with_packing(&self, packing: Packing) -> Self {
+        Self { packing, ..self.clone() }
     }
 
     /// Load `spec` (see [`load_model`]) with these options; the error names the model.
     pub fn load(&self, spec: &str) -> Result<LoadedModel> {
-        let mut loaded =
-            load_model(spec, self.dtype, &self.device).with_context(|| format!("failed to load model `{spec}`"))?;
+        let mut loaded = load_model_packed(spec, self.dtype, &self.device, self.packing)
+            .with_context(|| format!("failed to load model `{spec}`"))?;
         loaded.model.set_kernels(self.kernels);
         Ok(loaded)
     }
@@ -115,7 +124,7 @@ impl LoadOptions {
 
 impl Default for LoadOptions {
     fn default() -> Self {
-        Self { device: Device::Cpu, dtype: DType::F32, kernels: Default::default() }
+        Self { device: Device::Cpu, dtype: DType::F32, kernels: Default::default(), packing: Packing::Dense }
     }
 }
 
@@ -141,18 +150,23 @@ pub fn check_dtype(spec: &str) -> Result<String, String> {
     }
 }
 
-/// Load `--model` onto `device` in `dtype`.
+/// Load `--model` onto `device` in `dtype`, every weight dense.
 pub fn load_model(spec: &str, dtype: DType, device: &Device) -> Result<LoadedModel> {
+    load_model_packed(spec, dtype, device, Packing::Dense)
+}
+
+/// [`load_model`] with the projections kept as `packing` says.
+pub fn load_model_packed(spec: &str, dtype: DType, device: &Device, packing: Packing) -> Result<LoadedModel> {
     match ModelSource::parse(spec)? {
-        ModelSource::Preset(preset) => load_gguf_model(&default_model::fetch(preset)?, dtype, device),
+        ModelSource::Preset(preset) => gguf_model(&default_model::fetch(preset)?, dtype, device, packing),
         ModelSource::Dir(dir) if dir.join("adapter_config.json").exists() && !dir.join("config.json").exists() => {
-            load_with_adapter(&dir, dtype, device)
+            adapter_model(&dir, dtype, device, packing)
         }
-        ModelSource::Dir(dir) => load_hf_dir(&dir, dtype, device),
-        ModelSource::Gguf(path) => load_gguf_model(&path, dtype, device),
+        ModelSource::Dir(dir) => hf_dir_model(&dir, dtype, device, packing),
+        ModelSource::Gguf(path) => gguf_model(&path, dtype, device, packing),
         ModelSource::Hub(id) => {
             let dir = hub::snapshot_dir(&id)?;
-            let mut loaded = load_hf_dir(&dir, dtype, device)?;
+            let mut loaded = hf_dir_model(&dir, dtype, device, packing)?;
             loaded.origin = id;
             Ok(loaded)
         }
@@ -162,9 +176,25 @@ pub fn load_model(spec: &str, dtype: DType, device: &Device) -> Result<LoadedMod
 /// Load a PEFT LoRA adapter directory: its base model (`base_model_name_or_path`) with the
 /// adapter attached.
 pub fn load_with_adapter(dir: &Path, dtype: DType, device: &Device) -> Result<LoadedModel> {
+    adapter_model(dir, dtype, device, Packing::Dense)
+}
+
+/// [`load_with_adapter`] with the base's projections kept as `packing` says.
+/// An adapter trained over a base quantized at load ([`ADAPTER_BASE_QUANT`]) gets that same base
+/// back: packed when `packing` packs, else dequantized from those blocks, so that it adapts the
+/// weights it was trained on.
+fn adapter_model(dir: &Path, dtype: DType, device: &Device, packing: Packing) -> Result<LoadedModel> {
     let saved = crate::model::lora::load_adapter(dir)?;
-    let mut base = load_model(&saved.base_model, dtype, device)
+    let trained_on = read_adapter_base_quant(dir)?;
+    let base_packing = match (trained_on, packing) {
+        (Some(kind), _) => Packing::Quantize(kind),
+        (None, packing) => packing,
+    };
+    let mut base = load_model_packed(&saved.base_model, dtype, device, base_packing)
         .with_context(|| format!("cannot load the base model `{}` of adapter `{}`", saved.base_model, dir.display()))?;
+    if trained_on.is_some() && packing == Packing::Dense {
+        base.model.unpack()?;
+    }
     saved.check_against(&base.model, dir)?;
     base.model.attach_lora(&saved).with_context(|| format!("adapter `{}`", dir.display()))?;
     let template = dir.join(ADAPTER_CHAT_TEMPLATE);
@@ -178,6 +208,38 @@ pub fn load_with_adapter(dir: &Path, dtype: DType, device: &Device) -> Result<Lo
 /// The file beside a LoRA adapter that holds the chat template it was trained with, when the
 /// run chose one (`model.chat_template`): loading the adapter brings it back.
 pub const ADAPTER_CHAT_TEMPLATE: &str = "chat_template.jinja";
+
+/// The file beside a LoRA adapter that names the quantization its base was trained in
+/// (`model.base_quant`, `--base-quant`): `{"base_quant": "q8_0"}`.
+pub const ADAPTER_BASE_QUANT: &str = "candor_base.json";
+
+/// Record beside an adapter saved in `dir` that its base was quantized to `kind` (nothing when
+/// the base was kept as stored).
+pub fn save_adapter_base_quant(dir: &Path, kind: Option<candle::quantized::GgmlDType>) -> Result<()> {
+    let Some(kind) = kind.filter(|k| *k != candle::quantized::GgmlDType::F32) else {
+        return Ok(());
+    };
+    let path = dir.join(ADAPTER_BASE_QUANT);
+    let text = serde_json::json!({ "base_quant": crate::model::packed::kind_name(kind) }).to_string();
+    std::fs::write(&path, text).with_context(|| format!("cannot write `{}`", path.display()))
+}
+
+/// The base quantization an adapter directory records, if any; errors name the file and field.
+fn read_adapter_base_quant(dir: &Path) -> Result<Option<candle::quantized::GgmlDType>> {
+    let path = dir.join(ADAPTER_BASE_QUANT);
+    if !path.exists() {
+        return Ok(None);
+    }
+    let text = std::fs::read_to_string(&path).with_context(|| format!("cannot read `{}`", path.display()))?;
+    let value: serde_json::Value =
+        serde_json::from_str(&text).with_context(|| format!("{}: invalid JSON", path.display()))?;
+    let name = value["base_quant"]
+        .as_str()
+        .ok_or_else(|| anyhow!("{}: field `base_quant` must be a string such as \"q8_0\"", path.display()))?;
+    let kind = crate::model::packed::parse_base_quant(name)
+        .map_err(|e| anyhow!("{}: field `base_quant`: {e}", path.display()))?;
+    Ok(Some(kind))
+}
 
 /// Keep `template` beside an adapter saved in `dir` (see [`ADAPTER_CHAT_TEMPLATE`]).
 pub fn save_adapter_chat_template(dir: &Path, template: Option<&ChatTemplate>) -> Result<()> {
@@ -199,10 +261,15 @@ pub fn set_chat_template(loaded: &mut LoadedModel, path: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Load a GGUF file.
+/// Load a GGUF file, every weight dequantized.
 pub fn load_gguf_model(path: &Path, dtype: DType, device: &Device) -> Result<LoadedModel> {
+    gguf_model(path, dtype, device, Packing::Dense)
+}
+
+/// [`load_gguf_model`] with the projections kept as `packing` says.
+fn gguf_model(path: &Path, dtype: DType, device: &Device, packing: Packing) -> Result<LoadedModel> {
     let mut g = gguf::load_gguf(path)?;
-    let model = CausalLm::new(g.config.clone(), &mut g.weights, dtype, device)
+    let model = CausalLm::new_packed(g.config.clone(), &mut g.weights, dtype, device, packing)
         .with_context(|| format!("failed to build the model from `{}`", path.display()))?;
     let chat_template = g
         .chat_template
@@ -214,10 +281,15 @@ pub fn load_gguf_model(path: &Path, dtype: DType, device: &Device) -> Result<Loa
     Ok(LoadedModel { model, tokenizer: g.tokenizer, chat_template, eos_token_ids, origin: path.display().to_string() })
 }
 
-/// Load a transformers model directory.
+/// Load a transformers model directory, every weight dense.
 pub fn load_hf_dir(dir: &Path, dtype: DType, device: &Device) -> Result<LoadedModel> {
+    hf_dir_model(dir, dtype, device, Packing::Dense)
+}
+
+/// [`load_hf_dir`] with the projections kept as `packing` says.
+fn hf_dir_model(dir: &Path, dtype: DType, device: &Device, packing: Packing) -> Result<LoadedModel> {
     let (config, mut weights) = open_hf_weights(dir)?;
-    let model = CausalLm::new(config.clone(), &mut weights, dtype, device)
+    let model = CausalLm::new_packed(config.clone(), &mut weights, dtype, device, packing)
         .with_context(|| format!("failed to build the model from `{}`", dir.display()))?;
     let tok_config = dir.join("tokenizer_config.json");
     let tok_config = tok_config.exists().then_some(tok_config);

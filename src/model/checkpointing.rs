@@ -131,7 +131,9 @@ impl Block {
         }
         let m = &self.mlp;
         for lin in [&a.q_proj, &a.k_proj, &a.v_proj, &a.o_proj, &m.gate_proj, &m.up_proj, &m.down_proj] {
-            f(&lin.weight)?;
+            if let Some(w) = lin.weight.dense() {
+                f(w)?;
+            }
             if let Some(b) = &lin.bias {
                 f(b)?;
             }

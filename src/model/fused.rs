@@ -13,7 +13,9 @@
 
 use std::sync::{Arc, Mutex};
 
-use candle::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor};
+use candle::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor};
+
+use super::packed::PackedWeight;
 use rayon::prelude::*;
 
 /// Which implementation the transformer's building blocks use.
@@ -88,7 +90,7 @@ unsafe impl Sync for SharedMut {}
 /// `c = a · b (+ c when accumulate)` on `threads` threads, with explicit row/column strides:
 /// `a` is m×k, `b` is k×n, `c` is m×n.
 #[allow(clippy::too_many_arguments)]
-fn gemm(
+pub(crate) fn gemm(
     m: usize,
     n: usize,
     k: usize,
@@ -775,33 +777,74 @@ struct LmHeadLogps {
     probabilities: Mutex<Option<Vec<f32>>>,
 }
 
-impl LmHeadLogps {
-    /// Logits of rows `r0..r0 + rows` of `hidden` `[N, H]` against `w` `[V, H]`.
-    fn logits(hidden: &[f32], w: &[f32], hsize: usize, r0: usize, rows: usize, out: &mut [f32]) {
-        let v = w.len() / hsize;
-        let threads = rayon::current_num_threads();
-        gemm(
-            rows,
-            v,
-            hsize,
-            (hidden[r0 * hsize..].as_ptr(), hsize as isize, 1),
-            (w.as_ptr(), 1, hsize as isize),
-            (out.as_mut_ptr(), v as isize, 1),
-            false,
-            threads,
-        );
+/// The LM head's `[V, H]` weight as the kernel reads it: f32 values, or packed blocks
+/// dequantized a tile at a time.
+#[derive(Clone, Copy)]
+enum HeadWeight<'a> {
+    Dense(&'a [f32]),
+    Packed(&'a PackedWeight),
+}
+
+impl HeadWeight<'_> {
+    /// The vocabulary size V.
+    fn vocab(&self, hsize: usize) -> usize {
+        match self {
+            Self::Dense(w) => w.len() / hsize,
+            Self::Packed(p) => p.dims().0,
+        }
+    }
+
+    /// Logits of rows `r0..r0 + rows` of `hidden` `[N, H]` into `out` `[rows, V]`.
+    fn logits(&self, hidden: &[f32], hsize: usize, r0: usize, rows: usize, out: &mut [f32]) {
+        let x = &hidden[r0 * hsize..(r0 + rows) * hsize];
+        match self {
+            Self::Dense(w) => {
+                let v = w.len() / hsize;
+                gemm(
+                    rows,
+                    v,
+                    hsize,
+                    (x.as_ptr(), hsize as isize, 1),
+                    (w.as_ptr(), 1, hsize as isize),
+                    (out.as_mut_ptr(), v as isize, 1),
+                    false,
+                    rayon::current_num_threads(),
+                );
+            }
+            Self::Packed(p) => p.times_transposed_into(x, rows, out, p.dims().0),
+        }
+    }
+
+    /// `dh = dlogits · W` for `rows` rows of `dlogits` `[rows, V]`, into `dh` `[rows, H]`.
+    fn backprop(&self, dlogits: &[f32], rows: usize, hsize: usize, dh: &mut [f32]) {
+        match self {
+            Self::Dense(w) => {
+                let vocab = w.len() / hsize;
+                gemm(
+                    rows,
+                    hsize,
+                    vocab,
+                    (dlogits.as_ptr(), vocab as isize, 1),
+                    (w.as_ptr(), hsize as isize, 1),
+                    (dh.as_mut_ptr(), hsize as isize, 1),
+                    false,
+                    rayon::current_num_threads(),
+                );
+            }
+            Self::Packed(p) => p.times_into(dlogits, rows, p.dims().0, dh),
+        }
     }
 }
 
-impl CustomOp2 for LmHeadLogps {
-    fn name(&self) -> &'static str {
-        "fused-lm-head-logps"
+impl LmHeadLogps {
+    fn new(targets: &[u32], keep: bool) -> Self {
+        Self { targets: targets.to_vec(), keep, lse: Mutex::new(Vec::new()), probabilities: Mutex::new(None) }
     }
 
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (n, hsize) = l1.shape().dims2()?;
-        let (hidden, w) = (slice(s1, l1)?, slice(s2, l2)?);
-        let vocab = w.len() / hsize;
+    /// The log-probabilities of the targets for `hidden` `[N, H]`; keeps what the backward needs.
+    fn forward(&self, hidden: &[f32], hsize: usize, head: HeadWeight) -> Vec<f32> {
+        let n = hidden.len() / hsize;
+        let vocab = head.vocab(hsize);
         let mut buffer = vec![0f32; if self.keep { n } else { LOGIT_CHUNK.min(n) } * vocab];
         let mut out = vec![0f32; n];
         let mut lse = vec![0f32; n];
@@ -809,7 +852,7 @@ impl CustomOp2 for LmHeadLogps {
             let rows = LOGIT_CHUNK.min(n - r0);
             let logits =
                 if self.keep { &mut buffer[r0 * vocab..(r0 + rows) * vocab] } else { &mut buffer[..rows * vocab] };
-            Self::logits(hidden, w, hsize, r0, rows, logits);
+            head.logits(hidden, hsize, r0, rows, logits);
             logits
                 .par_chunks_mut(vocab)
                 .zip(out[r0..r0 + rows].par_iter_mut().zip(lse[r0..r0 + rows].par_iter_mut()))
@@ -833,68 +876,110 @@ impl CustomOp2 for LmHeadLogps {
         if self.keep {
             *self.probabilities.lock().expect("probabilities lock") = Some(buffer);
         }
+        out
+    }
+
+    /// The hidden states' gradient for the output gradient `g` `[N]`, and the weight's
+    /// gradient added into `dw` `[V, H]` when given.
+    fn backward(&self, hid: &[f32], g: &[f32], hsize: usize, head: HeadWeight, mut dw: Option<&mut [f32]>) -> Vec<f32> {
+        let n = hid.len() / hsize;
+        let vocab = head.vocab(hsize);
+        let lse = self.lse.lock().expect("lse lock").clone();
+        let mut kept = self.probabilities.lock().expect("probabilities lock").take();
+        let threads = rayon::current_num_threads();
+        let mut scratch = if kept.is_some() { Vec::new() } else { vec![0f32; LOGIT_CHUNK.min(n) * vocab] };
+        let mut dh = vec![0f32; n * hsize];
+        for r0 in (0..n).step_by(LOGIT_CHUNK) {
+            let rows = LOGIT_CHUNK.min(n - r0);
+            let chunk = match kept.as_mut() {
+                Some(p) => &mut p[r0 * vocab..(r0 + rows) * vocab],
+                None => {
+                    head.logits(hid, hsize, r0, rows, &mut scratch);
+                    let chunk = &mut scratch[..rows * vocab];
+                    chunk.par_chunks_mut(vocab).enumerate().for_each(|(r, row)| shifted_exp(row, lse[r0 + r]));
+                    chunk
+                }
+            };
+            // dlogits = g · (onehot − softmax)
+            chunk.par_chunks_mut(vocab).enumerate().for_each(|(r, row)| {
+                let gr = g[r0 + r];
+                row.iter_mut().for_each(|x| *x *= -gr);
+                row[self.targets[r0 + r] as usize] += gr;
+            });
+            head.backprop(chunk, rows, hsize, &mut dh[r0 * hsize..(r0 + rows) * hsize]);
+            if let Some(dw) = dw.as_deref_mut() {
+                // dW += dlogitsᵀ · hidden[chunk]
+                gemm(
+                    vocab,
+                    hsize,
+                    rows,
+                    (chunk.as_ptr(), 1, vocab as isize),
+                    (hid[r0 * hsize..].as_ptr(), hsize as isize, 1),
+                    (dw.as_mut_ptr(), hsize as isize, 1),
+                    true,
+                    threads,
+                );
+            }
+        }
+        dh
+    }
+}
+
+impl CustomOp2 for LmHeadLogps {
+    fn name(&self) -> &'static str {
+        "fused-lm-head-logps"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (n, hsize) = l1.shape().dims2()?;
+        let out = self.forward(slice(s1, l1)?, hsize, HeadWeight::Dense(slice(s2, l2)?));
         Ok((CpuStorage::F32(out), Shape::from(n)))
     }
 
     fn bwd(&self, hidden: &Tensor, w: &Tensor, _: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let (n, hsize) = hidden.dims2()?;
-        let lse = self.lse.lock().expect("lse lock").clone();
-        let mut kept = self.probabilities.lock().expect("probabilities lock").take();
+        let hsize = hidden.dim(1)?;
         let track_w = w.track_op();
         let (dh, dw) = with_values(&[hidden, w, grad], |s| {
-            let (hid, w, g) = (s[0], s[1], s[2]);
-            let vocab = w.len() / hsize;
-            let threads = rayon::current_num_threads();
-            let mut scratch = if kept.is_some() { Vec::new() } else { vec![0f32; LOGIT_CHUNK.min(n) * vocab] };
-            let mut dh = vec![0f32; n * hsize];
-            let mut dw = if track_w { vec![0f32; vocab * hsize] } else { Vec::new() };
-            for r0 in (0..n).step_by(LOGIT_CHUNK) {
-                let rows = LOGIT_CHUNK.min(n - r0);
-                let chunk = match kept.as_mut() {
-                    Some(p) => &mut p[r0 * vocab..(r0 + rows) * vocab],
-                    None => {
-                        Self::logits(hid, w, hsize, r0, rows, &mut scratch);
-                        let chunk = &mut scratch[..rows * vocab];
-                        chunk.par_chunks_mut(vocab).enumerate().for_each(|(r, row)| shifted_exp(row, lse[r0 + r]));
-                        chunk
-                    }
-                };
-                // dlogits = g · (onehot − softmax)
-                chunk.par_chunks_mut(vocab).enumerate().for_each(|(r, row)| {
-                    let gr = g[r0 + r];
-                    row.iter_mut().for_each(|x| *x *= -gr);
-                    row[self.targets[r0 + r] as usize] += gr;
-                });
-                // dh[chunk] = dlogits · W
-                gemm(
-                    rows,
-                    hsize,
-                    vocab,
-                    (chunk.as_ptr(), vocab as isize, 1),
-                    (w.as_ptr(), hsize as isize, 1),
-                    (dh[r0 * hsize..].as_mut_ptr(), hsize as isize, 1),
-                    false,
-                    threads,
-                );
-                if track_w {
-                    // dW += dlogitsᵀ · hidden[chunk]
-                    gemm(
-                        vocab,
-                        hsize,
-                        rows,
-                        (chunk.as_ptr(), 1, vocab as isize),
-                        (hid[r0 * hsize..].as_ptr(), hsize as isize, 1),
-                        (dw.as_mut_ptr(), hsize as isize, 1),
-                        true,
-                        threads,
-                    );
-                }
-            }
+            let mut dw = if track_w { vec![0f32; s[1].len()] } else { Vec::new() };
+            let dh = self.backward(s[0], s[2], hsize, HeadWeight::Dense(s[1]), track_w.then_some(&mut dw[..]));
             (dh, dw)
         })?;
         let dw = if track_w { Some(tensor(dw, w.shape())?) } else { None };
         Ok((Some(tensor(dh, hidden.shape())?), dw))
     }
+}
+
+/// [`LmHeadLogps`] over a packed, frozen head: only the hidden states get a gradient.
+struct PackedLmHeadLogps {
+    op: LmHeadLogps,
+    head: Arc<PackedWeight>,
+}
+
+impl CustomOp1 for PackedLmHeadLogps {
+    fn name(&self) -> &'static str {
+        "fused-packed-lm-head-logps"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (n, hsize) = l.shape().dims2()?;
+        let out = self.op.forward(slice(s, l)?, hsize, HeadWeight::Packed(&self.head));
+        Ok((CpuStorage::F32(out), Shape::from(n)))
+    }
+
+    fn bwd(&self, hidden: &Tensor, _: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let hsize = hidden.dim(1)?;
+        let dh = with_values(&[hidden, grad], |s| {
+            self.op.backward(s[0], s[1], hsize, HeadWeight::Packed(&self.head), None)
+        })?;
+        Ok(Some(tensor(dh, hidden.shape())?))
+    }
+}
+
+/// [`lm_head_logps`] over a packed, frozen output projection `[V, H]`.
+pub fn packed_lm_head_logps(hidden: &Tensor, head: &Arc<PackedWeight>, targets: &[u32]) -> Result<Tensor> {
+    let bytes = targets.len() * head.dims().0 * 4;
+    let op = LmHeadLogps::new(targets, hidden.track_op() && bytes <= KEEP_PROBABILITIES_BYTES);
+    hidden.contiguous()?.apply_op1(PackedLmHeadLogps { op, head: head.clone() })
 }
 
 /// Log-probability of `targets[n]` under `log_softmax(hidden[n] · weightᵀ)`, for hidden
@@ -907,9 +992,7 @@ pub fn lm_head_logps(hidden: &Tensor, weight: &Tensor, targets: &[u32]) -> Resul
 fn lm_head_logps_within(hidden: &Tensor, weight: &Tensor, targets: &[u32], budget: usize) -> Result<Tensor> {
     let bytes = targets.len() * weight.dim(0)? * 4;
     let keep = (hidden.track_op() || weight.track_op()) && bytes <= budget;
-    let op =
-        LmHeadLogps { targets: targets.to_vec(), keep, lse: Mutex::new(Vec::new()), probabilities: Mutex::new(None) };
-    hidden.contiguous()?.apply_op2(&weight.contiguous()?, op)
+    hidden.contiguous()?.apply_op2(&weight.contiguous()?, LmHeadLogps::new(targets, keep))
 }
 
 #[cfg(test)]

@@ -46,10 +46,7 @@ impl CausalLm {
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
         let normal = rand_distr::Normal::new(0f32, 0.02).expect("valid normal");
         let values: Vec<f32> = (0..num_labels * hidden).map(|_| normal.sample(&mut rng)).collect();
-        self.score = Some(
-            Tensor::from_vec(values, (num_labels, hidden), self.embed_tokens.device())?
-                .to_dtype(self.embed_tokens.dtype())?,
-        );
+        self.score = Some(Tensor::from_vec(values, (num_labels, hidden), self.device())?.to_dtype(self.dtype())?);
         self.lm_head = None;
         self.config.num_labels = Some(num_labels);
         self.config.pad_token_id.get_or_insert(pad_token_id);

@@ -11,7 +11,7 @@ use candle::{DType, Tensor, Var};
 use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 
-use super::transformer::CausalLm;
+use super::transformer::{CausalLm, ProjectionWeight};
 
 /// LoRA hyper-parameters (the `adapter_config.json` fields candor reads and writes).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -283,9 +283,10 @@ impl SavedAdapter {
     /// B `[out, r]` for that module's `[out, in]` weight; `dir` is named in errors.
     pub fn check_against(&self, model: &CausalLm, dir: &Path) -> Result<()> {
         let shapes: HashMap<String, Vec<usize>> = model
-            .named_weights()
+            .tensor_weights()
             .into_iter()
             .filter_map(|(n, w)| Some((n.strip_suffix(".weight")?.to_string(), w.dims().to_vec())))
+            .chain(model.projection_shapes())
             .collect();
         let file = dir.join("adapter_model.safetensors");
         for (module, (a, b)) in &self.tensors {
@@ -399,10 +400,13 @@ impl CausalLm {
     }
 
     /// Fold every adapter into its weight (`W + α/r · B A`) and drop the adapters.
+    /// A packed weight is dequantized first, so it comes out dense in the model's dtype.
     pub fn merge_lora(&mut self) -> candle::Result<()> {
+        let (dtype, device) = (self.dtype(), self.device().clone());
         self.visit_linears_mut(&mut |_, _, lin| {
             if let Some(ad) = lin.lora.take() {
-                lin.weight = ad.merge_into(&lin.weight.detach())?;
+                let base = lin.weight.to_dense(dtype, &device)?.detach();
+                lin.weight = ProjectionWeight::Dense(ad.merge_into(&base)?);
             }
             Ok(())
         })

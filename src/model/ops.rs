@@ -100,7 +100,7 @@ fn matvec_group(x: &Tensor, ws: &[&Tensor]) -> Result<Vec<Tensor>> {
 }
 
 /// `out[o * rows + r] = w[o] · x[r]` for the `out.len() / rows` rows of `w` given.
-fn dot_block(w: &[f32], inner: usize, x: &[f32], rows: usize, out: &mut [f32]) {
+pub(crate) fn dot_block(w: &[f32], inner: usize, x: &[f32], rows: usize, out: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     {
         if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {

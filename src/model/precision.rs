@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use candle::{DType, Result, Tensor};
 
-use super::transformer::CausalLm;
+use super::transformer::{CausalLm, ProjectionWeight};
 
 impl CausalLm {
     /// Mixed precision (`Some(BF16)`): with f32 weights, round every projection's input and
@@ -23,7 +23,7 @@ impl CausalLm {
     /// flip every weight near a rounding boundary at the first tiny update, and the policy's
     /// log-ratio against the reference (rounded from `W₀`) would pick up that noise.
     pub fn anchor_rounding(&mut self, start: &CausalLm) {
-        let anchors = start.named_weights().into_iter().map(|(name, t)| (name, t.detach())).collect();
+        let anchors = start.tensor_weights().into_iter().map(|(name, t)| (name, t.detach())).collect();
         self.rounding_anchors = Some(Arc::new(anchors));
     }
 
@@ -48,23 +48,30 @@ impl CausalLm {
         let mut view = self.clone();
         view.matmul_precision = None;
         view.visit_linears_mut(&mut |module, _, lin| {
-            lin.weight = self.rounded_weight(&format!("{module}.weight"), &lin.weight, dtype)?;
+            // Packed weights are frozen blocks, multiplied as they are.
+            if let ProjectionWeight::Dense(w) = &lin.weight {
+                lin.weight = ProjectionWeight::Dense(self.rounded_weight(&format!("{module}.weight"), w, dtype)?);
+            }
             lin.round_input = Some(dtype);
             Ok(())
         })?;
         Ok(Some(view))
     }
 
-    /// The LM head's operands for `hidden`: under mixed precision both rounded, the head
-    /// anchored like every other weight; unchanged otherwise.
-    pub(super) fn lm_head_operands(&self, hidden: &Tensor) -> Result<(Tensor, Tensor)> {
+    /// The LM head's operands for `hidden`: under mixed precision both rounded, a dense head
+    /// anchored like every other weight (a packed one is multiplied as it is); unchanged
+    /// otherwise.
+    pub(super) fn lm_head_operands(&self, hidden: &Tensor) -> Result<(Tensor, ProjectionWeight)> {
         let (head_name, head) = match &self.lm_head {
             Some(w) => ("lm_head.weight", w),
             None => ("model.embed_tokens.weight", &self.embed_tokens),
         };
-        Ok(match self.matmul_precision {
-            Some(dtype) => (round_to(hidden, dtype)?, self.rounded_weight(head_name, head, dtype)?),
-            None => (hidden.clone(), head.clone()),
+        Ok(match (self.matmul_precision, head) {
+            (Some(dtype), ProjectionWeight::Dense(w)) => {
+                (round_to(hidden, dtype)?, ProjectionWeight::Dense(self.rounded_weight(head_name, w, dtype)?))
+            }
+            (Some(dtype), packed) => (round_to(hidden, dtype)?, packed.clone()),
+            (None, head) => (hidden.clone(), head.clone()),
         })
     }
 }

@@ -15,6 +15,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use candle::quantized::GgmlDType;
 use candle::{DType, Device, Result, Tensor, Var, D};
 
 use super::checkpointing::GradSink;
@@ -23,6 +24,7 @@ use super::fused::{self, AttentionPattern, Kernels};
 use super::kv_cache::KvCache;
 use super::lora::LoraAdapter;
 use super::ops;
+use super::packed::{fitting_kind, PackedWeight};
 use super::precision::round_to;
 use super::rope::Rope;
 
@@ -32,6 +34,39 @@ pub trait WeightSource {
     fn get(&mut self, name: &str) -> Result<Tensor>;
     /// Whether a tensor called `name` exists.
     fn contains(&self, name: &str) -> bool;
+    /// The `[out, in]` weight `name` in packed blocks of `kind` (any kind when `None`), taken
+    /// from the source without a dense copy, when the source stores it so; `Ok(None)` when it
+    /// is stored otherwise (then [`WeightSource::get`] reads it).
+    fn packed(&mut self, _name: &str, _kind: Option<GgmlDType>) -> Result<Option<PackedWeight>> {
+        Ok(None)
+    }
+}
+
+/// How a model keeps its projection weights (q/k/v/o and the MLP's).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Packing {
+    /// Dense tensors in the model's dtype (trainable).
+    #[default]
+    Dense,
+    /// Frozen, in the blocks the file stores (a GGUF's quantized types, bf16 or f16 safetensors);
+    /// projections stored in f32 stay dense.
+    AsStored,
+    /// Frozen, quantized at load to this type (`--base-quant`): stored blocks of another type are
+    /// dequantized and quantized again. Rows that do not fill a block of a K-quant take the
+    /// 32-value type llama.cpp falls back to ([`fitting_kind`]).
+    Quantize(GgmlDType),
+}
+
+impl Packing {
+    /// How a frozen model keeps its projections: quantized to `kind` when given (`--base-quant`;
+    /// f32 means dense), else as stored.
+    pub fn frozen(kind: Option<GgmlDType>) -> Self {
+        match kind {
+            None => Self::AsStored,
+            Some(GgmlDType::F32) => Self::Dense,
+            Some(kind) => Self::Quantize(kind),
+        }
+    }
 }
 
 /// Reads weights from a source, converting each to one dtype and device.
@@ -39,6 +74,7 @@ struct Loader<'a> {
     source: &'a mut dyn WeightSource,
     dtype: DType,
     device: &'a Device,
+    packing: Packing,
 }
 
 impl Loader<'_> {
@@ -46,16 +82,65 @@ impl Loader<'_> {
         self.source.get(name)?.to_device(self.device)?.to_dtype(self.dtype)
     }
 
+    /// The embedding table or the untied LM head `name`: dense when training; when frozen, in
+    /// the blocks the file stores, else (quantizing at load) in Q8_0, or bf16/f16 when that is
+    /// the type asked. The head's rounding shows in every logit, so it keeps 8 bits where the
+    /// projections may have 4 (llama.cpp's Q4_K_M gives it 6).
+    fn table(&mut self, name: &str) -> Result<ProjectionWeight> {
+        let kind = match self.packing {
+            Packing::Quantize(k @ (GgmlDType::BF16 | GgmlDType::F16)) => Some(k),
+            Packing::Quantize(_) => Some(GgmlDType::Q8_0),
+            Packing::Dense | Packing::AsStored => None,
+        };
+        self.weight(name, kind, true)
+    }
+
+    /// The projection weight `name`, kept as [`Packing`] asks.
+    fn projection(&mut self, name: &str) -> Result<ProjectionWeight> {
+        let kind = match self.packing {
+            Packing::Quantize(kind) => Some(kind),
+            Packing::Dense | Packing::AsStored => None,
+        };
+        self.weight(name, kind, false)
+    }
+
+    /// The `[out, in]` weight `name`: dense when training; when frozen, packed as stored (any
+    /// stored type when `keep_stored` or no `quantize` is asked), else quantized to `quantize`
+    /// (or its fallback), else dense. Packed weights stay on the CPU.
+    fn weight(&mut self, name: &str, quantize: Option<GgmlDType>, keep_stored: bool) -> Result<ProjectionWeight> {
+        if self.packing == Packing::Dense {
+            return Ok(ProjectionWeight::Dense(self.tensor(name)?));
+        }
+        // What to ask the source for, in order: any stored blocks, then blocks of `quantize`.
+        let tries = match (keep_stored, quantize) {
+            (true, Some(kind)) => vec![None, Some(kind)],
+            (false, Some(kind)) => vec![Some(kind)],
+            (_, None) => vec![None],
+        };
+        for kind in tries {
+            if let Some(packed) = self.source.packed(name, kind)? {
+                return Ok(ProjectionWeight::Packed(Arc::new(packed)));
+            }
+        }
+        let w = self.source.get(name)?;
+        Ok(match quantize {
+            Some(kind) => {
+                ProjectionWeight::Packed(Arc::new(PackedWeight::quantize(&w, fitting_kind(kind, w.dim(1)?))?))
+            }
+            None => ProjectionWeight::Dense(w.to_device(self.device)?.to_dtype(self.dtype)?),
+        })
+    }
+
     /// Consecutive row blocks of `sizes` rows of the fused projection `prefix` (Phi-3's
     /// `qkv_proj`, `gate_up_proj`), as separate projections.
     fn split_linear<const N: usize>(&mut self, prefix: &str, sizes: [usize; N], bias: bool) -> Result<[Linear; N]> {
-        let weight = self.tensor(&format!("{prefix}.weight"))?;
+        let weight = self.projection(&format!("{prefix}.weight"))?;
         let bias = if bias { Some(self.tensor(&format!("{prefix}.bias"))?) } else { None };
         let mut at = 0;
         let mut parts = Vec::with_capacity(N);
         for n in sizes {
             parts.push(Linear {
-                weight: weight.narrow(0, at, n)?.contiguous()?,
+                weight: weight.rows(at, n)?,
                 bias: bias.as_ref().map(|b| b.narrow(0, at, n)).transpose()?,
                 lora: None,
                 round_input: None,
@@ -67,10 +152,63 @@ impl Loader<'_> {
 
     fn linear(&mut self, prefix: &str, bias: bool) -> Result<Linear> {
         Ok(Linear {
-            weight: self.tensor(&format!("{prefix}.weight"))?,
+            weight: self.projection(&format!("{prefix}.weight"))?,
             bias: if bias { Some(self.tensor(&format!("{prefix}.bias"))?) } else { None },
             lora: None,
             round_input: None,
+        })
+    }
+}
+
+/// A projection's `[out, in]` weight: a tensor in the model's dtype (trainable, or frozen in
+/// full precision), or frozen packed blocks.
+#[derive(Debug, Clone)]
+pub enum ProjectionWeight {
+    /// A plain tensor.
+    Dense(Tensor),
+    /// Quantized, bf16 or f16 blocks on the CPU, never trained (see [`super::packed`]).
+    Packed(Arc<PackedWeight>),
+}
+
+impl ProjectionWeight {
+    /// `(out, in)`.
+    pub fn dims2(&self) -> Result<(usize, usize)> {
+        match self {
+            Self::Dense(w) => w.dims2(),
+            Self::Packed(p) => Ok(p.dims()),
+        }
+    }
+
+    /// The tensor of a dense weight.
+    pub fn dense(&self) -> Option<&Tensor> {
+        match self {
+            Self::Dense(w) => Some(w),
+            Self::Packed(_) => None,
+        }
+    }
+
+    /// The weight as a tensor of `dtype` on `device`: a dense one as it is, a packed one
+    /// dequantized (a full-size copy, for export and merging).
+    pub fn to_dense(&self, dtype: DType, device: &Device) -> Result<Tensor> {
+        match self {
+            Self::Dense(w) => Ok(w.clone()),
+            Self::Packed(p) => p.dequantize(device)?.to_dtype(dtype),
+        }
+    }
+
+    /// `x W^T` for `x` `[..., in]`.
+    pub fn linear(&self, x: &Tensor) -> Result<Tensor> {
+        match self {
+            Self::Dense(w) => ops::linear(x, w, None),
+            Self::Packed(p) => p.linear(x),
+        }
+    }
+
+    /// Rows `first..first + n` (Phi-3's fused projections, split).
+    fn rows(&self, first: usize, n: usize) -> Result<Self> {
+        Ok(match self {
+            Self::Dense(w) => Self::Dense(w.narrow(0, first, n)?.contiguous()?),
+            Self::Packed(p) => Self::Packed(Arc::new(p.gather_rows(&(first..first + n).collect::<Vec<_>>())?)),
         })
     }
 }
@@ -79,7 +217,7 @@ impl Loader<'_> {
 #[derive(Debug, Clone)]
 pub struct Linear {
     /// `[out, in]`.
-    pub weight: Tensor,
+    pub weight: ProjectionWeight,
     /// `[out]`, if the layer has a bias.
     pub bias: Option<Tensor>,
     /// A LoRA adapter added to the output, if any.
@@ -104,15 +242,27 @@ impl Linear {
             }
             None => x,
         };
-        let projections: Vec<(&Tensor, Option<&Tensor>)> =
-            layers.iter().map(|l| (&l.weight, l.bias.as_ref())).collect();
-        let mut ys = ops::linear_group(x, &projections)?;
+        let dense: Option<Vec<(&Tensor, Option<&Tensor>)>> =
+            layers.iter().map(|l| Some((l.weight.dense()?, l.bias.as_ref()))).collect();
+        let mut ys = match dense {
+            Some(projections) => ops::linear_group(x, &projections)?,
+            None => layers.iter().map(|l| l.project(x)).collect::<Result<Vec<_>>>()?,
+        };
         for (y, layer) in ys.iter_mut().zip(layers) {
             if let Some(lora) = &layer.lora {
                 *y = (&*y + lora.delta(x)?)?;
             }
         }
         Ok(ys.try_into().expect("one output per projection"))
+    }
+
+    /// `x W^T + b` without the adapter.
+    fn project(&self, x: &Tensor) -> Result<Tensor> {
+        match (&self.weight, &self.bias) {
+            (ProjectionWeight::Dense(w), b) => ops::linear(x, w, b.as_ref()),
+            (packed, Some(b)) => packed.linear(x)?.broadcast_add(b),
+            (packed, None) => packed.linear(x),
+        }
     }
 }
 
@@ -255,11 +405,14 @@ pub struct ForwardOptions<'a> {
 #[derive(Debug, Clone)]
 pub struct CausalLm {
     pub(super) config: ModelConfig,
-    pub(super) embed_tokens: Tensor,
+    pub(super) embed_tokens: ProjectionWeight,
     pub(super) layers: Vec<Block>,
     norm: Tensor,
     /// `None` when tied to `embed_tokens`.
-    pub(super) lm_head: Option<Tensor>,
+    pub(super) lm_head: Option<ProjectionWeight>,
+    /// Where the weights and activations live, and the activations' (and dense weights') dtype.
+    device: Device,
+    dtype: DType,
     /// `[num_labels, hidden]` of a `*ForSequenceClassification` model.
     pub(super) score: Option<Tensor>,
     rope: Rope,
@@ -278,8 +431,19 @@ pub struct CausalLm {
 impl CausalLm {
     /// Build the model from named weights, converting them to `dtype` on `device`.
     pub fn new(config: ModelConfig, source: &mut dyn WeightSource, dtype: DType, device: &Device) -> Result<Self> {
+        Self::new_packed(config, source, dtype, device, Packing::Dense)
+    }
+
+    /// [`CausalLm::new`] with the projections kept as `packing` says.
+    pub fn new_packed(
+        config: ModelConfig,
+        source: &mut dyn WeightSource,
+        dtype: DType,
+        device: &Device,
+        packing: Packing,
+    ) -> Result<Self> {
         let has_lm_head = !config.tie_word_embeddings && source.contains("lm_head.weight");
-        let mut w = Loader { source, dtype, device };
+        let mut w = Loader { source, dtype, device, packing };
         let norms = config.block_norm_names();
         let mut layers = Vec::with_capacity(config.num_hidden_layers);
         for i in 0..config.num_hidden_layers {
@@ -334,9 +498,9 @@ impl CausalLm {
                 output_norms,
             });
         }
-        let embed_tokens = w.tensor("model.embed_tokens.weight")?;
+        let embed_tokens = w.table("model.embed_tokens.weight")?;
         let norm = w.tensor("model.norm.weight")?;
-        let lm_head = if config.num_labels.is_none() && has_lm_head { Some(w.tensor("lm_head.weight")?) } else { None };
+        let lm_head = if config.num_labels.is_none() && has_lm_head { Some(w.table("lm_head.weight")?) } else { None };
         let score = if config.num_labels.is_some() { Some(w.tensor("score.weight")?) } else { None };
         let rope = Rope::new(&config);
         let local_rope = Rope::local(&config);
@@ -347,6 +511,8 @@ impl CausalLm {
             norm,
             lm_head,
             score,
+            device: device.clone(),
+            dtype,
             rope,
             local_rope,
             kernels: Kernels::default(),
@@ -376,7 +542,14 @@ impl CausalLm {
             }
         };
         let rope = self.rope_tables(positions)?;
-        let mut x = self.embed_tokens.embedding_rows(ids)?;
+        let mut x = match &self.embed_tokens {
+            ProjectionWeight::Dense(table) => table.embedding_rows(ids)?,
+            ProjectionWeight::Packed(table) => {
+                let (b, t) = ids.dims2()?;
+                let rows = table.embedding(&ids.flatten_all()?.to_vec1::<u32>()?, &self.device)?;
+                rows.to_dtype(self.dtype)?.reshape((b, t, self.config.hidden_size))?
+            }
+        };
         if self.config.scale_embeddings {
             // transformers multiplies by √hidden rounded to the embedding dtype.
             x = (x * (self.config.hidden_size as f64).sqrt())?;
@@ -559,7 +732,7 @@ impl CausalLm {
 
     /// Project hidden states `[B, T, hidden]` to vocabulary logits `[B, T, V]`.
     pub fn lm_logits(&self, hidden: &Tensor) -> Result<Tensor> {
-        ops::linear(hidden, self.lm_head.as_ref().unwrap_or(&self.embed_tokens), None)
+        self.lm_head.as_ref().unwrap_or(&self.embed_tokens).linear(hidden)
     }
 
     /// Log-probability of every next token: `out[b, t] = log p(ids[b, t+1] | ids[b, ..=t])`,
@@ -578,11 +751,17 @@ impl CausalLm {
     /// a chunk of rows' vocabulary logits.
     pub fn target_logps(&self, hidden: &Tensor, targets: &[u32]) -> Result<Tensor> {
         let (hidden, head) = self.lm_head_operands(hidden)?;
-        if self.kernels == Kernels::Fused && fused::supports(&[&hidden, &head]) {
-            return fused::lm_head_logps(&hidden, &head, targets);
+        if self.kernels == Kernels::Fused && fused::supports(&[&hidden]) {
+            match &head {
+                ProjectionWeight::Dense(w) if fused::supports(&[w]) => {
+                    return fused::lm_head_logps(&hidden, w, targets)
+                }
+                ProjectionWeight::Packed(p) => return fused::packed_lm_head_logps(&hidden, p, targets),
+                ProjectionWeight::Dense(_) => {}
+            }
         }
         let n = targets.len();
-        let logits = ops::linear(&hidden.unsqueeze(0)?, &head, None)?;
+        let logits = head.linear(&hidden.unsqueeze(0)?)?;
         ops::gather_token_logps(&logits, &Tensor::from_slice(targets, (1, n), hidden.device())?)?.squeeze(0)
     }
 
@@ -593,12 +772,12 @@ impl CausalLm {
 
     /// Device of the weights.
     pub fn device(&self) -> &Device {
-        self.embed_tokens.device()
+        &self.device
     }
 
-    /// Dtype of the weights.
+    /// Dtype of the activations and of the dense weights.
     pub fn dtype(&self) -> DType {
-        self.embed_tokens.dtype()
+        self.dtype
     }
 
     /// Which kernels the forward pass uses (fused by default).
@@ -613,7 +792,7 @@ impl CausalLm {
 
     /// Whether a forward pass without a KV cache takes the fused kernels.
     fn fused(&self) -> bool {
-        self.kernels == Kernels::Fused && fused::supports(&[&self.embed_tokens])
+        self.kernels == Kernels::Fused && self.dtype == DType::F32 && self.device.is_cpu()
     }
 
     /// Visit every linear projection with its transformers module name and short name
@@ -637,12 +816,17 @@ impl CausalLm {
         Ok(())
     }
 
-    /// Visit every weight with its transformers name, mutably (conversion, LoRA, trainability).
-    /// A tied output projection is visited once, as `model.embed_tokens.weight`.
+    /// Visit every weight held as a tensor with its transformers name, mutably (conversion, LoRA,
+    /// trainability): all but packed projections. A tied output projection is visited once, as
+    /// `model.embed_tokens.weight`.
     pub fn visit_weights_mut(&mut self, f: &mut dyn FnMut(&str, &mut Tensor) -> Result<()>) -> Result<()> {
-        f("model.embed_tokens.weight", &mut self.embed_tokens)?;
+        if let ProjectionWeight::Dense(table) = &mut self.embed_tokens {
+            f("model.embed_tokens.weight", table)?;
+        }
         self.visit_linears_mut(&mut |module, _, lin| {
-            f(&format!("{module}.weight"), &mut lin.weight)?;
+            if let ProjectionWeight::Dense(w) = &mut lin.weight {
+                f(&format!("{module}.weight"), w)?;
+            }
             if let Some(b) = lin.bias.as_mut() {
                 f(&format!("{module}.bias"), b)?;
             }
@@ -662,7 +846,7 @@ impl CausalLm {
             }
         }
         f("model.norm.weight", &mut self.norm)?;
-        if let Some(w) = self.lm_head.as_mut() {
+        if let Some(ProjectionWeight::Dense(w)) = self.lm_head.as_mut() {
             f("lm_head.weight", w)?;
         }
         if let Some(w) = self.score.as_mut() {
@@ -671,8 +855,75 @@ impl CausalLm {
         Ok(())
     }
 
-    /// Every weight with its transformers name, in checkpoint order.
-    pub fn named_weights(&self) -> Vec<(String, Tensor)> {
+    /// Every weight with its transformers name, in checkpoint order; packed projections
+    /// dequantized to the model's dtype (a full-size copy: export).
+    pub fn named_weights(&self) -> Result<Vec<(String, Tensor)>> {
+        let mut copy = self.clone();
+        copy.unpack()?;
+        Ok(copy.tensor_weights())
+    }
+
+    /// Replace every packed weight by its dequantized tensor in the model's dtype.
+    pub fn unpack(&mut self) -> Result<()> {
+        let (dtype, device) = (self.dtype(), self.device().clone());
+        self.visit_projection_weights_mut(&mut |w| {
+            if let ProjectionWeight::Packed(_) = w {
+                *w = ProjectionWeight::Dense(w.to_dense(dtype, &device)?);
+            }
+            Ok(())
+        })
+    }
+
+    /// Visit the weights that may be packed: the embedding table, the untied LM head and every
+    /// projection.
+    fn visit_projection_weights_mut(&mut self, f: &mut dyn FnMut(&mut ProjectionWeight) -> Result<()>) -> Result<()> {
+        f(&mut self.embed_tokens)?;
+        if let Some(head) = self.lm_head.as_mut() {
+            f(head)?;
+        }
+        self.visit_linears_mut(&mut |_, _, lin| f(&mut lin.weight))
+    }
+
+    /// The number of parameters, packed ones included.
+    pub fn parameter_count(&self) -> usize {
+        let packed: usize = self.packed_weights().iter().map(|p| p.dims().0 * p.dims().1).sum();
+        packed + self.tensor_weights().iter().map(|(_, t)| t.elem_count()).sum::<usize>()
+    }
+
+    /// Bytes of the packed projections (0 when none is packed).
+    pub fn packed_bytes(&self) -> usize {
+        self.packed_weights().iter().map(|p| p.storage_bytes()).sum()
+    }
+
+    /// Every projection's transformers module name and `[out, in]` shape, packed or not.
+    pub(super) fn projection_shapes(&self) -> Vec<(String, Vec<usize>)> {
+        let mut out = Vec::new();
+        let mut copy = self.clone();
+        copy.visit_linears_mut(&mut |module, _, lin| {
+            let (o, i) = lin.weight.dims2()?;
+            out.push((module.to_string(), vec![o, i]));
+            Ok(())
+        })
+        .expect("collecting cannot fail");
+        out
+    }
+
+    /// The packed weights.
+    fn packed_weights(&self) -> Vec<Arc<PackedWeight>> {
+        let mut out = Vec::new();
+        let mut copy = self.clone();
+        copy.visit_projection_weights_mut(&mut |w| {
+            if let ProjectionWeight::Packed(p) = w {
+                out.push(p.clone());
+            }
+            Ok(())
+        })
+        .expect("collecting cannot fail");
+        out
+    }
+
+    /// The weights held as tensors (all but packed ones) with their transformers names.
+    pub(super) fn tensor_weights(&self) -> Vec<(String, Tensor)> {
         let mut out = Vec::new();
         let mut copy = self.clone();
         copy.visit_weights_mut(&mut |name, t| {
@@ -684,8 +935,14 @@ impl CausalLm {
     }
 
     /// Turn every weight into a trainable `Var` and return them by name. Gradients flow to
-    /// these after a forward pass and `loss.backward()`.
+    /// these after a forward pass and `loss.backward()`. Packed projections cannot train: a
+    /// model that has them is refused (train adapters on them instead).
     pub fn make_trainable(&mut self) -> Result<Vec<(String, Var)>> {
+        if self.packed_bytes() > 0 {
+            candle::bail!(
+                "full-weight training needs every weight dense, but this model keeps its projections packed (frozen); train LoRA adapters over them, or load it without `--base-quant`"
+            );
+        }
         let mut vars = Vec::new();
         self.visit_weights_mut(&mut |name, t| {
             let var = Var::from_tensor(t)?;

@@ -218,6 +218,11 @@ pub struct ModelSection {
     /// (e.g. `templates/gemma3.jinja` for the Gemma 3 base model, which ships none).
     #[serde(default)]
     pub chat_template: Option<PathBuf>,
+    /// Keep the frozen models (reference, teacher, judges) and a LoRA run's base quantized to
+    /// this type at load (`q8_0`, `q4_k`, `bf16`, …; see `candor --help`), like `load_in_4bit`.
+    /// Unset: frozen models keep the blocks their file stores.
+    #[serde(default)]
+    pub base_quant: Option<String>,
 }
 
 impl Default for ModelSection {
@@ -230,7 +235,19 @@ impl ModelSection {
     /// The run's device, dtype and kernels, for the models a run loads beside the policy
     /// (judges, critics, teachers): they run in the run's precision.
     pub fn load_options(&self) -> Result<crate::load::LoadOptions> {
-        crate::load::LoadOptions::parse(&self.device, &self.dtype, self.kernels)
+        let options = crate::load::LoadOptions::parse(&self.device, &self.dtype, self.kernels)?;
+        Ok(options.with_packing(self.frozen_packing()?))
+    }
+
+    /// How frozen models keep their projections: quantized to `base_quant`, or as stored.
+    pub fn frozen_packing(&self) -> Result<crate::model::Packing> {
+        let kind = match &self.base_quant {
+            Some(name) => {
+                Some(crate::model::packed::parse_base_quant(name).map_err(|m| setting("model.base_quant", m))?)
+            }
+            None => None,
+        };
+        Ok(crate::model::Packing::frozen(kind))
     }
 }
 
@@ -484,6 +501,7 @@ impl TrainConfig {
         }
         crate::load::check_device(&self.model.device).map_err(|m| setting("model.device", m))?;
         crate::load::check_dtype(&self.model.dtype).map_err(|m| setting("model.dtype", m))?;
+        self.model.frozen_packing()?;
         let r = &self.run;
         if r.output.as_os_str().is_empty() || r.output.to_str().is_some_and(|s| s.trim().is_empty()) {
             return Err(setting(

@@ -10,7 +10,7 @@ use candor_alignment::DataNeed;
 
 use super::config::TrainConfig;
 use crate::load::{self, LoadedModel};
-use crate::model::CausalLm;
+use crate::model::{CausalLm, Packing};
 
 /// The policy and the frozen models beside it.
 pub struct RunModels {
@@ -32,6 +32,8 @@ struct Placement {
     kernels: crate::model::Kernels,
     /// `model.chat_template`, for every model the run generates or scores with.
     chat_template: Option<std::path::PathBuf>,
+    /// How frozen models (and a LoRA run's base) keep their projections.
+    frozen: Packing,
 }
 
 impl Placement {
@@ -48,11 +50,12 @@ impl Placement {
             matmul_precision,
             kernels: cfg.model.kernels,
             chat_template: cfg.model.chat_template.clone(),
+            frozen: cfg.model.frozen_packing()?,
         })
     }
 
-    fn load(&self, spec: &str, what: &str) -> Result<LoadedModel> {
-        let mut loaded = load::load_model(spec, self.dtype, &self.device)
+    fn load(&self, spec: &str, what: &str, packing: Packing) -> Result<LoadedModel> {
+        let mut loaded = load::load_model_packed(spec, self.dtype, &self.device, packing)
             .with_context(|| format!("failed to load {what} `{spec}`"))?;
         if let Some(path) = &self.chat_template {
             load::set_chat_template(&mut loaded, path).context("`model.chat_template`")?;
@@ -73,19 +76,22 @@ impl RunModels {
     pub fn load(cfg: &TrainConfig, resume: Option<&Path>) -> Result<Self> {
         let place = Placement::of(cfg)?;
         let objective = &cfg.objective;
-        let mut start = place.load(&cfg.model.model, "model")?;
+        // A LoRA run's base is frozen: kept packed like every frozen model.
+        let start_packing = if cfg.lora.is_some() { place.frozen } else { Packing::Dense };
+        let mut start = place.load(&cfg.model.model, "model", start_packing)?;
         let distill = cfg.distill.clone().unwrap_or_default();
         // Distillation: the frozen teacher (the same load when it is the same model), then the
         // student cut out of `model.model` when asked (a checkpoint already holds the student).
         let teacher = match objective.needs_teacher() {
             true if distill.teacher == cfg.model.model => Some(place.frozen(start.model.frozen_view())),
             true => {
-                let teacher = place.load(&distill.teacher, "the teacher")?;
+                let teacher = place.load(&distill.teacher, "the teacher", place.frozen)?;
                 check_same_tokenizer(&start, &teacher)?;
                 Some(place.frozen(teacher.model))
             }
             false => None,
         };
+        let mut cut = false;
         if objective.needs_teacher() {
             let total_layers = start.model.config().num_hidden_layers;
             let keep = match (&distill.student_layers, distill.student_num_layers) {
@@ -95,14 +101,18 @@ impl RunModels {
             };
             if let Some(keep) = keep {
                 start.model.keep_layers(&keep).context("`distill.student_layers`")?;
+                cut = true;
             }
         }
         let mut policy = policy_of(cfg, &start, &place, resume)?;
-        // With LoRA the reference is the same base weights with the adapters off: no copy.
         let reference = match (objective.needs_reference(), &cfg.model.ref_model) {
             (false, _) => None,
-            (true, Some(spec)) => Some(place.frozen(place.load(spec, "the reference")?.model)),
-            (true, None) => Some(place.frozen(start.model.without_adapters())),
+            (true, Some(spec)) => Some(place.frozen(place.load(spec, "the reference", place.frozen)?.model)),
+            // With LoRA the reference is the same base weights with the adapters off: no copy.
+            (true, None) if cfg.lora.is_some() || cut => Some(place.frozen(start.model.without_adapters())),
+            // Every weight trains: the reference is the starting model loaded again, frozen
+            // (packed as stored or quantized), not a second dense copy of it.
+            (true, None) => Some(place.frozen(place.load(&cfg.model.model, "the reference", place.frozen)?.model)),
         };
         if place.matmul_precision.is_some() {
             policy.model.anchor_rounding(&start.model);

@@ -413,6 +413,11 @@ fn write_trainable(dir: &Path, cfg: &TrainConfig, m: &LoadedModel) -> Result<()>
     match &cfg.lora {
         Some(lora) => {
             crate::model::lora::save_adapter(dir, lora, &cfg.model.model, &m.model.lora_adapters())?;
+            let base_quant = match cfg.model.frozen_packing()? {
+                crate::model::Packing::Quantize(kind) => Some(kind),
+                _ => None,
+            };
+            crate::load::save_adapter_base_quant(dir, base_quant)?;
             crate::load::save_adapter_chat_template(dir, m.chat_template.as_ref())
         }
         None => write_policy(dir, m),
