@@ -29,6 +29,29 @@ impl CausalLm {
             .unwrap_or_default()
     }
 
+    /// The embeddings a training forward starts from. When the blocks are checkpointed and
+    /// have trainable tensors (LoRA adapters) but the embeddings build no graph (a frozen
+    /// table), a variable copy of them: the checkpointed blocks then enter the graph and their
+    /// backward runs (PEFT's `enable_input_require_grads` does the same). Otherwise `x` itself.
+    pub(super) fn checkpoint_input(&self, x: Tensor) -> Result<Tensor> {
+        if self.checkpoint_grads.is_none() || x.track_op() || !self.blocks_train()? {
+            return Ok(x);
+        }
+        Ok(Var::from_tensor(&x)?.as_tensor().clone())
+    }
+
+    /// Whether any decoder block has a trainable tensor.
+    fn blocks_train(&self) -> Result<bool> {
+        let mut any = false;
+        for layer in &self.layers {
+            layer.visit_trainable(&mut |t| {
+                any |= t.track_op();
+                Ok(())
+            })?;
+        }
+        Ok(any)
+    }
+
     /// How the blocks of a forward whose embeddings are `x` are checkpointed: `None` when
     /// checkpointing is off or `x` builds no graph.
     pub(super) fn checkpointer(&self, x: &Tensor) -> Option<Checkpointer<'_>> {

@@ -12,6 +12,7 @@ pub mod lora;
 pub mod ops;
 pub mod packed;
 mod precision;
+mod quant_dot;
 pub mod rope;
 mod spin_pool;
 #[cfg(test)]

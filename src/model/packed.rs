@@ -278,11 +278,18 @@ impl PackedWeight {
         Self::new(gather_rows(&self.q, rows)?)
     }
 
+    /// The packed bytes of rows `first..first + rows`.
+    pub(crate) fn row_bytes(&self, first: usize, rows: usize) -> &[u8] {
+        let all = match self.q.data() {
+            Ok(std::borrow::Cow::Borrowed(bytes)) => bytes,
+            _ => unreachable!("a CPU QTensor lends its bytes (checked in PackedWeight::new)"),
+        };
+        &all[first * self.row_bytes..(first + rows) * self.row_bytes]
+    }
+
     /// Rows `first..first + out.len() / in` dequantized into `out`.
     fn dequantize_rows(&self, first: usize, out: &mut [f32]) {
-        let rows = out.len() / self.inp;
-        let data = self.q.data().expect("CPU packed weights expose their bytes");
-        let bytes = &data[first * self.row_bytes..(first + rows) * self.row_bytes];
+        let bytes = self.row_bytes(first, out.len() / self.inp);
         with_block_type!(self.kind(), T => T::to_float(blocks_of::<T>(bytes), out))
     }
 
@@ -377,9 +384,9 @@ impl PackedWeight {
     }
 
     /// [`Self::times_transposed`] for a few rows: the weight's rows are split into one range per
-    /// thread of the decode pool, and each thread dequantizes a few rows at a time into its
-    /// scratch and takes their dot products with every input row, so the packed bytes stream
-    /// through once.
+    /// thread of the decode pool, and each thread takes a few rows at a time, with the fused
+    /// kernels of [`super::quant_dot`] where they serve the type, else dequantizing them into
+    /// its scratch first, so the packed bytes stream through once.
     fn matvec(&self, x: &[f32], n: usize) -> Vec<f32> {
         let (inp, out) = (self.inp, self.out);
         let block = out.div_ceil(super::spin_pool::parts()).div_ceil(MATVEC_ROWS) * MATVEC_ROWS;
@@ -395,8 +402,12 @@ impl PackedWeight {
                 let mut scratch = scratch.borrow_mut();
                 scratch.resize(MATVEC_ROWS * inp, 0.0);
                 for (i, ys) in chunk.chunks_mut(MATVEC_ROWS * n).enumerate() {
-                    let rows = &mut scratch[..ys.len() / n * inp];
-                    self.dequantize_rows(part * block + i * MATVEC_ROWS, rows);
+                    let (first, rows) = (part * block + i * MATVEC_ROWS, ys.len() / n);
+                    if super::quant_dot::dot_rows(self.kind(), self.row_bytes(first, rows), inp, x, n, ys) {
+                        continue;
+                    }
+                    let rows = &mut scratch[..rows * inp];
+                    self.dequantize_rows(first, rows);
                     super::ops::dot_block(rows, inp, x, n, ys);
                 }
             });

@@ -559,6 +559,7 @@ impl CausalLm {
             return rms_norm(&x, &self.norm, &self.config, false);
         }
         let ctx = self.block_context(ids, rope, opts.attention_mask)?;
+        let mut x = self.checkpoint_input(x)?;
         let checkpointer = self.checkpointer(&x);
         for i in 0..self.layers.len() {
             x = match &checkpointer {
