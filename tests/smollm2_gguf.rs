@@ -36,19 +36,7 @@ fn dequantized_weights_match_transformers_in_raw_and_hf_order() {
     let exp = json("smollm2/reference.json");
     let g = gguf::load_gguf(&gguf_path()).unwrap();
     let w = &g.weights;
-    let row = |name: &str, r: usize| -> Vec<f64> {
-        w.dequantized(name)
-            .unwrap()
-            .get(r)
-            .unwrap()
-            .narrow(0, 0, 8)
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap()
-            .iter()
-            .map(|&v| v as f64)
-            .collect()
-    };
+    let row = |name: &str, r: usize| first_values(&w.dequantized(name).unwrap().get(r).unwrap(), 8);
     let q = "model.layers.0.self_attn.q_proj.weight";
     assert_close("q_proj row 0", &row(q, 0), &f64s(&exp["hf_q_proj_l0_row0_first8"]), 1e-6);
     assert_close("q_proj row 1", &row(q, 1), &f64s(&exp["hf_q_proj_l0_row1_first8"]), 1e-6);

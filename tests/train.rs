@@ -66,17 +66,7 @@ fn one_adamw_step_matches_pytorch_with(kernels: &str) {
     // Parameters after the step, from the exported final model.
     let after = candle::safetensors::load(run.join("final/model.safetensors"), &Device::Cpu).unwrap();
     for (name, want) in step["first8_after"].as_object().unwrap() {
-        let t = &after[name];
-        let got: Vec<f64> = t
-            .flatten_all()
-            .unwrap()
-            .narrow(0, 0, 8)
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap()
-            .iter()
-            .map(|&v| v as f64)
-            .collect();
+        let got = first_values(&after[name], 8);
         assert_close(&format!("{name} after one step"), &got, &f64s(want), 1e-5);
     }
     // The loss after the step: the final model scored on the same pairs against the reference.

@@ -46,24 +46,40 @@ mod x86 {
         }
     }
 
-    /// See [`super::dot_rows`]; rows of `x` are taken up to four at a time.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub(super) unsafe fn dot_rows(kind: GgmlDType, bytes: &[u8], inp: usize, x: &[f32], n: usize, out: &mut [f32]) {
+    /// Call `f(row, r, g, out)` for every weight row of `bytes` and every group of up to `max`
+    /// activation rows starting at `r`, with `out` the row's results from `r` on.
+    fn each_group(
+        kind: GgmlDType,
+        bytes: &[u8],
+        inp: usize,
+        n: usize,
+        max: usize,
+        out: &mut [f32],
+        mut f: impl FnMut(&[u8], usize, usize, &mut [f32]),
+    ) {
         let row_bytes = inp / 32 * block_bytes(kind);
         for (o, row) in bytes.chunks_exact(row_bytes).enumerate() {
             let mut r = 0;
             while r < n {
-                let xs = |i: usize| x.as_ptr().add((r + i) * inp);
-                let out = &mut out[o * n + r..];
-                match n - r {
-                    1 => out[..1].copy_from_slice(&row_dots(kind, [xs(0)], row)),
-                    2 => out[..2].copy_from_slice(&row_dots(kind, [xs(0), xs(1)], row)),
-                    3 => out[..3].copy_from_slice(&row_dots(kind, [xs(0), xs(1), xs(2)], row)),
-                    _ => out[..4].copy_from_slice(&row_dots(kind, [xs(0), xs(1), xs(2), xs(3)], row)),
-                }
-                r += (n - r).min(4);
+                let g = (n - r).min(max);
+                f(row, r, g, &mut out[o * n + r..]);
+                r += g;
             }
         }
+    }
+
+    /// See [`super::dot_rows`]; rows of `x` are taken up to four at a time.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn dot_rows(kind: GgmlDType, bytes: &[u8], inp: usize, x: &[f32], n: usize, out: &mut [f32]) {
+        each_group(kind, bytes, inp, n, 4, out, |row, r, g, out| {
+            let xs = |i: usize| x.as_ptr().add((r + i) * inp);
+            match g {
+                1 => out[..1].copy_from_slice(&row_dots(kind, [xs(0)], row)),
+                2 => out[..2].copy_from_slice(&row_dots(kind, [xs(0), xs(1)], row)),
+                3 => out[..3].copy_from_slice(&row_dots(kind, [xs(0), xs(1), xs(2)], row)),
+                _ => out[..4].copy_from_slice(&row_dots(kind, [xs(0), xs(1), xs(2), xs(3)], row)),
+            }
+        });
     }
 
     /// One row's dot products with `G` activation rows.
@@ -86,26 +102,19 @@ mod x86 {
         n: usize,
         out: &mut [f32],
     ) {
-        let row_bytes = inp / 32 * block_bytes(kind);
-        for (o, row) in bytes.chunks_exact(row_bytes).enumerate() {
-            let mut r = 0;
-            while r < n {
-                let xs = |i: usize| x.as_ptr().add((r + i) * inp);
-                let out = &mut out[o * n + r..];
-                let g = (n - r).min(8);
-                match g {
-                    1 => out[..1].copy_from_slice(&row_dots_512(kind, [xs(0)], row)),
-                    2 => out[..2].copy_from_slice(&row_dots_512(kind, std::array::from_fn::<_, 2, _>(xs), row)),
-                    3 => out[..3].copy_from_slice(&row_dots_512(kind, std::array::from_fn::<_, 3, _>(xs), row)),
-                    4 => out[..4].copy_from_slice(&row_dots_512(kind, std::array::from_fn::<_, 4, _>(xs), row)),
-                    5 => out[..5].copy_from_slice(&row_dots_512(kind, std::array::from_fn::<_, 5, _>(xs), row)),
-                    6 => out[..6].copy_from_slice(&row_dots_512(kind, std::array::from_fn::<_, 6, _>(xs), row)),
-                    7 => out[..7].copy_from_slice(&row_dots_512(kind, std::array::from_fn::<_, 7, _>(xs), row)),
-                    _ => out[..8].copy_from_slice(&row_dots_512(kind, std::array::from_fn::<_, 8, _>(xs), row)),
-                }
-                r += g;
+        each_group(kind, bytes, inp, n, 8, out, |row, r, g, out| {
+            let xs = |i: usize| x.as_ptr().add((r + i) * inp);
+            match g {
+                1 => out[..1].copy_from_slice(&row_dots_512(kind, [xs(0)], row)),
+                2 => out[..2].copy_from_slice(&row_dots_512(kind, std::array::from_fn::<_, 2, _>(xs), row)),
+                3 => out[..3].copy_from_slice(&row_dots_512(kind, std::array::from_fn::<_, 3, _>(xs), row)),
+                4 => out[..4].copy_from_slice(&row_dots_512(kind, std::array::from_fn::<_, 4, _>(xs), row)),
+                5 => out[..5].copy_from_slice(&row_dots_512(kind, std::array::from_fn::<_, 5, _>(xs), row)),
+                6 => out[..6].copy_from_slice(&row_dots_512(kind, std::array::from_fn::<_, 6, _>(xs), row)),
+                7 => out[..7].copy_from_slice(&row_dots_512(kind, std::array::from_fn::<_, 7, _>(xs), row)),
+                _ => out[..8].copy_from_slice(&row_dots_512(kind, std::array::from_fn::<_, 8, _>(xs), row)),
             }
-        }
+        });
     }
 
     /// One row's dot products with `G` activation rows, 16 lanes at a time: each block's 32

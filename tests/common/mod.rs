@@ -51,6 +51,11 @@ pub fn load_kernels(rel: &str, kernels: Kernels) -> LoadedModel {
 }
 
 /// Assert `|a - b| <= tol` elementwise, naming what differs.
+/// The first `n` values of `t` (flattened), as f64.
+pub fn first_values(t: &candle::Tensor, n: usize) -> Vec<f64> {
+    t.flatten_all().unwrap().narrow(0, 0, n).unwrap().to_vec1::<f32>().unwrap().iter().map(|&v| v as f64).collect()
+}
+
 pub fn assert_close(what: &str, got: &[f64], want: &[f64], tol: f64) {
     assert_eq!(got.len(), want.len(), "{what}: length");
     for (i, (g, w)) in got.iter().zip(want).enumerate() {
