@@ -171,8 +171,8 @@ fn packed_projections_refuse_full_weight_training() {
 }
 
 /// `candor train` with LoRA over a Q8_0 base: the run starts at DPO's ln 2 (the reference is the
-/// same packed base with the adapters off), trains and saves a PEFT adapter; `candor generate
-/// --base-quant q8_0` decodes.
+/// same packed base with the adapters off), trains and saves a PEFT adapter that records its
+/// base; `--merge-lora` merges into that base; `candor generate --base-quant q8_0` decodes.
 #[test]
 fn cli_trains_lora_over_a_quantized_base_and_generates() {
     let dir = scratch();
@@ -199,7 +199,36 @@ fn cli_trains_lora_over_a_quantized_base_and_generates() {
         "--output",
         out.to_str().unwrap(),
     ]);
-    assert!(out.join("final/adapter/adapter_model.safetensors").exists());
+    let adapter = out.join("final/adapter");
+    assert!(adapter.join("adapter_model.safetensors").exists());
+    assert_eq!(std::fs::read_to_string(adapter.join("candor_base.json")).unwrap(), r#"{"base_quant":"q8_0"}"#);
+    // Merged export: into the Q8_0 base dequantized (what the adapter was trained over), said
+    // on stderr; the merged model computes what base + adapter compute.
+    let merged = dir.path().join("merged");
+    let o = candor(&[
+        "export",
+        "--checkpoint",
+        adapter.to_str().unwrap(),
+        "--merge-lora",
+        "--output",
+        merged.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("trained over a quantized base"));
+    let with_adapter =
+        load_model_packed(adapter.to_str().unwrap(), DType::F32, &Device::Cpu, Packing::AsStored).unwrap();
+    let exported = load_model_packed(merged.to_str().unwrap(), DType::F32, &Device::Cpu, Packing::Dense).unwrap();
+    let b = batch(&with_adapter);
+    let want: Vec<f64> = completion_logps(&with_adapter.model, &b)
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap()
+        .iter()
+        .map(|&v| v as f64)
+        .collect();
+    let got: Vec<f64> =
+        completion_logps(&exported.model, &b).unwrap().to_vec1::<f32>().unwrap().iter().map(|&v| v as f64).collect();
+    assert_rel("merged export vs base + adapter", &got, &want, 1e-5);
     let losses = series(&metrics(&out), "loss");
     assert_eq!(losses.len(), 3);
     assert!((losses[0] - std::f64::consts::LN_2).abs() < 1e-4, "first DPO loss {}", losses[0]);
