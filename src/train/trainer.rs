@@ -307,18 +307,39 @@ impl<'c> Trainer<'c> {
         Ok(RunSummary { steps: self.step, final_dir })
     }
 
-    /// `final/`'s files into `tmp`, then renamed into place.
-    fn write_final(&self, tmp: &Path, final_dir: &Path) -> Result<()> {
-        let at_last_step = self.last_checkpoint.as_ref().filter(|dir| dir.ends_with(format!("step-{}", self.step)));
-        if self.cfg.lora.is_some() {
-            // final/ is a complete transformers model (adapters merged) plus the PEFT adapter.
-            write_trainable(&tmp.join("adapter"), self.cfg, &self.policy)
-                .with_context(|| format!("cannot write `{}`", tmp.join("adapter").display()))?;
+    /// A LoRA run's `final/`: the PEFT adapter in `final/adapter/` and the merged model beside
+    /// it, or, when merging in f32 would not fit in memory, the adapter itself.
+    fn write_final_lora(&self, tmp: &Path, final_dir: &Path) -> Result<()> {
+        // final/ is a complete transformers model (adapters merged) plus the PEFT adapter.
+        write_trainable(&tmp.join("adapter"), self.cfg, &self.policy)
+            .with_context(|| format!("cannot write `{}`", tmp.join("adapter").display()))?;
+        let merged_bytes = self.policy.model.parameter_count() * 4;
+        if let Some(available) = available_memory().filter(|&a| merged_bytes > a) {
+            // Too large to merge in f32 here (a packed 8B base): final/ is the adapter itself
+            // (`--model final/` loads base + adapter).
+            eprintln!(
+                "candor: final/ holds the LoRA adapter, not a merged model: merging needs {:.1} GB of f32 weights and {:.1} GB are available (merge elsewhere with `candor export --checkpoint {} --merge-lora`)",
+                merged_bytes as f64 / 1e9,
+                available as f64 / 1e9,
+                final_dir.join("adapter").display()
+            );
+            write_trainable(tmp, self.cfg, &self.policy)
+                .with_context(|| format!("cannot write `{}`", tmp.display()))?;
+        } else {
             let mut merged = self.policy.clone();
             merged.model = self.policy.model.frozen_view();
             merged.model.merge_lora()?;
             write_policy(tmp, &merged)
                 .with_context(|| format!("cannot write the model files into `{}`", tmp.display()))?;
+        }
+        Ok(())
+    }
+
+    /// `final/`'s files into `tmp`, then renamed into place.
+    fn write_final(&self, tmp: &Path, final_dir: &Path) -> Result<()> {
+        let at_last_step = self.last_checkpoint.as_ref().filter(|dir| dir.ends_with(format!("step-{}", self.step)));
+        if self.cfg.lora.is_some() {
+            self.write_final_lora(tmp, final_dir)?;
         } else if let Some(saved) = at_last_step {
             // The last checkpoint already holds exactly these weights.
             checkpoint::link_model_files(saved, tmp, &[heads::HEADS_FILE])?;
@@ -406,6 +427,13 @@ pub fn accumulate(
         }
     }
     Ok(acc)
+}
+
+/// Memory the kernel says is available (`MemAvailable`), in bytes; `None` where unknown.
+fn available_memory() -> Option<usize> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let kb: usize = info.lines().find(|l| l.starts_with("MemAvailable:"))?.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
 }
 
 /// What a checkpoint holds of the model: the PEFT adapter of a LoRA run, else the full model.
