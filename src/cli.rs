@@ -443,6 +443,8 @@ pub const TRAIN_FLAGS: &[(&str, &str)] = &[
     ("keep_last", "run.keep_last"),
     ("save_only_model", "run.save_only_model"),
     ("eval_every", "run.eval_every"),
+    ("sync_check_every", "run.sync_check_every"),
+    ("collective_timeout", "run.collective_timeout"),
     ("prompts", "online.prompts"),
     ("rounds", "online.rounds"),
     ("samples_per_prompt", "online.samples_per_prompt"),
@@ -615,6 +617,12 @@ pub struct TrainRunArgs {
     /// Evaluate every N steps.
     #[arg(long)]
     pub eval_every: Option<u64>,
+    /// Data parallelism: compare the ranks' parameter checksums every N steps (0 = never).
+    #[arg(long)]
+    pub sync_check_every: Option<u64>,
+    /// Data parallelism: seconds a collective waits for the other ranks.
+    #[arg(long, value_name = "SECONDS")]
+    pub collective_timeout: Option<f64>,
 }
 
 /// The online loop's rounds (`online.*`).

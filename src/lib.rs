@@ -9,6 +9,7 @@
 pub mod cli;
 pub mod commands;
 pub mod data;
+pub mod distributed;
 pub mod eval;
 pub mod export;
 pub mod generate;

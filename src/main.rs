@@ -8,7 +8,11 @@ fn main() -> ExitCode {
     // candle asks for the thread count before every matmul and, unless this is set, reads
     // /proc/cpuinfo each time; fix it once (still overridable by the user).
     if std::env::var_os("RAYON_NUM_THREADS").is_none() {
-        let n = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let mut n = std::thread::available_parallelism().map_or(1, |n| n.get());
+        if candor::distributed::launched_rank().is_some_and(|(_, world, _)| world > 1) {
+            // Ranks on one machine share its cores.
+            n = candor::distributed::threads_per_rank(n);
+        }
         std::env::set_var("RAYON_NUM_THREADS", n.to_string());
     }
     // With MKL, its OpenMP workers spin for 200 ms after every sgemm by default while candor's

@@ -5,7 +5,7 @@
 
 mod common;
 
-use candle::{Device, Tensor};
+use candle::Tensor;
 use candor::generate::{generate, SamplingConfig};
 use candor::model::{ForwardOptions, Kernels};
 use common::*;
@@ -19,8 +19,8 @@ fn check_architecture_on(dir: &str, kernels: Kernels) {
     let mut loaded = load_kernels(dir, kernels);
     let rows: Vec<Vec<u32>> = exp["input_ids"].as_array().unwrap().iter().map(u32s).collect();
     let mask: Vec<Vec<u32>> = exp["attention_mask"].as_array().unwrap().iter().map(u32s).collect();
-    let ids = Tensor::new(rows.clone(), &Device::Cpu).unwrap();
-    let attn = Tensor::new(mask.clone(), &Device::Cpu).unwrap();
+    let ids = Tensor::new(rows.clone(), &test_device()).unwrap();
+    let attn = Tensor::new(mask.clone(), &test_device()).unwrap();
 
     // Logits at every position of both rows (pad positions included, as transformers computes them).
     let logits: Vec<Vec<Vec<f32>>> = loaded
@@ -157,11 +157,11 @@ fn qwen3_gguf_with_llama_cpp_names_loads_to_the_same_model() {
 fn check_gguf_logits(dir: &str) {
     let exp = json(&format!("{dir}/expected.json"));
     let loaded =
-        candor::load::load_gguf_model(&fixture(&format!("{dir}/model.gguf")), candle::DType::F32, &Device::Cpu)
+        candor::load::load_gguf_model(&fixture(&format!("{dir}/model.gguf")), candle::DType::F32, &test_device())
             .unwrap();
     let rows: Vec<Vec<u32>> = exp["input_ids"].as_array().unwrap().iter().map(u32s).collect();
     let mask: Vec<Vec<u32>> = exp["attention_mask"].as_array().unwrap().iter().map(u32s).collect();
-    let (ids, attn) = (Tensor::new(rows, &Device::Cpu).unwrap(), Tensor::new(mask, &Device::Cpu).unwrap());
+    let (ids, attn) = (Tensor::new(rows, &test_device()).unwrap(), Tensor::new(mask, &test_device()).unwrap());
     let opts = ForwardOptions { attention_mask: Some(&attn), positions: None };
     let logits: Vec<Vec<Vec<f32>>> = loaded.model.forward(&ids, opts, None).unwrap().to_vec3().unwrap();
     for (b, per_pos) in exp["logits"].as_array().unwrap().iter().enumerate() {
@@ -184,17 +184,18 @@ fn check_dpo_gradients(dir: &str, kernels: Kernels) {
     let mask: Vec<Vec<u32>> = d["attention_mask"].as_array().unwrap().iter().map(u32s).collect();
     let label: Vec<Vec<f32>> =
         d["label_mask"].as_array().unwrap().iter().map(|r| u32s(r).iter().map(|&v| v as f32).collect()).collect();
-    let (ids, attn) = (Tensor::new(rows, &Device::Cpu).unwrap(), Tensor::new(mask, &Device::Cpu).unwrap());
+    let (ids, attn) = (Tensor::new(rows, &test_device()).unwrap(), Tensor::new(mask, &test_device()).unwrap());
     let token = loaded.model.token_logps(&ids, Some(&attn)).unwrap();
-    let sums = (token * Tensor::new(label, &Device::Cpu).unwrap()).unwrap().sum(1).unwrap();
-    let f32s = |k: &str| Tensor::new(f64s(&d[k]).iter().map(|&v| v as f32).collect::<Vec<_>>(), &Device::Cpu).unwrap();
+    let sums = (token * Tensor::new(label, &test_device()).unwrap()).unwrap().sum(1).unwrap();
+    let f32s =
+        |k: &str| Tensor::new(f64s(&d[k]).iter().map(|&v| v as f32).collect::<Vec<_>>(), &test_device()).unwrap();
     let x = candor_alignment::PairLogps {
         policy_chosen: sums.narrow(0, 0, 2).unwrap(),
         policy_rejected: sums.narrow(0, 2, 2).unwrap(),
         reference_chosen: f32s("reference_chosen_logps"),
         reference_rejected: f32s("reference_rejected_logps"),
-        chosen_tokens: Tensor::new(&[1f32, 1.0], &Device::Cpu).unwrap(),
-        rejected_tokens: Tensor::new(&[1f32, 1.0], &Device::Cpu).unwrap(),
+        chosen_tokens: Tensor::new(&[1f32, 1.0], &test_device()).unwrap(),
+        rejected_tokens: Tensor::new(&[1f32, 1.0], &test_device()).unwrap(),
         rewards: None,
         degrees: None,
         previous: None,
@@ -224,7 +225,7 @@ fn phi3_with_fused_projections_partial_rope_and_longrope_matches_transformers() 
     let prefixes: Vec<Vec<u32>> = exp["input_ids"].as_array().unwrap().iter().map(|r| u32s(r)[..n].to_vec()).collect();
     for kernels in KERNELS {
         let loaded = load_kernels("phi3-tiny", kernels);
-        let ids = Tensor::new(prefixes.clone(), &Device::Cpu).unwrap();
+        let ids = Tensor::new(prefixes.clone(), &test_device()).unwrap();
         let logits: Vec<Vec<Vec<f32>>> =
             loaded.model.forward(&ids, ForwardOptions::default(), None).unwrap().to_vec3().unwrap();
         for (b, row) in exp["rope"]["short_prefix_logits"].as_array().unwrap().iter().enumerate() {

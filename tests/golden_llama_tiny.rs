@@ -3,7 +3,7 @@
 
 mod common;
 
-use candle::{Device, Tensor};
+use candle::Tensor;
 use candor::data::{collate, SequenceTokenizer, Text, TokenizedSequence, Truncation};
 use candor::model::Kernels;
 use candor::scoring::completion_logps;
@@ -47,7 +47,7 @@ fn tokenization_and_batch_match_trl() {
         assert_eq!(got_mask, mask[..seq.ids.len()], "row {row} completion mask");
     }
     let refs: Vec<&TokenizedSequence> = seqs.iter().collect();
-    let batch = collate(&refs, 0, &Device::Cpu).unwrap();
+    let batch = collate(&refs, 0, &test_device()).unwrap();
     let label_mask: Vec<Vec<f32>> = batch.loss_mask.to_vec2().unwrap();
     for (row, want) in exp["batch"]["label_mask"].as_array().unwrap().iter().enumerate() {
         let want: Vec<f32> = u32s(want).iter().map(|&m| m as f32).collect();
@@ -57,11 +57,11 @@ fn tokenization_and_batch_match_trl() {
 
 fn fixture_batch(exp: &Value) -> (Tensor, Tensor, Tensor) {
     let rows = |k: &str| -> Vec<Vec<u32>> { exp["batch"][k].as_array().unwrap().iter().map(u32s).collect() };
-    let ids = Tensor::new(rows("input_ids"), &Device::Cpu).unwrap();
-    let attn = Tensor::new(rows("attention_mask"), &Device::Cpu).unwrap();
+    let ids = Tensor::new(rows("input_ids"), &test_device()).unwrap();
+    let attn = Tensor::new(rows("attention_mask"), &test_device()).unwrap();
     let label_mask: Vec<Vec<f32>> = rows("label_mask").iter().map(|r| r.iter().map(|&v| v as f32).collect()).collect();
     // label_mask is already shifted: [B, T-1], like candor's loss mask.
-    (ids, attn, Tensor::new(label_mask, &Device::Cpu).unwrap())
+    (ids, attn, Tensor::new(label_mask, &test_device()).unwrap())
 }
 
 fn logits_match_transformers_on(kernels: Kernels) {
@@ -114,7 +114,7 @@ fn log_probs_match_transformers_on(kernels: Kernels) {
         let m = load_kernels(dir, kernels);
         let seqs = batch_sequences(&m, &exp);
         let refs: Vec<&TokenizedSequence> = seqs.iter().collect();
-        let batch = collate(&refs, 0, &Device::Cpu).unwrap();
+        let batch = collate(&refs, 0, &test_device()).unwrap();
         let sums = completion_logps(&m.model, &batch).unwrap();
         let per_token =
             (m.model.token_logps(&batch.input_ids, Some(&batch.attention_mask)).unwrap() * &batch.loss_mask).unwrap();
@@ -143,7 +143,7 @@ fn log_probs_match_transformers() {
 }
 
 fn pair_logps(exp: &Value) -> PairLogps {
-    let t = |v: Vec<f64>| Tensor::new(v.iter().map(|&x| x as f32).collect::<Vec<_>>(), &Device::Cpu).unwrap();
+    let t = |v: Vec<f64>| Tensor::new(v.iter().map(|&x| x as f32).collect::<Vec<_>>(), &test_device()).unwrap();
     let n = |k: &str| t(u32s(&exp["num_completion_tokens"][k]).iter().map(|&c| c as f64).collect());
     PairLogps {
         policy_chosen: t(f64s(&exp["policy_logps"]["chosen_sum"])),
@@ -217,7 +217,7 @@ fn dpo_gradients_match_pytorch_including_tied_embeddings_on(kernels: Kernels) {
     let pi = completion_logps(&policy.model, &batch).unwrap();
     let rf = completion_logps(&reference.model, &batch).unwrap();
     let b = 3;
-    let ones = Tensor::ones(b, candle::DType::F32, &Device::Cpu).unwrap();
+    let ones = Tensor::ones(b, candle::DType::F32, &test_device()).unwrap();
     let x = PairLogps {
         policy_chosen: pi.narrow(0, 0, b).unwrap(),
         policy_rejected: pi.narrow(0, b, b).unwrap(),
@@ -293,7 +293,7 @@ fn bf16_forward_and_backward_stay_close_to_f32() {
     let exp = expected();
     let (ids, attn, label_mask) = fixture_batch(&exp);
     let path = fixture("llama-tiny/policy");
-    let mut m = candor::load::load_hf_dir(&path, candle::DType::BF16, &Device::Cpu).unwrap();
+    let mut m = candor::load::load_hf_dir(&path, candle::DType::BF16, &test_device()).unwrap();
     let vars = m.model.make_trainable().unwrap();
     let batch = candor::data::Batch { input_ids: ids, attention_mask: attn, loss_mask: label_mask, positions: None };
     let sums = completion_logps(&m.model, &batch).unwrap();
@@ -392,15 +392,15 @@ fn distill_tokens(rows: usize) -> candor_alignment::objectives::kd::DistillToken
     let (student, teacher) = (load("llama-tiny/policy"), load("llama-tiny/reference"));
     let seqs = batch_sequences(&student, &exp);
     let refs: Vec<&TokenizedSequence> = seqs.iter().take(rows).collect();
-    let batch = collate(&refs, 0, &Device::Cpu).unwrap();
+    let batch = collate(&refs, 0, &test_device()).unwrap();
     let s = completion_states(&student.model, &batch).unwrap();
     let t = completion_states(&teacher.model, &batch).unwrap();
     candor_alignment::objectives::kd::DistillTokens {
         student_logits: student.model.lm_logits(&s.hidden).unwrap(),
         // A chunk of 3 positions: the buffer is filled across several chunks.
         teacher_logps: chunked_vocab_logps(&teacher.model, &t.hidden, 3).unwrap(),
-        targets: Tensor::new(s.targets, &Device::Cpu).unwrap(),
-        rows: Tensor::new(s.rows, &Device::Cpu).unwrap(),
+        targets: Tensor::new(s.targets, &test_device()).unwrap(),
+        rows: Tensor::new(s.rows, &test_device()).unwrap(),
         clip_net: None,
     }
 }

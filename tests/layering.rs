@@ -9,8 +9,21 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
 /// The top-level modules from the bottom layer up; a module may refer only to modules below it.
-const LAYERS: &[&str] =
-    &["model", "load", "data", "scoring", "generate", "export", "judge", "eval", "train", "cli", "commands", "main"];
+const LAYERS: &[&str] = &[
+    "model",
+    "load",
+    "data",
+    "scoring",
+    "generate",
+    "export",
+    "judge",
+    "eval",
+    "distributed",
+    "train",
+    "cli",
+    "commands",
+    "main",
+];
 
 /// The loops' files, which must name no objective.
 const LOOP_FILES: &[&str] = &["mod.rs", "trainer.rs", "offline.rs", "online.rs", "distill.rs", "batching.rs"];

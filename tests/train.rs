@@ -56,7 +56,7 @@ fn one_adamw_step_matches_pytorch_with(kernels: &str) {
             kernels,
         ],
     );
-    train(&cfg, &RunOptions { quiet: true, resume: false }).unwrap();
+    train(&cfg, &RunOptions { quiet: true, ..Default::default() }).unwrap();
     let exp = json("llama-tiny/expected.json");
     let step = &exp["adamw_step"];
     let lines = metrics(&run);
@@ -207,7 +207,7 @@ fn sft_on_prompt_completion_rows_lowers_the_loss() {
             "optim.scheduler=\"constant\"",
         ],
     );
-    train(&cfg, &RunOptions { quiet: true, resume: false }).unwrap();
+    train(&cfg, &RunOptions { quiet: true, ..Default::default() }).unwrap();
     let lines = metrics(&run);
     let (first, last) = (lines[0]["loss"].as_f64().unwrap(), lines[4]["loss"].as_f64().unwrap());
     assert!(last < first * 0.5, "{first} -> {last}");
@@ -220,7 +220,7 @@ fn sft_on_prompt_completion_rows_lowers_the_loss() {
     let pairs = dir.path().join("pairs.jsonl");
     write_examples(&pairs);
     let cfg = config(&pairs, &dir.path().join("bad"), &["objective.name=\"sft\""]);
-    let err = format!("{:#}", train(&cfg, &RunOptions { quiet: true, resume: false }).unwrap_err());
+    let err = format!("{:#}", train(&cfg, &RunOptions { quiet: true, ..Default::default() }).unwrap_err());
     assert!(err.contains("pairs.jsonl:1") && err.contains("needs prompt-completion"), "{err}");
 }
 

@@ -14,7 +14,7 @@ use crate::model::CausalLm;
 use crate::train::inputs::StepModels;
 use crate::train::items::{DistillItem, Item, LabelledItem, PairItem, RolloutItem};
 use crate::train::optim::{clip_grad_norm, AdamW, AdamWConfig};
-use crate::train::trainer::accumulate;
+use crate::train::trainer::{accumulate, step_scale};
 
 /// Run `candor bench load|generate`.
 pub fn run(cmd: &BenchCommand, global: &GlobalArgs) -> Result<()> {
@@ -173,7 +173,8 @@ impl BenchRun {
             pad: 0,
             progress: 0.0,
         };
-        let mut acc = accumulate(objective, models, micro, &self.opt)?;
+        let scale = step_scale(micro.iter().flatten().copied());
+        let mut acc = accumulate(objective, models, micro, &scale, &self.opt)?;
         clip_grad_norm(&mut acc.grads, 1.0)?;
         self.opt.step(&acc.grads, 1e-6)?;
         Ok(())

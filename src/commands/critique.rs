@@ -35,6 +35,7 @@ pub fn run(args: &CritiqueArgs, global: &GlobalArgs) -> Result<()> {
     let groups = sample_groups(
         &model.model,
         &ids,
+        0,
         args.samples_per_prompt,
         &model.eos_token_ids,
         model.tokenizer.pad_id(),

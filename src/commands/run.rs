@@ -54,6 +54,11 @@ fn default_batch_size() -> usize {
 /// Run `candor run`.
 pub fn run(args: &RunArgs, global: &GlobalArgs) -> Result<()> {
     let started = Instant::now();
+    if let Some((rank, world, launcher)) = crate::distributed::launched_rank().filter(|&(_, w, _)| w > 1) {
+        anyhow::bail!(
+            "`candor run` is one process, but this is rank {rank} of {world} (started by {launcher}): launch `candor train` over several ranks, then evaluate and export with one process"
+        );
+    }
     let text = std::fs::read_to_string(&args.recipe)
         .with_context(|| format!("cannot read recipe `{}`", args.recipe.display()))?;
     let mut doc: toml::Table = text.parse().with_context(|| format!("invalid TOML in `{}`", args.recipe.display()))?;
@@ -91,7 +96,7 @@ pub fn run(args: &RunArgs, global: &GlobalArgs) -> Result<()> {
 
     println!("[1/4] model: {} (fetched into candor's cache if needed)", cfg.model.model);
     println!("[2/4] fine-tuning with `{}` into {}", cfg.objective.name(), run_dir.display());
-    let trained = train(&cfg, &RunOptions { quiet: args.quiet, resume: args.resume })?;
+    let trained = train(&cfg, &RunOptions { quiet: args.quiet, resume: args.resume, ..Default::default() })?;
     let curves = run_dir.join("curves.svg");
     super::plot::run(&PlotArgs { run_dir: run_dir.clone(), output: Some(curves.clone()) })?;
 

@@ -19,9 +19,28 @@ pub fn run(args: &TrainArgs, global: &GlobalArgs) -> Result<()> {
         print!("{}", cfg.to_toml()?);
         return Ok(());
     }
-    let summary = train(&cfg, &RunOptions { quiet: args.quiet, resume: args.resume.is_some() })?;
-    println!("trained {} steps; final model: {}", summary.steps, summary.final_dir.display());
-    Ok(())
+    let timeout = std::time::Duration::from_secs_f64(cfg.run.collective_timeout);
+    let on_gpu = cfg.model.device.starts_with("cuda");
+    let dist = crate::distributed::from_environment(timeout, on_gpu)?;
+    let opts = RunOptions { quiet: args.quiet, resume: args.resume.is_some(), dist: dist.clone() };
+    match train(&cfg, &opts) {
+        Ok(summary) => {
+            if dist.is_main() {
+                println!("trained {} steps; final model: {}", summary.steps, summary.final_dir.display());
+            }
+            Ok(())
+        }
+        Err(err) if dist.world_size() > 1 => {
+            // The other ranks may be waiting in a collective this one will never reach: say
+            // what failed here, then end them all.
+            eprintln!("error: rank {}: {err}", dist.rank());
+            for cause in err.chain().skip(1) {
+                eprintln!("  Caused by: {cause}");
+            }
+            dist.abort(2)
+        }
+        Err(err) => Err(err),
+    }
 }
 
 /// The configuration a command line asks for.

@@ -73,11 +73,14 @@ pub fn generate(
 /// The on-policy sampler: `k` samples of every prompt from `model` (pass the live policy's
 /// frozen view: no copy, no reload), `batch_size` rows per batch. Sample `j` of prompt `i`
 /// draws from a stream seeded by `cfg.seed`, `i` and `j` alone, so a round is reproducible
-/// however it is batched. `done(rows)` is called after each batch. Returns `[prompt][sample]`.
+/// however it is batched. `prompts` may be a share of a larger set starting at its prompt
+/// `first_prompt` (a rank's share): each prompt draws the streams of its place in the whole
+/// set. `done(rows)` is called after each batch. Returns `[prompt][sample]`.
 #[allow(clippy::too_many_arguments)]
 pub fn sample_groups(
     model: &CausalLm,
     prompts: &[Vec<u32>],
+    first_prompt: usize,
     k: usize,
     stop_ids: &[u32],
     pad_id: u32,
@@ -90,7 +93,7 @@ pub fn sample_groups(
     for chunk in rows.chunks(batch_size.max(1)) {
         let ids: Vec<Vec<u32>> = chunk.iter().map(|&(i, _)| prompts[i].clone()).collect();
         let seeds: Vec<u64> =
-            chunk.iter().map(|&(i, j)| stream_seed(cfg.seed, ((i as u64) << 20) | j as u64)).collect();
+            chunk.iter().map(|&(i, j)| stream_seed(cfg.seed, (((first_prompt + i) as u64) << 20) | j as u64)).collect();
         for (&(i, _), g) in chunk.iter().zip(generate_seeded(model, &ids, &seeds, stop_ids, pad_id, cfg, |_, _| {})?) {
             out[i].push(g);
         }

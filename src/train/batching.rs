@@ -49,8 +49,9 @@ pub fn micro_batches<'a, T>(
     let micro_per_epoch = items.len().div_ceil(r.batch_size) as u64;
     let mut micro: Vec<Vec<&T>> = Vec::new();
     let mut epoch_of_step = 0f64;
-    for j in 0..r.grad_accum as u64 {
-        let m = step * r.grad_accum as u64 + j;
+    let per_step = r.micro_per_step() as u64;
+    for j in 0..per_step {
+        let m = step * per_step + j;
         let epoch = m / micro_per_epoch;
         let within = (m % micro_per_epoch) as usize;
         if j > 0 && within == 0 {
@@ -73,9 +74,9 @@ pub fn planned_steps(n: usize, r: &RunSection) -> u64 {
 }
 
 /// Optimizer steps of `epochs` passes over `n` examples in `r.batch_size` micro-batches,
-/// `r.grad_accum` to a step.
+/// `r.grad_accum` to a step on each of `r.ranks` ranks.
 pub fn steps_for_epochs(n: usize, r: &RunSection, epochs: u64) -> u64 {
-    (n.div_ceil(r.batch_size) as u64).div_ceil(r.grad_accum as u64) * epochs
+    (n.div_ceil(r.batch_size) as u64).div_ceil(r.micro_per_step() as u64) * epochs
 }
 
 #[cfg(test)]

@@ -16,6 +16,13 @@ pub struct TrainerState {
     pub step: u64,
     /// AdamW's step counter (bias correction).
     pub optimizer_steps: u64,
+    /// Ranks of the run that wrote it (a step's batch is split over them).
+    #[serde(default = "one_rank")]
+    pub ranks: usize,
+}
+
+fn one_rank() -> usize {
+    1
 }
 
 /// `checkpoints/step-N` of a run directory.

@@ -370,6 +370,33 @@ pub struct RunSection {
     /// `--overwrite`). Without it (or `--resume`) such a directory is refused.
     #[serde(default)]
     pub overwrite: bool,
+    /// Data parallelism: every N steps the ranks compare a checksum of their parameters and
+    /// stop on a difference (0 = never; a single process skips it).
+    #[serde(default = "default_sync_check_every")]
+    pub sync_check_every: u64,
+    /// Data parallelism: seconds a collective waits for the other ranks before the run stops,
+    /// naming the ranks that did not answer (torch.distributed's default, 10 minutes).
+    #[serde(default = "default_collective_timeout")]
+    pub collective_timeout: f64,
+    /// Ranks of this launch (set by the trainer from the launcher, never read from a recipe):
+    /// an optimizer step takes `grad_accum` micro-batches on each of them.
+    #[serde(skip, default = "default_one")]
+    pub ranks: usize,
+}
+
+impl RunSection {
+    /// Micro-batches of one optimizer step over all ranks: N ranks with accumulation k take
+    /// the step one process takes with accumulation N·k.
+    pub fn micro_per_step(&self) -> usize {
+        self.grad_accum * self.ranks
+    }
+}
+
+fn default_sync_check_every() -> u64 {
+    10
+}
+fn default_collective_timeout() -> f64 {
+    600.0
 }
 
 fn default_model() -> String {
@@ -636,6 +663,8 @@ impl TrainConfig {
         check("optim.adam_beta1", o.adam_beta1, (0.0..1.0).contains(&o.adam_beta1), "in [0, 1)")?;
         check("optim.adam_beta2", o.adam_beta2, (0.0..1.0).contains(&o.adam_beta2), "in [0, 1)")?;
         check("optim.adam_epsilon", o.adam_epsilon, o.adam_epsilon >= 0.0, "≥ 0")?;
+        let timeout = self.run.collective_timeout;
+        check("run.collective_timeout", timeout, timeout > 0.0 && timeout <= 1e9, "in (0, 1e9] seconds")?;
         if let Some(on) = &self.online {
             check("online.temperature", on.temperature, on.temperature >= 0.0, "≥ 0 (0 = greedy)")?;
             check("online.top_p", on.top_p, on.top_p > 0.0 && on.top_p <= 1.0, "in (0, 1]")?;

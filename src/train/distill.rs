@@ -61,6 +61,7 @@ pub fn train(cfg: &TrainConfig, opts: &RunOptions) -> Result<RunSummary> {
             &run_dir.join("teacher_cache").join("train.safetensors"),
             cfg.run.batch_size,
             trainer.pad,
+            trainer.dist().is_main(),
         )?;
         if let Some(eval) = eval_items.as_mut() {
             cache_teacher_states(
@@ -69,6 +70,7 @@ pub fn train(cfg: &TrainConfig, opts: &RunOptions) -> Result<RunSummary> {
                 &run_dir.join("teacher_cache").join("eval.safetensors"),
                 cfg.run.batch_size,
                 trainer.pad,
+                trainer.dist().is_main(),
             )?;
         }
         phase.done();
@@ -104,7 +106,7 @@ fn answer_each(
     cfg: &SamplingConfig,
     batch_size: usize,
 ) -> Result<Vec<Vec<u32>>> {
-    Ok(sample_groups(model, prompts, 1, stop, pad, cfg, batch_size, |_| {})?
+    Ok(sample_groups(model, prompts, 0, 1, stop, pad, cfg, batch_size, |_| {})?
         .into_iter()
         .map(|mut g| g.remove(0).tokens)
         .collect())
@@ -146,6 +148,9 @@ fn teacher_answers(trainer: &Trainer, distill: &DistillSection, path: &Path, cac
                 distill.sampling_batch_size,
             )?;
             phase.done();
+            if !trainer.dist().is_main() {
+                return Ok(answer_items(&ids, &answers)); // rank 0 writes the cache
+            }
             let mut lines = String::new();
             for (p, a) in prompts.iter().zip(&answers) {
                 let completion = trainer.policy.tokenizer.decode(a, true)?;
@@ -161,13 +166,15 @@ fn teacher_answers(trainer: &Trainer, distill: &DistillSection, path: &Path, cac
 
 /// Fill every item's teacher states from `cache` when it holds exactly these sequences, else by
 /// running the teacher once and writing `cache` (per item: its token ids and its
-/// `[completion tokens, hidden]` states).
+/// `[completion tokens, hidden]` states). Every rank of a data-parallel run computes them all
+/// (any item may fall to it); rank 0 alone (`write`) writes the cache.
 fn cache_teacher_states(
     teacher: &CausalLm,
     items: &mut [Item],
     cache: &Path,
     batch_size: usize,
     pad: u32,
+    write: bool,
 ) -> Result<()> {
     let seqs: Vec<&TokenizedSequence> = items.iter().map(distill_sequence).collect::<Result<_>>()?;
     let device = teacher.device();
@@ -191,6 +198,10 @@ fn cache_teacher_states(
                     at += n;
                 }
             }
+            if !write {
+                set_teacher_states(items, states);
+                return Ok(());
+            }
             let mut tensors = std::collections::HashMap::new();
             for (i, (s, h)) in seqs.iter().zip(&states).enumerate() {
                 tensors.insert(format!("ids.{i}"), Tensor::new(s.ids.as_slice(), device)?);
@@ -203,12 +214,16 @@ fn cache_teacher_states(
             states
         }
     };
+    set_teacher_states(items, states);
+    Ok(())
+}
+
+fn set_teacher_states(items: &mut [Item], states: Vec<Tensor>) {
     for (item, h) in items.iter_mut().zip(states) {
         if let Item::Distill(d) = item {
             d.teacher_states = Some(h);
         }
     }
-    Ok(())
 }
 
 fn distill_sequence(item: &Item) -> Result<&TokenizedSequence> {
@@ -236,9 +251,13 @@ fn train_on_policy(
     while trainer.step < total {
         let (micro, epoch) = micro_batches(prompts, trainer.step, r, &mut orders);
         let student = trainer.policy.model.frozen_view();
-        let mut answered: Vec<Vec<Item>> = Vec::with_capacity(micro.len());
-        for (j, batch) in micro.iter().enumerate() {
-            let seed = r.seed ^ (trainer.step * r.grad_accum as u64 + j as u64 + 1).wrapping_mul(0xA24B_AED4_963E_E407);
+        // This rank answers its share of the step's micro-batches (seeded by their place in
+        // the whole step).
+        let mine = trainer.dist().share(micro.len());
+        let mut answered: Vec<Vec<Item>> = Vec::with_capacity(mine.len());
+        for (j, batch) in micro.iter().enumerate().skip(mine.start).take(mine.len()) {
+            let seed =
+                r.seed ^ (trainer.step * r.micro_per_step() as u64 + j as u64 + 1).wrapping_mul(0xA24B_AED4_963E_E407);
             let ids: Vec<Vec<u32>> =
                 batch.iter().map(|i| distill_sequence(i).map(|s| s.ids.clone())).collect::<Result<_>>()?;
             let mut answers = answer_each(
@@ -259,7 +278,7 @@ fn train_on_policy(
         let refs: Vec<Vec<&Item>> =
             answered.iter().map(|b| b.iter().collect()).filter(|b: &Vec<&Item>| !b.is_empty()).collect();
         let extra = Map::from_iter([("epoch".to_string(), Value::from(epoch))]);
-        trainer.step(&refs, extra, eval, false)?;
+        trainer.step_share(&refs, extra, eval, false)?;
     }
     Ok(())
 }

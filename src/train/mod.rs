@@ -28,10 +28,19 @@ use candor_alignment::LoopKind;
 /// Run (or resume) the training `cfg` describes, in the loop the registry gives its objective:
 /// a fixed dataset, a frozen teacher's distributions, or rounds of the policy's own judged
 /// samples.
+///
+/// Over several ranks (`opts.dist`), each step's micro-batches are split among them: N ranks
+/// with `run.grad_accum` k take the steps one process takes with k·N.
 pub fn train(cfg: &TrainConfig, opts: &RunOptions) -> Result<RunSummary> {
+    let mut cfg = cfg.clone();
+    cfg.run.ranks = opts.dist.world_size();
+    if cfg.run.ranks > 1 && cfg.model.device.starts_with("cuda") {
+        // One GPU per rank, picked by the rank's place on its machine.
+        cfg.model.device = format!("cuda:{}", crate::distributed::local_rank());
+    }
     match cfg.objective.loop_kind() {
-        LoopKind::Offline => offline::train(cfg, opts),
-        LoopKind::Distill => distill::train(cfg, opts),
-        LoopKind::Online => online::train(cfg, opts),
+        LoopKind::Offline => offline::train(&cfg, opts),
+        LoopKind::Distill => distill::train(&cfg, opts),
+        LoopKind::Online => online::train(&cfg, opts),
     }
 }

@@ -36,21 +36,10 @@ pub fn train(cfg: &TrainConfig, opts: &RunOptions) -> Result<RunSummary> {
             // Score the data once, cache it next to the run, and free the reference.
             let run_dir = &cfg.run.output;
             let phase = trainer.phase("precomputing the reference's log-probs");
-            precompute_reference(
-                &reference,
-                &mut items,
-                &run_dir.join("ref_logps_train.json"),
-                cfg.run.batch_size,
-                trainer.pad,
-            )?;
+            let cache = |name: &str| run_dir.join(name);
+            precompute_reference(&trainer, &reference, &mut items, &cache("ref_logps_train.json"))?;
             if let Some(eval) = eval_items.as_mut() {
-                precompute_reference(
-                    &reference,
-                    eval,
-                    &run_dir.join("ref_logps_eval.json"),
-                    cfg.run.batch_size,
-                    trainer.pad,
-                )?;
+                precompute_reference(&trainer, &reference, eval, &cache("ref_logps_eval.json"))?;
             }
             phase.done();
         }
@@ -61,14 +50,10 @@ pub fn train(cfg: &TrainConfig, opts: &RunOptions) -> Result<RunSummary> {
 }
 
 /// Fill every pair's reference log-probs, from `cache` when it holds one value per pair,
-/// else by scoring with `reference` and writing `cache`.
-fn precompute_reference(
-    reference: &CausalLm,
-    items: &mut [Item],
-    cache: &Path,
-    batch_size: usize,
-    pad: u32,
-) -> Result<()> {
+/// else by scoring with `reference` (each rank its share of the batches, gathered) and
+/// writing `cache` (rank 0).
+fn precompute_reference(trainer: &Trainer, reference: &CausalLm, items: &mut [Item], cache: &Path) -> Result<()> {
+    let (batch_size, pad, dist) = (trainer.cfg.run.batch_size, trainer.pad, trainer.dist());
     let cached: Option<Vec<(f32, f32)>> = std::fs::read_to_string(cache)
         .ok()
         .and_then(|t| serde_json::from_str(&t).ok())
@@ -76,8 +61,12 @@ fn precompute_reference(
     let values = match cached {
         Some(v) => v,
         None => {
-            let values = summed_pair_logps(reference, items, batch_size, pad)?;
-            super::checkpoint::write_atomically(cache, serde_json::to_string(&values)?.as_bytes())?;
+            let part_values = summed_pair_logps(reference, dist.share_of_batches(items, batch_size), batch_size, pad)?;
+            let what = format!("gathering the reference's log-probs for `{}`", cache.display());
+            let values: Vec<(f32, f32)> = dist.all_gather(&part_values, &what)?.into_iter().flatten().collect();
+            if dist.is_main() {
+                super::checkpoint::write_atomically(cache, serde_json::to_string(&values)?.as_bytes())?;
+            }
             values
         }
     };

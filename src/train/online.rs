@@ -74,15 +74,25 @@ pub fn train(cfg: &TrainConfig, opts: &RunOptions) -> Result<RunSummary> {
             }
             _ => {
                 let (mut data, items) = build_round(&trainer, round, &sources, previous.as_ref())?;
-                data.summary = round_summary(&data, previous.as_ref(), &sources)?;
-                write_round(&path, &data)?;
+                // Rank 0 alone summarizes the round (its win-rate asks the judge) and writes it.
+                let written = if trainer.dist().is_main() {
+                    round_summary(&data, previous.as_ref(), &sources).and_then(|summary| {
+                        data.summary = summary;
+                        write_round(&path, &data)
+                    })
+                } else {
+                    Ok(())
+                };
+                trainer.dist().agree(written, &format!("writing round {}", round + 1))?;
                 (data, items)
             }
         };
         // Rewritten whole each round, so a resumed run never repeats a line.
         summaries.push(Value::Object(data.summary.clone()));
-        let lines: String = summaries.iter().map(|s| format!("{s}\n")).collect();
-        super::checkpoint::write_atomically(&run_dir.join("rounds.jsonl"), lines.as_bytes())?;
+        if trainer.dist().is_main() {
+            let lines: String = summaries.iter().map(|s| format!("{s}\n")).collect();
+            super::checkpoint::write_atomically(&run_dir.join("rounds.jsonl"), lines.as_bytes())?;
+        }
         if trainer.step < data.start_step + data.steps {
             train_round(&mut trainer, &data, &items)?;
         }
@@ -181,7 +191,8 @@ struct RoundSources<'a> {
 }
 
 /// Sample, judge and build round `round`'s training set from the policy as it stands, with
-/// the items it trains on.
+/// the items it trains on. Each rank samples and judges its share of the prompts; the pools
+/// are gathered so that every rank builds the same training set.
 fn build_round(
     trainer: &Trainer,
     round: u64,
@@ -199,8 +210,10 @@ fn build_round(
     // Sample from the live weights (a view: no copy, no graph).
     let frozen = trainer.policy.model.frozen_view();
     let seed = cfg.run.seed ^ (round + 1).wrapping_mul(0xD1B5_4A32_D192_ED03);
-    let mut pools = sample_pools(trainer, &frozen, &ids, seed)?;
-    let answers = teacher.answers(&trainer.policy, &chosen, prompts, online.max_new_tokens)?;
+    let dist = trainer.dist();
+    let mine = dist.share(ids.len());
+    let mut pools = sample_pools(trainer, &frozen, &ids[mine.clone()], mine.start, seed)?;
+    let answers = teacher.answers(&trainer.policy, &chosen[mine.clone()], prompts, online.max_new_tokens)?;
     for (pool, answers) in pools.iter_mut().zip(answers) {
         pool.extend(answers.into_iter().map(|(tokens, text)| Sample {
             tokens,
@@ -211,7 +224,11 @@ fn build_round(
         }));
     }
     say(format!("judging with {}", judge.name()));
-    let pointwise = score_pools(judge, &chosen.iter().map(|&p| &prompts[p]).collect::<Vec<_>>(), &mut pools)?;
+    let pointwise = score_pools(judge, &chosen[mine].iter().map(|&p| &prompts[p]).collect::<Vec<_>>(), &mut pools)?;
+    let what = format!("gathering round {}'s samples", round + 1);
+    let shares = dist.all_gather(&(pointwise, pools), &what)?;
+    let pointwise = shares.first().is_some_and(|(p, _)| *p);
+    let pools: Vec<Vec<Sample>> = shares.into_iter().flat_map(|(_, pools)| pools).collect();
 
     say("scoring the samples under the previous iterate".into());
     let ctx = RoundContext { trainer, frozen: &frozen, prompts, chosen: &chosen, ids: &ids, previous };
@@ -225,8 +242,15 @@ fn build_round(
     Ok((data, items))
 }
 
-/// `online.samples_per_prompt` answers to each prompt of `ids`, sampled from `frozen`.
-fn sample_pools(trainer: &Trainer, frozen: &CausalLm, ids: &[Vec<u32>], seed: u64) -> Result<Vec<Vec<Sample>>> {
+/// `online.samples_per_prompt` answers to each prompt of `ids` (the round's prompts from
+/// `first` on), sampled from `frozen`.
+fn sample_pools(
+    trainer: &Trainer,
+    frozen: &CausalLm,
+    ids: &[Vec<u32>],
+    first: usize,
+    seed: u64,
+) -> Result<Vec<Vec<Sample>>> {
     let online = trainer.cfg.online.as_ref().expect("validated");
     let sampling = SamplingConfig {
         max_new_tokens: online.max_new_tokens,
@@ -237,7 +261,7 @@ fn sample_pools(trainer: &Trainer, frozen: &CausalLm, ids: &[Vec<u32>], seed: u6
     };
     let policy = &trainer.policy;
     let (stop, pad, k) = (&policy.eos_token_ids, trainer.pad, online.samples_per_prompt);
-    let groups = sample_groups(frozen, ids, k, stop, pad, &sampling, online.sampling_batch_size, |_| {})?;
+    let groups = sample_groups(frozen, ids, first, k, stop, pad, &sampling, online.sampling_batch_size, |_| {})?;
     groups
         .iter()
         .map(|gens| {

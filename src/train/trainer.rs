@@ -19,6 +19,7 @@ use super::items::Item;
 use super::models::RunModels;
 use super::optim::{self, clip_grad_norm, lr_at, AdamW, AdamWConfig};
 use super::progress::{eval_line, Phase, Phases, Progress};
+use crate::distributed::Dist;
 use crate::load::LoadedModel;
 use crate::model::{fused, CausalLm};
 
@@ -29,6 +30,8 @@ pub struct RunOptions {
     pub quiet: bool,
     /// Continue from the newest checkpoint of the run directory.
     pub resume: bool,
+    /// The ranks of a data-parallel launch (a single process by default).
+    pub dist: Dist,
 }
 
 /// What a finished run reports.
@@ -59,8 +62,11 @@ pub struct Trainer<'c> {
     pub step: u64,
     /// Steps the run will take (the learning-rate schedule's length).
     total: u64,
-    metrics_file: std::fs::File,
+    /// `metrics.jsonl`, open on rank 0 only.
+    metrics_file: Option<std::fs::File>,
     metrics_path: PathBuf,
+    /// The ranks this run is split over.
+    dist: Dist,
     progress: Progress,
     /// The padding id.
     pub pad: u32,
@@ -74,19 +80,25 @@ impl<'c> Trainer<'c> {
     pub fn start(cfg: &'c TrainConfig, opts: &RunOptions) -> Result<Self> {
         let run_dir = &cfg.run.output;
         let objective = &cfg.objective;
-        // A directory holding another run is refused (or cleared with `run.overwrite`) before
-        // anything loads: its checkpoints and metrics must never mix with this run's.
-        checkpoint::prepare_run_dir(run_dir, opts.resume, cfg.run.overwrite)?;
+        let dist = opts.dist.clone();
+        // Rank 0 alone writes the run directory; the others go on once it has.
+        let prepared = if dist.is_main() { prepare(cfg, opts.resume) } else { Ok(()) };
+        dist.agree(prepared, "preparing the run directory")?;
         let resume_from = if opts.resume { checkpoint::latest(run_dir)? } else { None };
-        if opts.resume && resume_from.is_none() {
+        if opts.resume && resume_from.is_none() && dist.is_main() {
             eprintln!("candor: no checkpoint in `{}`; starting from step 0", run_dir.display());
         }
-        std::fs::create_dir_all(run_dir)
-            .with_context(|| format!("cannot create run directory `{}`", run_dir.display()))?;
-        // The saved recipe never carries `overwrite`: reusing it must not clear another run.
-        let mut saved_cfg = cfg.clone();
-        saved_cfg.run.overwrite = false;
-        checkpoint::write_atomically(&run_dir.join("config.toml"), saved_cfg.to_toml()?.as_bytes())?;
+        if dist.world_size() > 1 && dist.is_main() {
+            let r = &cfg.run;
+            eprintln!(
+                "candor: data parallel over {} ranks ({}): each step takes {} micro-batches of {} on each rank, as one process with `grad_accum` {}",
+                dist.world_size(),
+                dist.backend(),
+                r.grad_accum,
+                r.batch_size,
+                r.micro_per_step()
+            );
+        }
 
         let resume_dir = resume_from.as_ref().map(|(_, dir)| dir.as_path());
         let RunModels { mut policy, reference, teacher } = RunModels::load(cfg, resume_dir)?;
@@ -111,20 +123,23 @@ impl<'c> Trainer<'c> {
             opt.set_lr_scale(name, scale);
         }
         let mut step = 0u64;
+        let metrics_path = run_dir.join("metrics.jsonl");
         if let Some((_, dir)) = &resume_from {
             let (state, tensors) = checkpoint::load_state(dir)?;
+            if state.ranks != dist.world_size() {
+                bail!(
+                    "`{}` was written by a run over {} rank(s) and this one has {}: resume it with the same number of ranks (the ranks make up each step's batch)",
+                    dir.display(),
+                    state.ranks,
+                    dist.world_size()
+                );
+            }
             opt.load_state(state.optimizer_steps, &tensors)?;
             step = state.step;
-            checkpoint::truncate_metrics(&run_dir.join("metrics.jsonl"), step)?;
-        } else {
-            let _ = std::fs::remove_file(run_dir.join("metrics.jsonl"));
         }
-        let metrics_path = run_dir.join("metrics.jsonl");
-        let metrics_file = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&metrics_path)
-            .with_context(|| format!("cannot open `{}`", metrics_path.display()))?;
+        let opened =
+            if dist.is_main() { open_metrics(&metrics_path, resume_from.as_ref().map(|_| step)) } else { Ok(None) };
+        let metrics_file = dist.agree(opened, "opening metrics.jsonl")?;
         let pad = policy.tokenizer.pad_id();
         Ok(Self {
             cfg,
@@ -137,10 +152,40 @@ impl<'c> Trainer<'c> {
             total: 0,
             metrics_file,
             metrics_path,
-            progress: Progress::new(opts.quiet),
+            progress: Progress::new(opts.quiet || !dist.is_main()),
+            dist,
             pad,
             last_checkpoint: None,
         })
+    }
+
+    /// The ranks this run is split over.
+    pub fn dist(&self) -> &Dist {
+        &self.dist
+    }
+
+    /// A step's size over every rank, from this rank's part.
+    fn sum_scales(&self, mine: StepScale, what: &str) -> Result<StepScale> {
+        if self.dist.world_size() == 1 {
+            return Ok(mine);
+        }
+        let all = self.dist.all_gather(&(mine.examples, mine.tokens), &format!("the batch size of {what}"))?;
+        let (examples, tokens) = all.iter().fold((0.0, 0.0), |(e, t), (de, dt)| (e + de, t + dt));
+        Ok(StepScale { examples, tokens })
+    }
+
+    /// Loss, metrics and tokens summed over the ranks, in rank order.
+    fn sum_over_ranks(&self, mine: Sums, what: &str) -> Result<Sums> {
+        if self.dist.world_size() == 1 {
+            return Ok(mine);
+        }
+        let mut total = Sums { loss: 0.0, metrics: Vec::new(), tokens: 0 };
+        for part in self.dist.all_gather(&mine, &format!("the metrics of {what}"))? {
+            total.loss += part.loss;
+            total.tokens += part.tokens;
+            add_metrics(&mut total.metrics, part.metrics);
+        }
+        Ok(total)
     }
 
     /// The models of a step.
@@ -177,7 +222,13 @@ impl<'c> Trainer<'c> {
     /// Shown as a phase of its own, its metrics printed when computed.
     fn evaluation(&self, eval: &[Item]) -> Result<Map<String, Value>> {
         let phase = self.progress.phase(format!("evaluating {} held-out examples", eval.len()));
-        let (eval_loss, eval_metrics) = evaluate(&self.cfg.objective, self.models(), eval, self.cfg.run.batch_size)?;
+        // Each rank evaluates its share of the batches (the same batches one process makes).
+        let batch = self.cfg.run.batch_size;
+        let part = self.dist.share_of_batches(eval, batch);
+        let (loss, metrics) = evaluate_part(&self.cfg.objective, self.models(), part, &step_scale(eval.iter()), batch)?;
+        let what = format!("the evaluation at step {}", self.step);
+        let sums = self.sum_over_ranks(Sums { loss, metrics, tokens: 0 }, &what)?;
+        let (eval_loss, eval_metrics) = (sums.loss, sums.metrics);
         drop(phase); // the metrics line printed below takes its place
         let mut fields = Map::from_iter([("eval_loss".to_string(), Value::from(eval_loss))]);
         fields.extend(eval_metrics.into_iter().map(|(k, v)| (format!("eval_{k}"), Value::from(v))));
@@ -189,10 +240,13 @@ impl<'c> Trainer<'c> {
     /// `write_all`, cut back on failure, so a full disk never leaves a partial line. The error
     /// names the file and the step.
     fn log(&mut self, line: Map<String, Value>) -> Result<()> {
+        let Some(file) = self.metrics_file.as_mut() else {
+            return Ok(()); // not rank 0
+        };
         let step = line.get("step").cloned().unwrap_or(Value::Null);
         let mut text = Value::Object(line).to_string();
         text.push('\n');
-        checkpoint::append_whole(&mut self.metrics_file, text.as_bytes()).with_context(|| {
+        checkpoint::append_whole(file, text.as_bytes()).with_context(|| {
             format!("step {step}: cannot append the metrics line to `{}`", self.metrics_path.display())
         })
     }
@@ -207,12 +261,31 @@ impl<'c> Trainer<'c> {
         Phases::new(&self.progress)
     }
 
-    /// One optimizer step over `micro` (its micro-batches): forward, backward, clip, AdamW,
-    /// one `metrics.jsonl` line (with `extra` fields such as the epoch or round), evaluation on
-    /// `eval` when due, and a checkpoint when due or when `checkpoint_now`.
+    /// The share of a step's micro-batches this rank computes (all of them in one process).
+    pub fn my_share<'m, T>(&self, micro: &'m [T]) -> &'m [T] {
+        &micro[self.dist.share(micro.len())]
+    }
+
+    /// One optimizer step over `micro` (all its micro-batches, over every rank): see
+    /// [`Trainer::step_share`], given this rank's share.
     pub fn step(
         &mut self,
         micro: &[Vec<&Item>],
+        extra: Map<String, Value>,
+        eval: Option<&[Item]>,
+        checkpoint_now: bool,
+    ) -> Result<()> {
+        let mine = self.my_share(micro);
+        self.step_share(mine, extra, eval, checkpoint_now)
+    }
+
+    /// One optimizer step of which this rank computes the micro-batches `mine`: forward,
+    /// backward, the ranks' gradients summed, clip, AdamW, one `metrics.jsonl` line (with
+    /// `extra` fields such as the epoch or round), evaluation on `eval` when due, and a
+    /// checkpoint when due or when `checkpoint_now`.
+    pub fn step_share(
+        &mut self,
+        mine: &[Vec<&Item>],
         extra: Map<String, Value>,
         eval: Option<&[Item]>,
         checkpoint_now: bool,
@@ -221,8 +294,20 @@ impl<'c> Trainer<'c> {
         let (cfg, r) = (self.cfg, &self.cfg.run);
         let objective = &cfg.objective;
         self.policy.model.set_lora_dropout_step(Some((r.seed, self.step)));
-        let acc = accumulate(objective, self.models(), micro, &self.opt)?;
-        let (loss, metrics, tokens, mut grads) = (acc.loss, acc.metrics, acc.tokens, acc.grads);
+        let what = format!("step {}", self.step + 1);
+        let scale = self.sum_scales(step_scale(mine.iter().flatten().copied()), &what)?;
+        let acc = accumulate(objective, self.models(), mine, &scale, &self.opt)?;
+        let mut grads = acc.grads;
+        // Gathering the metrics waits for the slowest rank; the gradient sum after it is the
+        // all-reduce's own time.
+        let wait_started = Instant::now();
+        let sums = self.sum_over_ranks(Sums { loss: acc.loss, metrics: acc.metrics, tokens: acc.tokens }, &what)?;
+        let (loss, metrics, tokens) = (sums.loss, sums.metrics, sums.tokens);
+        let reduce_started = Instant::now();
+        let shapes: Vec<Tensor> = self.opt.vars().map(|v| v.as_tensor().clone()).collect();
+        self.dist.all_reduce_grads(&mut grads, &shapes, &format!("the gradient all-reduce of {what}"))?;
+        let reduce_seconds = reduce_started.elapsed().as_secs_f64();
+        let wait_seconds = (reduce_started - wait_started).as_secs_f64();
         let grad_norm = clip_grad_norm(&mut grads, cfg.optim.max_grad_norm)?;
         if !loss.is_finite() || !grad_norm.is_finite() {
             let last = checkpoint::latest(&r.output)?.map(|(s, p)| format!("step {s} at `{}`", p.display()));
@@ -237,6 +322,10 @@ impl<'c> Trainer<'c> {
         let lr = lr_at(self.step, cfg.optim.lr, cfg.optim.warmup_steps, self.total, cfg.optim.scheduler);
         self.opt.step(&grads, lr)?;
         self.step += 1;
+        let is_last = self.step == self.total;
+        if r.sync_check_every > 0 && (is_last || self.step.is_multiple_of(r.sync_check_every)) {
+            self.dist.check_in_sync(self.opt.vars(), self.step)?;
+        }
         let secs = started.elapsed().as_secs_f64();
         let mut line = Map::new();
         line.insert("step".into(), self.step.into());
@@ -248,7 +337,14 @@ impl<'c> Trainer<'c> {
         for (k, v) in metrics {
             line.insert(k, v.into());
         }
-        let is_last = self.step == self.total;
+        if self.dist.world_size() > 1 {
+            // What data parallelism cost this step: waiting for the slowest rank, summing the
+            // gradients, and the gradient bytes each rank put into the all-reduce.
+            let bytes: usize = grads.iter().flatten().map(|g| g.elem_count() * 4).sum();
+            line.insert("rank_wait_seconds".into(), wait_seconds.into());
+            line.insert("allreduce_seconds".into(), reduce_seconds.into());
+            line.insert("allreduce_bytes".into(), bytes.into());
+        }
         if let Some(eval) = eval {
             if is_last || (r.eval_every > 0 && self.step.is_multiple_of(r.eval_every)) {
                 line.extend(self.evaluation(eval)?);
@@ -262,11 +358,25 @@ impl<'c> Trainer<'c> {
         Ok(())
     }
 
-    /// Write `checkpoints/step-N` now and prune old ones.
+    /// Write `checkpoints/step-N` now (rank 0, once every rank has reached it) and prune old
+    /// ones.
     pub fn save_checkpoint(&mut self) -> Result<()> {
+        let what = format!("the checkpoint of step {}", self.step);
+        self.dist.barrier(&what)?;
+        let saved = if self.dist.is_main() {
+            self.write_checkpoint()
+        } else {
+            Ok(checkpoint::checkpoint_dir(&self.cfg.run.output, self.step))
+        };
+        self.last_checkpoint = Some(self.dist.agree(saved, &what)?);
+        Ok(())
+    }
+
+    /// `checkpoints/step-N`'s files, and old checkpoints pruned.
+    fn write_checkpoint(&self) -> Result<PathBuf> {
         let r = &self.cfg.run;
         let (opt_steps, opt_state) = self.opt.state();
-        let state = TrainerState { step: self.step, optimizer_steps: opt_steps };
+        let state = TrainerState { step: self.step, optimizer_steps: opt_steps, ranks: self.dist.world_size() };
         let (cfg, policy, heads) = (self.cfg, &self.policy, &self.heads);
         let saved = checkpoint::save(&r.output, &state, (!r.save_only_model).then_some(&opt_state), |dir| {
             write_trainable(dir, cfg, policy)?;
@@ -277,22 +387,28 @@ impl<'c> Trainer<'c> {
             }
             Ok(())
         })?;
-        self.last_checkpoint = Some(saved);
         checkpoint::prune(&r.output, r.keep_last).with_context(|| {
             format!("step {}: cannot remove old checkpoints of `{}`", self.step, r.output.display())
         })?;
-        Ok(())
+        Ok(saved)
     }
 
     /// End the run: `final/` gets the trained model (merged, plus the adapter, for LoRA runs;
     /// hard links to the last checkpoint's files when it holds the final weights).
     pub fn finish(self) -> Result<RunSummary> {
         self.progress.finish();
-        let run_dir = &self.cfg.run.output;
-        let final_dir = run_dir.join("final");
-        let tmp = run_dir.join(".tmp-final");
+        let final_dir = self.cfg.run.output.join("final");
+        self.dist.barrier("writing final/")?;
+        let written = if self.dist.is_main() { self.write_final_dir(&final_dir) } else { Ok(()) };
+        self.dist.agree(written, "writing final/")?;
+        Ok(RunSummary { steps: self.step, final_dir })
+    }
+
+    /// `final/`, through a temporary directory that a failure removes.
+    fn write_final_dir(&self, final_dir: &Path) -> Result<()> {
+        let tmp = self.cfg.run.output.join(".tmp-final");
         let _ = std::fs::remove_dir_all(&tmp);
-        let written = self.write_final(&tmp, &final_dir);
+        let written = self.write_final(&tmp, final_dir);
         if written.is_err() {
             // Free what a full disk let through; the checkpoints stay as they were.
             let _ = std::fs::remove_dir_all(&tmp);
@@ -303,8 +419,7 @@ impl<'c> Trainer<'c> {
                 self.step,
                 final_dir.display()
             )
-        })?;
-        Ok(RunSummary { steps: self.step, final_dir })
+        })
     }
 
     /// A LoRA run's `final/`: the PEFT adapter in `final/adapter/` and the merged model beside
@@ -385,24 +500,32 @@ pub struct Accumulated {
     pub grads: Vec<Option<Tensor>>,
 }
 
-/// Forward and backward every micro-batch of a step, summing gradients. Losses come back
-/// divided by the whole step's size, so the sum is the full-batch loss.
+/// The size of a step made of `items`: its examples and loss tokens.
+pub fn step_scale<'a>(items: impl Iterator<Item = &'a Item>) -> StepScale {
+    let mut scale = StepScale { examples: 0.0, tokens: 0.0 };
+    for item in items {
+        scale.examples += 1.0;
+        scale.tokens += item.loss_tokens() as f64;
+    }
+    scale
+}
+
+/// Forward and backward every micro-batch of `micro`, summing gradients. Losses come back
+/// divided by the whole step's size `scale` (over every rank), so the sum over the step's
+/// micro-batches is the full-batch loss.
 pub fn accumulate(
     objective: &candor_alignment::Objective,
     models: StepModels,
     micro: &[Vec<&Item>],
+    scale: &StepScale,
     opt: &AdamW,
 ) -> Result<Accumulated> {
     let policy = models.policy;
-    let scale = StepScale {
-        examples: micro.iter().map(Vec::len).sum::<usize>() as f64,
-        tokens: micro.iter().flatten().map(|i| i.loss_tokens()).sum::<usize>() as f64,
-    };
     let mut acc = Accumulated { loss: 0.0, metrics: Vec::new(), tokens: 0, grads: vec![None; opt.vars().count()] };
     let in_place = policy.kernels() == crate::model::Kernels::Fused;
     for batch in micro {
         let input = objective_input(models, objective.data_need(), batch)?;
-        let out = objective.compute(&input, &scale)?;
+        let out = objective.compute(&input, scale)?;
         acc.loss += out.loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
         add_metrics(&mut acc.metrics, out.metrics);
         acc.tokens += batch.iter().map(|i| i.tokens()).sum::<usize>();
@@ -427,6 +550,42 @@ pub fn accumulate(
         }
     }
     Ok(acc)
+}
+
+/// A rank's part of a step or an evaluation, summed over the ranks.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Sums {
+    loss: f64,
+    metrics: Vec<(String, f64)>,
+    tokens: usize,
+}
+
+/// Refuse a run directory that holds another run (or clear it with `run.overwrite`) before
+/// anything loads, create it, and save the recipe.
+fn prepare(cfg: &TrainConfig, resume: bool) -> Result<()> {
+    let run_dir = &cfg.run.output;
+    checkpoint::prepare_run_dir(run_dir, resume, cfg.run.overwrite)?;
+    std::fs::create_dir_all(run_dir).with_context(|| format!("cannot create run directory `{}`", run_dir.display()))?;
+    // The saved recipe never carries `overwrite`: reusing it must not clear another run.
+    let mut saved_cfg = cfg.clone();
+    saved_cfg.run.overwrite = false;
+    checkpoint::write_atomically(&run_dir.join("config.toml"), saved_cfg.to_toml()?.as_bytes())
+}
+
+/// `metrics.jsonl` opened for appending: cut back to `resumed_at`'s step, or started afresh.
+fn open_metrics(path: &Path, resumed_at: Option<u64>) -> Result<Option<std::fs::File>> {
+    match resumed_at {
+        Some(step) => checkpoint::truncate_metrics(path, step)?,
+        None => {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .with_context(|| format!("cannot open `{}`", path.display()))?;
+    Ok(Some(file))
 }
 
 /// Memory the kernel says is available (`MemAvailable`), in bytes; `None` where unknown.
@@ -481,16 +640,25 @@ pub fn evaluate(
     items: &[Item],
     batch_size: usize,
 ) -> Result<(f64, Vec<(String, f64)>)> {
+    evaluate_part(objective, models, items, &step_scale(items.iter()), batch_size)
+}
+
+/// Loss and metrics of `items`, part of a held-out set whose size is `scale` (no gradient).
+fn evaluate_part(
+    objective: &candor_alignment::Objective,
+    models: StepModels,
+    items: &[Item],
+    scale: &StepScale,
+    batch_size: usize,
+) -> Result<(f64, Vec<(String, f64)>)> {
     let frozen = models.policy.frozen_view();
     let models = models.with_policy(&frozen);
-    let scale =
-        StepScale { examples: items.len() as f64, tokens: items.iter().map(|i| i.loss_tokens()).sum::<usize>() as f64 };
     let mut loss = 0f64;
     let mut metrics = Vec::new();
     for chunk in items.chunks(batch_size.max(1)) {
         let refs: Vec<&Item> = chunk.iter().collect();
         let input = objective_input(models, objective.data_need(), &refs)?;
-        let out = objective.compute(&input, &scale)?;
+        let out = objective.compute(&input, scale)?;
         loss += out.loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
         add_metrics(&mut metrics, out.metrics);
     }

@@ -35,9 +35,20 @@ pub fn u32s(v: &Value) -> Vec<u32> {
     v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
 }
 
-/// Load a fixture model directory in f32 on the CPU.
+/// The device the golden tests run on: the CPU, or `CANDOR_TEST_DEVICE` (`cuda`, `cuda:N`,
+/// `metal`; `scripts/gpu-check.sh` sets it on a GPU machine).
+pub fn test_device() -> Device {
+    let name = std::env::var("CANDOR_TEST_DEVICE").unwrap_or_else(|_| "cpu".into());
+    match name.as_str() {
+        "cpu" => Device::Cpu,
+        "metal" => Device::new_metal(0).unwrap(),
+        cuda => Device::new_cuda(cuda.strip_prefix("cuda:").map_or(0, |n| n.parse().unwrap())).unwrap(),
+    }
+}
+
+/// Load a fixture model directory in f32 on [`test_device`].
 pub fn load(rel: &str) -> LoadedModel {
-    load_hf_dir(&fixture(rel), DType::F32, &Device::Cpu).unwrap()
+    load_hf_dir(&fixture(rel), DType::F32, &test_device()).unwrap()
 }
 
 /// Both kernel paths: every golden test runs on each.
