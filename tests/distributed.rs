@@ -85,12 +85,7 @@ fn sft_args(dir: &Path, out: &Path) -> Vec<String> {
 
 /// NFT's online rounds: 2 rounds of 6 prompts x 4 samples, one prompt per sampling batch.
 fn nft_args(dir: &Path, out: &Path) -> Vec<String> {
-    let prompts = dir.join("prompts.jsonl");
-    let lines: Vec<String> = ["apple", "river", "stone", "cloud", "green", "light"]
-        .iter()
-        .map(|w| format!("{{\"prompt\": \"Say {w}\", \"constraint\": {{\"type\": \"regex\", \"value\": \"[ae]\"}}}}"))
-        .collect();
-    std::fs::write(&prompts, lines.join("\n") + "\n").unwrap();
+    let prompts = tiny_prompts(dir);
     let mut args = strings(&["--objective", "nft", "--batch-size", "2", "--lr", "1e-3", "--seed", "3"]);
     for set in ["online.rounds=2", "online.samples_per_prompt=4", "online.max_new_tokens=6"] {
         args.extend(["--set".into(), set.into()]);

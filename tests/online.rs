@@ -9,17 +9,6 @@ use std::path::{Path, PathBuf};
 use common::*;
 use serde_json::Value;
 
-/// Prompts whose regex constraint the tiny model's random answers meet about half the time.
-fn tiny_prompts(dir: &Path) -> PathBuf {
-    let path = dir.join("prompts.jsonl");
-    let lines: Vec<String> = ["apple", "river", "stone", "cloud", "green", "light"]
-        .iter()
-        .map(|w| format!("{{\"prompt\": \"Say {w}\", \"constraint\": {{\"type\": \"regex\", \"value\": \"[ae]\"}}}}"))
-        .collect();
-    std::fs::write(&path, lines.join("\n") + "\n").unwrap();
-    path
-}
-
 fn online_command(objective: &str, prompts: &Path, out: &Path, extra: &[&str]) -> std::process::Command {
     let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_candor"));
     cmd.args(["train", "--quiet", "--objective", objective, "--model", fixture("llama-tiny/policy").to_str().unwrap()]);

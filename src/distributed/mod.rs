@@ -243,6 +243,25 @@ impl Dist {
     }
 }
 
+/// Call `done` until it says the operation finished: tightly at first (yielding the core), then
+/// every 50 µs; every 1024 calls `chores` runs (answering peers, checking the deadline).
+#[cfg(any(feature = "mpi", feature = "nccl"))]
+fn poll_until(mut done: impl FnMut() -> Result<bool>, mut chores: impl FnMut()) -> Result<()> {
+    let mut polls = 0u64;
+    while !done()? {
+        polls += 1;
+        if polls.is_multiple_of(1024) {
+            chores();
+        }
+        if polls > 10_000 {
+            std::thread::sleep(Duration::from_micros(50));
+        } else {
+            std::thread::yield_now();
+        }
+    }
+    Ok(())
+}
+
 /// Rank `rank`'s contiguous share of `n` items among `world` ranks.
 pub fn share_of(n: usize, rank: usize, world: usize) -> Range<usize> {
     let (base, extra) = (n / world, n % world);

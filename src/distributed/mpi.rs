@@ -38,27 +38,24 @@ impl Mpi {
     }
 
     /// Poll `request` until it completes; past the deadline, report and abort.
-    fn wait<'a, D: ?Sized, S: Scope<'a>>(&self, mut request: Request<'a, D, S>, what: &str) {
+    fn wait<'a, D: ?Sized, S: Scope<'a>>(&self, request: Request<'a, D, S>, what: &str) {
         let start = Instant::now();
-        let mut polls = 0u64;
-        loop {
-            request = match request.test() {
-                Ok(_) => return,
-                Err(pending) => pending,
-            };
-            polls += 1;
-            if polls.is_multiple_of(1024) {
-                self.answer_pings();
-                if start.elapsed() > self.timeout {
-                    self.timed_out(what);
-                }
+        let mut pending = Some(request);
+        let done = || match pending.take().map(Request::test) {
+            Some(Err(still)) => {
+                pending = Some(still);
+                Ok(false)
             }
-            if polls > 10_000 {
-                std::thread::sleep(Duration::from_micros(50));
-            } else {
-                std::thread::yield_now();
+            _ => Ok(true),
+        };
+        let chores = || {
+            self.answer_pings();
+            if start.elapsed() > self.timeout {
+                self.timed_out(what); // aborts: the pending request is never dropped
             }
-        }
+        };
+        // Neither closure fails.
+        let _ = super::poll_until(done, chores);
     }
 
     /// Answer every liveness question that has arrived.

@@ -112,21 +112,13 @@ impl Nccl {
     /// Poll `done` until the GPU has finished the work before it; past the deadline, report,
     /// abort the communicator and end this rank.
     fn wait(&self, done: &CudaEvent, what: &str, start: Instant) -> Result<()> {
-        let mut polls = 0u64;
-        loop {
-            if done.try_is_complete().with_context(|| format!("{what}: the GPU reported an error"))? {
-                return Ok(());
-            }
-            polls += 1;
+        let finished = || done.try_is_complete().with_context(|| format!("{what}: the GPU reported an error"));
+        let deadline = || {
             if start.elapsed() > self.timeout {
                 self.timed_out(what);
             }
-            if polls > 1_000 {
-                std::thread::sleep(Duration::from_micros(50));
-            } else {
-                std::thread::yield_now();
-            }
-        }
+        };
+        super::poll_until(finished, deadline)
     }
 
     /// Copy the device buffer `dev` back into `buf` and check that the copy (and everything

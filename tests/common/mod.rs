@@ -235,3 +235,14 @@ pub fn greedy_by_full_forward(
     let text = m.tokenizer.decode(&new, true).unwrap();
     (new, text)
 }
+
+/// Prompts whose regex constraint the tiny model's random answers meet about half the time.
+pub fn tiny_prompts(dir: &Path) -> PathBuf {
+    let path = dir.join("prompts.jsonl");
+    let lines: Vec<String> = ["apple", "river", "stone", "cloud", "green", "light"]
+        .iter()
+        .map(|w| format!("{{\"prompt\": \"Say {w}\", \"constraint\": {{\"type\": \"regex\", \"value\": \"[ae]\"}}}}"))
+        .collect();
+    std::fs::write(&path, lines.join("\n") + "\n").unwrap();
+    path
+}
