@@ -261,11 +261,6 @@ impl<'c> Trainer<'c> {
         Phases::new(&self.progress)
     }
 
-    /// The share of a step's micro-batches this rank computes (all of them in one process).
-    pub fn my_share<'m, T>(&self, micro: &'m [T]) -> &'m [T] {
-        &micro[self.dist.share(micro.len())]
-    }
-
     /// One optimizer step over `micro` (all its micro-batches, over every rank): see
     /// [`Trainer::step_share`], given this rank's share.
     pub fn step(
@@ -275,7 +270,7 @@ impl<'c> Trainer<'c> {
         eval: Option<&[Item]>,
         checkpoint_now: bool,
     ) -> Result<()> {
-        let mine = self.my_share(micro);
+        let mine = &micro[self.dist.share(micro.len())];
         self.step_share(mine, extra, eval, checkpoint_now)
     }
 
