@@ -46,7 +46,7 @@ fn check_architecture_on(dir: &str, kernels: Kernels) {
         let got: Vec<f64> = per_token[b].iter().map(|&v| v as f64).collect();
         assert_close(&format!("{dir} token logps row {b}"), &got, &f64s(want), 1e-4);
     }
-    let sums: Vec<f64> = masked.sum(1).unwrap().to_vec1::<f32>().unwrap().iter().map(|&v| v as f64).collect();
+    let sums: Vec<f64> = values(&masked.sum(1).unwrap());
     assert_rel(&format!("{dir} summed logps"), &sums, &f64s(&exp["sum_logps"]), 1e-5);
     let loss = masked.sum_all().unwrap().neg().unwrap();
     let grads = loss.backward().unwrap();
@@ -260,9 +260,7 @@ fn transformers_gradients(
     let phi3 = dir.starts_with("phi3");
     let mut out = Vec::new();
     for (name, _) in vars {
-        let flat = |t: Tensor| -> Vec<f64> {
-            t.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().map(|&v| v as f64).collect()
-        };
+        let flat = |t: Tensor| -> Vec<f64> { values(&t) };
         match fused.iter().find(|(first, _, _)| phi3 && name.contains(first)) {
             Some((first, whole, parts)) => {
                 let pieces: Vec<Tensor> =

@@ -118,7 +118,7 @@ fn log_probs_match_transformers_on(kernels: Kernels) {
         let sums = completion_logps(&m.model, &batch).unwrap();
         let per_token =
             (m.model.token_logps(&batch.input_ids, Some(&batch.attention_mask)).unwrap() * &batch.loss_mask).unwrap();
-        let sums: Vec<f64> = sums.to_vec1::<f32>().unwrap().iter().map(|&v| v as f64).collect();
+        let sums: Vec<f64> = values(&sums);
         let want: Vec<f64> = [f64s(&exp[key]["chosen_sum"]), f64s(&exp[key]["rejected_sum"])].concat();
         assert_rel(&format!("{key} sums"), &sums, &want, 1e-5);
         let per_token: Vec<Vec<f32>> = per_token.to_vec2().unwrap();
@@ -172,11 +172,11 @@ fn dpo_losses_match_trl() {
     for (name, cfg) in cases {
         let want = &exp["dpo_losses"][name];
         let out = dpo::per_pair(&x, &cfg).unwrap();
-        let per: Vec<f64> = out.per_pair.to_vec1::<f32>().unwrap().iter().map(|&v| v as f64).collect();
+        let per: Vec<f64> = values(&out.per_pair);
         assert_close(&format!("{name} per pair"), &per, &f64s(&want["per_pair"]), 1e-5);
         let mean = per.iter().sum::<f64>() / per.len() as f64;
         assert!((mean - want["loss"].as_f64().unwrap()).abs() < 1e-5, "{name} loss {mean}");
-        let rc: Vec<f64> = out.chosen_rewards.to_vec1::<f32>().unwrap().iter().map(|&v| v as f64).collect();
+        let rc: Vec<f64> = values(&out.chosen_rewards);
         assert_close(&format!("{name} chosen rewards"), &rc, &f64s(&want["chosen_rewards"]), 1e-5);
         let full = dpo::loss(&x, &cfg, &StepScale::single(3, 0.0)).unwrap().loss.to_scalar::<f32>().unwrap() as f64;
         assert!((full - want["loss"].as_f64().unwrap()).abs() < 1e-5, "{name} reduced loss {full}");
@@ -189,7 +189,7 @@ fn rdpo_and_rpo_match_trl() {
     let x = pair_logps(&exp);
     let want = &exp["dpo_losses"]["robust_ls0.1"];
     let out = rdpo::per_pair(&x, &rdpo::RdpoConfig { beta: 0.1, epsilon: 0.1 }).unwrap();
-    let per: Vec<f64> = out.per_pair.to_vec1::<f32>().unwrap().iter().map(|&v| v as f64).collect();
+    let per: Vec<f64> = values(&out.per_pair);
     assert_close("rdpo per pair", &per, &f64s(&want["per_pair"]), 1e-5);
     let scale = StepScale::single(3, 0.0);
     let loss =
@@ -247,9 +247,7 @@ fn dpo_gradients_match_pytorch_including_tied_embeddings_on(kernels: Kernels) {
         grads.get(var.as_tensor()).unwrap().clone()
     };
     let first8 = &exp["gradients_dpo_sigmoid"]["first8"];
-    let row = |t: Tensor, r: usize| -> Vec<f64> {
-        t.get(r).unwrap().narrow(0, 0, 8).unwrap().to_vec1::<f32>().unwrap().iter().map(|&v| v as f64).collect()
-    };
+    let row = |t: Tensor, r: usize| -> Vec<f64> { values(&t.get(r).unwrap().narrow(0, 0, 8).unwrap()) };
     let check = |what: &str, got: Vec<f64>| {
         let want = f64s(&first8[what]);
         let scale = want.iter().fold(0f64, |m, v| m.max(v.abs()));
@@ -277,7 +275,7 @@ fn reward_model_scores_match_transformers_on(kernels: Kernels) {
     let rm = load_kernels("llama-tiny/reward", kernels);
     let (ids, attn, _) = fixture_batch(&exp);
     let scores = rm.model.sequence_scores(&ids, Some(&attn)).unwrap();
-    let scores: Vec<f64> = scores.squeeze(1).unwrap().to_vec1::<f32>().unwrap().iter().map(|&v| v as f64).collect();
+    let scores: Vec<f64> = values(&scores.squeeze(1).unwrap());
     let want = &exp["reward_model"];
     assert_close("chosen scores", &scores[..3], &f64s(&want["chosen_scores"]), 1e-5);
     assert_close("rejected scores", &scores[3..], &f64s(&want["rejected_scores"]), 1e-5);
@@ -297,7 +295,7 @@ fn bf16_forward_and_backward_stay_close_to_f32() {
     let vars = m.model.make_trainable().unwrap();
     let batch = candor::data::Batch { input_ids: ids, attention_mask: attn, loss_mask: label_mask, positions: None };
     let sums = completion_logps(&m.model, &batch).unwrap();
-    let got: Vec<f64> = sums.to_vec1::<f32>().unwrap().iter().map(|&v| v as f64).collect();
+    let got: Vec<f64> = values(&sums);
     let want: Vec<f64> =
         [f64s(&exp["policy_logps"]["chosen_sum"]), f64s(&exp["policy_logps"]["rejected_sum"])].concat();
     // bf16 keeps 8 bits of mantissa: sequence log-probs within 2%.

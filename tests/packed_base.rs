@@ -68,8 +68,7 @@ fn logps_and_lora_grads(model: &CausalLm, batch: &Batch) -> (Vec<f64>, Vec<(Stri
     // Checkpointed blocks hand their weights' gradients over through the model's sink.
     let checkpointed = m.take_checkpoint_grads();
     let grad = |v: &candle::Var| checkpointed.get(&v.as_tensor().id()).or(grads.get(v.as_tensor())).unwrap().clone();
-    let values = logps.to_vec1::<f32>().unwrap().iter().map(|&v| v as f64).collect();
-    (values, vars.iter().map(|(name, v)| (name.clone(), grad(v))).collect())
+    (values(&logps), vars.iter().map(|(name, v)| (name.clone(), grad(v))).collect())
 }
 
 /// `packed` and `dense` (the same weights, dequantized) give the same log-probs and LoRA
@@ -219,15 +218,8 @@ fn cli_trains_lora_over_a_quantized_base_and_generates() {
         load_model_packed(adapter.to_str().unwrap(), DType::F32, &Device::Cpu, Packing::AsStored).unwrap();
     let exported = load_model_packed(merged.to_str().unwrap(), DType::F32, &Device::Cpu, Packing::Dense).unwrap();
     let b = batch(&with_adapter);
-    let want: Vec<f64> = completion_logps(&with_adapter.model, &b)
-        .unwrap()
-        .to_vec1::<f32>()
-        .unwrap()
-        .iter()
-        .map(|&v| v as f64)
-        .collect();
-    let got: Vec<f64> =
-        completion_logps(&exported.model, &b).unwrap().to_vec1::<f32>().unwrap().iter().map(|&v| v as f64).collect();
+    let want = values(&completion_logps(&with_adapter.model, &b).unwrap());
+    let got = values(&completion_logps(&exported.model, &b).unwrap());
     assert_rel("merged export vs base + adapter", &got, &want, 1e-5);
     let losses = series(&metrics(&out), "loss");
     assert_eq!(losses.len(), 3);

@@ -164,13 +164,7 @@ fn completion_logprobs_match_transformers_through_both_kernel_paths() {
             }
             let seq = TokenizedSequence::new(ids.clone(), (0..ids.len()).map(|i| u8::from(i >= prompt_len)).collect());
             let batch = collate(&[&seq], m.tokenizer.pad_id(), &Device::Cpu).unwrap();
-            let per_token: Vec<f64> = completion_token_logps(&m.model, &batch)
-                .unwrap()
-                .to_vec1::<f32>()
-                .unwrap()
-                .iter()
-                .map(|&v| v as f64)
-                .collect();
+            let per_token = values(&completion_token_logps(&m.model, &batch).unwrap());
             assert_close(&format!("{name}: per-token log-probs"), &per_token, &f64s(&row["per_token_logps"]), 1e-4);
             let sum = completion_logps(&m.model, &batch).unwrap().to_vec1::<f32>().unwrap()[0] as f64;
             let want = row["sum_logps"].as_f64().unwrap();

@@ -61,10 +61,14 @@ pub fn load_kernels(rel: &str, kernels: Kernels) -> LoadedModel {
     m
 }
 
-/// Assert `|a - b| <= tol` elementwise, naming what differs.
+/// Every value of `t` (flattened), as f64.
+pub fn values(t: &candle::Tensor) -> Vec<f64> {
+    t.flatten_all().unwrap().to_dtype(DType::F64).unwrap().to_vec1::<f64>().unwrap()
+}
+
 /// The first `n` values of `t` (flattened), as f64.
 pub fn first_values(t: &candle::Tensor, n: usize) -> Vec<f64> {
-    t.flatten_all().unwrap().narrow(0, 0, n).unwrap().to_vec1::<f32>().unwrap().iter().map(|&v| v as f64).collect()
+    values(&t.flatten_all().unwrap().narrow(0, 0, n).unwrap())
 }
 
 pub fn assert_close(what: &str, got: &[f64], want: &[f64], tol: f64) {
